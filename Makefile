@@ -1,0 +1,41 @@
+# Two commands from nothing: `make run` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# The CPU build of torch that lies on this machine's disk; GPU users install their own first.
+TORCH_PIN ?= torch==2.13.0
+
+HOST ?= 127.0.0.1
+PORT ?= 8080
+MODEL ?= bundled:smollm2-135m-instruct
+
+.PHONY: venv run test lint bench-engine fetch-model clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)" || $(PY) -m pip install -q "torch>=2.4"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+fetch-model: $(STAMP)
+	$(PY) -m runtime.models.bundled
+
+run: $(STAMP)
+	$(PY) -m runtime.cli serve --model $(MODEL) --host $(HOST) --port $(PORT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy runtime functions
+
+bench-engine: $(STAMP)
+	$(PY) bench/bench_engine.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
