@@ -116,8 +116,20 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     cfg.pop("quantization_config", None)  # the copy is plain fp32
     cfg["torch_dtype"] = "float32"
     cfg.pop("dtype", None)
+    cfg["architectures"] = cfg.get("architectures") or [type(model).__name__]
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     tok.save_pretrained(str(out_dir))
+    _portable_tokenizer_config(out_dir)
+
+
+
+
+def _portable_tokenizer_config(out_dir: Path) -> None:
+    # transformers 5 writes its own class name; the fast-tokenizer name loads on 4.x and 5.x.
+    p = out_dir / "tokenizer_config.json"
+    cfg = json.loads(p.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    p.write_text(json.dumps(cfg, indent=2))
 
 
 def main() -> None:

@@ -1,0 +1,164 @@
+"""LLMEngine: one model instance with its KV pool, stepped by its owner thread.
+
+step(): plan (scheduler) -> execute (model runner) -> apply (scheduler.update + detokenize).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from runtime.core.block_pool import BlockPool, KVCacheManager
+from runtime.core.ids import RequestId
+from runtime.core.request import FinishReason, Request, SamplingParams
+from runtime.core.scheduler import Scheduler, SchedulerConfig, StepPlan
+from runtime.engine.detokenizer import IncrementalDetokenizer
+from runtime.engine.runner import ModelRunner
+from runtime.engine.sampler import sample
+from runtime.models.llama import PagedKVCache
+from runtime.models.loader import LoadedModel
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 32
+    kv_cache_bytes: int = 256 * 1024 * 1024
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None  # default: min(model's max positions, 4096)
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.kv_cache_bytes < 1:
+            raise ValueError(f"invalid engine config: {self}")
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    rid: RequestId
+    new_token_ids: tuple[int, ...]
+    text: str  # new text since the previous output
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class PromptTooLongError(ValueError):
+    def __init__(self, prompt_tokens: int, limit: int):
+        super().__init__(
+            f"this model's maximum context length is {limit} tokens; "
+            f"the prompt has {prompt_tokens} tokens (it must leave room for at least 1 output token)"
+        )
+        self.prompt_tokens = prompt_tokens
+        self.limit = limit
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        self.loaded = loaded
+        mc = loaded.config
+        self.max_model_len = self.config.max_model_len or min(mc.max_position, 4096)
+        per_block = PagedKVCache.bytes_per_block(mc, self.config.block_size)
+        num_blocks = max(1, self.config.kv_cache_bytes // per_block)
+        self.cache = PagedKVCache(mc, num_blocks, self.config.block_size)
+        self.pool = BlockPool(num_blocks)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=self.config.max_num_seqs,
+                max_num_batched_tokens=self.config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+            ),
+            KVCacheManager(self.pool, self.config.block_size),
+        )
+        self.runner = ModelRunner(loaded.model, self.cache)
+        self.tokenizer: Any = loaded.tokenizer
+        self.eos_ids = frozenset(mc.eos_token_ids) | self._tokenizer_eos()
+        self._detok: dict[RequestId, IncrementalDetokenizer] = {}
+        self._gens: dict[RequestId, torch.Generator | None] = {}
+        self.last_plan: StepPlan | None = None
+
+    def _tokenizer_eos(self) -> frozenset[int]:
+        eid = getattr(self.tokenizer, "eos_token_id", None)
+        return frozenset([eid]) if isinstance(eid, int) else frozenset()
+
+    # -- intake -----------------------------------------------------------------------------
+    def add_request(self, rid: RequestId, prompt_token_ids: list[int], params: SamplingParams, now: float) -> None:
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise PromptTooLongError(len(prompt_token_ids), self.max_model_len)
+        self.scheduler.add(Request(
+            rid=rid, prompt_token_ids=tuple(prompt_token_ids), params=params, arrival_s=now,
+            eos_token_ids=self.eos_ids,
+        ))
+        self._detok[rid] = IncrementalDetokenizer(self.tokenizer, params.stop)
+        if params.greedy:
+            self._gens[rid] = None
+        else:
+            seed = params.seed if params.seed is not None else random.getrandbits(63)
+            self._gens[rid] = torch.Generator().manual_seed(seed)
+
+    def abort(self, rid: RequestId) -> bool:
+        """Drop a request now; its KV blocks return to the pool at once."""
+        self._forget(rid)
+        return self.scheduler.finish(rid, FinishReason.ABORT)
+
+    def _forget(self, rid: RequestId) -> None:
+        self._detok.pop(rid, None)
+        self._gens.pop(rid, None)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- the loop body ----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()  # plan
+        self.last_plan = plan
+        if plan.empty:
+            return []
+        rids, logits = self.runner.execute(plan)  # execute
+        reqs = [self.scheduler.get(r) for r in rids]
+        by_id = {r.rid: r for r in reqs if r is not None}  # still readable after they finish
+        params = [r.params if r else SamplingParams(temperature=0) for r in reqs]
+        tokens = sample(logits, params, [self._gens.get(r) for r in rids])
+        updates = self.scheduler.update(plan, dict(zip(rids, tokens, strict=True)))  # apply
+        outputs: list[RequestOutput] = []
+        for u in updates:
+            req = by_id[u.rid]
+            detok = self._detok[u.rid]
+            reason = u.finish_reason
+            text = detok.add(u.new_token_ids, final=reason is not None)
+            if detok.stopped and reason is None:
+                reason = FinishReason.STOP
+                self.scheduler.finish(u.rid, reason)
+            outputs.append(RequestOutput(
+                u.rid, u.new_token_ids, text, reason, len(req.prompt_token_ids), len(req.output_token_ids)
+            ))
+            if reason is not None:
+                self._forget(u.rid)
+        return outputs
+
+    # -- introspection ----------------------------------------------------------------------
+    @property
+    def kv_blocks_total(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def kv_blocks_used(self) -> int:
+        return self.pool.num_used
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+
+    def render_chat(self, messages: list[dict[str, str]], system_prompt: str | None = None) -> str:
+        if system_prompt and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": system_prompt}, *messages]
+        return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))

@@ -1,0 +1,83 @@
+"""Executes a StepPlan on the model: builds the flat token batch, runs the forward pass.
+
+Owns the KV tensors; block ids come from the scheduler's plan.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from runtime.core.ids import RequestId
+from runtime.core.scheduler import ScheduledSeq, StepPlan
+from runtime.models.llama import ForwardBatch, LlamaModel, PagedKVCache, PrefillSegment, prefix_mask
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, cache: PagedKVCache):
+        self.model = model
+        self.cache = cache
+
+    def execute(self, plan: StepPlan) -> tuple[list[RequestId], Tensor]:
+        """Run one step. Returns the ids that sample this step and their logits [S, vocab]."""
+        batch, sample_ids = self.build_batch(plan)
+        return sample_ids, self.model.forward(batch, self.cache)
+
+    def build_batch(self, plan: StepPlan) -> tuple[ForwardBatch, list[RequestId]]:
+        bs = self.cache.block_size
+        decode = [s for s in plan.seqs if len(s.token_ids) == 1]
+        prefill = [s for s in plan.seqs if len(s.token_ids) > 1]
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[Tensor] = []
+        logit_rows: list[int] = []
+        sample_ids: list[RequestId] = []
+
+        def emit(s: ScheduledSeq) -> None:
+            if s.sample:
+                logit_rows.append(len(ids) + len(s.token_ids) - 1)
+                sample_ids.append(s.rid)
+            ids.extend(s.token_ids)
+            pos.extend(range(s.start_pos, s.start_pos + len(s.token_ids)))
+
+        bt = mask = None
+        ctx_len = 0
+        if decode:
+            lens = [s.start_pos + 1 for s in decode]
+            max_blocks = max(len(s.block_ids) for s in decode)
+            table = [list(s.block_ids) + [0] * (max_blocks - len(s.block_ids)) for s in decode]
+            bt = torch.tensor(table, dtype=torch.long)
+            for s in decode:
+                emit(s)
+            p = torch.tensor([s.start_pos for s in decode], dtype=torch.long)
+            slots.append(bt.gather(1, (p // bs).unsqueeze(1)).squeeze(1) * bs + p % bs)
+            if len(set(lens)) == 1:
+                ctx_len = lens[0]
+            else:
+                mask = (torch.arange(max_blocks * bs)[None, :] < torch.tensor(lens)[:, None]).view(
+                    len(decode), 1, 1, -1
+                )
+        segs: list[PrefillSegment] = []
+        for s in prefill:
+            start = len(ids)
+            emit(s)
+            t = len(s.token_ids)
+            blocks = torch.tensor(s.block_ids, dtype=torch.long)
+            p = torch.arange(s.start_pos, s.start_pos + t)
+            slots.append(blocks[p // bs] * bs + p % bs)
+            segs.append(PrefillSegment(
+                start=start, end=start + t, block_ids=blocks, context_len=s.start_pos + t,
+                mask=None if s.start_pos == 0 else prefix_mask(s.start_pos, t),
+            ))
+        batch = ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            positions=torch.tensor(pos, dtype=torch.long),
+            slot_mapping=torch.cat(slots),
+            num_decode=len(decode),
+            decode_block_tables=bt,
+            decode_mask=mask,
+            decode_context_len=ctx_len,
+            prefills=tuple(segs),
+            logits_indices=torch.tensor(logit_rows, dtype=torch.long),
+        )
+        return batch, sample_ids
