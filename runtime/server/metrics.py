@@ -1,0 +1,38 @@
+"""Prometheus metrics for one runtime server (own registry, so several servers can share a
+process in tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from runtime.engine.engine import LLMEngine
+
+_LAT_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.ttft = Histogram("slinfer_time_to_first_token_seconds", "Time to first token", ["model"],
+                              buckets=_LAT_BUCKETS, registry=r)
+        self.itl = Histogram("slinfer_inter_token_latency_seconds", "Time between output tokens", ["model"],
+                             buckets=_LAT_BUCKETS, registry=r)
+        self.step = Histogram("slinfer_engine_step_seconds", "Duration of one engine iteration", ["model"],
+                              buckets=_LAT_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("slinfer_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.output_tokens = Counter("slinfer_generation_tokens", "Tokens generated", ["model"], registry=r)
+        self.requests = Counter("slinfer_requests", "Finished requests", ["model", "finish_reason"], registry=r)
+        self.errors = Counter("slinfer_request_errors", "Requests answered with an error", ["code"], registry=r)
+        self.running = Gauge("slinfer_requests_running", "Requests in the running batch", ["model"], registry=r)
+        self.waiting = Gauge("slinfer_requests_waiting", "Requests waiting to run", ["model"], registry=r)
+        self.kv_used = Gauge("slinfer_kv_blocks_used", "KV cache blocks in use", ["model"], registry=r)
+        self.kv_total = Gauge("slinfer_kv_blocks_total", "KV cache blocks in the pool", ["model"], registry=r)
+
+    def observe_engine(self, model: str, engine: LLMEngine, step_s: float | None = None) -> None:
+        """Called from the engine thread after each step (prometheus-client is thread-safe)."""
+        if step_s is not None:
+            self.step.labels(model).observe(step_s)
+        self.running.labels(model).set(engine.scheduler.num_running)
+        self.waiting.labels(model).set(engine.scheduler.num_waiting)
+        self.kv_used.labels(model).set(engine.kv_blocks_used)
+        self.kv_total.labels(model).set(engine.kv_blocks_total)
