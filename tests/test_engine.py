@@ -1,0 +1,207 @@
+"""The engine on real weights: greedy equality with HF, continuous batching, KV accounting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime.core.ids import RequestId
+from runtime.core.request import FinishReason, SamplingParams
+from runtime.engine.engine import EngineConfig, LLMEngine, PromptTooLongError
+from runtime.models.loader import load_model
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0)
+
+
+def run_all(engine: LLMEngine, arrivals: dict[int, list[tuple[str, list[int], SamplingParams]]]) -> dict[str, list[int]]:
+    """Step the engine; requests in arrivals[k] join before step k. Returns tokens per request."""
+    out: dict[str, list[int]] = {}
+    step = 0
+    while engine.has_work or any(k >= step for k in arrivals):
+        for rid, ids, params in arrivals.get(step, []):
+            engine.add_request(RequestId(rid), ids, params, now=float(step))
+            out[rid] = []
+        for o in engine.step():
+            out[o.rid].extend(o.new_token_ids)
+        step += 1
+        assert step < 10_000
+    return out
+
+
+def solo(loaded, ids, params, **cfg) -> list[int]:
+    eng = LLMEngine(loaded, EngineConfig(**cfg))
+    return run_all(eng, {0: [("x", ids, params)]})["x"]
+
+
+# -- real model: token-for-token equality with transformers -----------------------------------
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_model("bundled:smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def hf_smol(smol):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(smol.folder), dtype=torch.float32).eval()
+
+
+LONG_TEXT = (
+    "The history of astronomy spans thousands of years. Early civilizations tracked the motions of "
+    "the Sun, the Moon and the planets to build calendars, and the Greeks proposed geometric models "
+    "of the heavens. Centuries later, telescopes revealed moons around Jupiter and phases of Venus. "
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case,messages,cfg",
+    [
+        ("short", [{"role": "user", "content": "What is the capital of France?"}], {}),
+        # 16-token blocks: the ~70-token prompt spans several blocks.
+        ("multi-block", [{"role": "user", "content": "Summarize: " + LONG_TEXT}], {"block_size": 16}),
+        # 40-token chunks: the 185-token prompt is prefilled in 5 iterations.
+        ("chunked", [{"role": "user", "content": "Summarize: " + LONG_TEXT * 3}],
+         {"block_size": 16, "max_num_batched_tokens": 40}),
+    ],
+)
+def test_greedy_matches_hf_generate(smol, hf_smol, case, messages, cfg):
+    eng = LLMEngine(smol, EngineConfig(**cfg))
+    ids = eng.encode_prompt(eng.render_chat(messages))
+    bs = cfg.get("block_size", 32)
+    if case == "multi-block":
+        assert len(ids) > 2 * bs
+    if case == "chunked":
+        assert len(ids) > 4 * cfg["max_num_batched_tokens"]
+    ours = run_all(eng, {0: [("a", ids, GREEDY)]})["a"]
+    with torch.inference_mode():
+        ref = hf_smol.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                               max_new_tokens=GREEDY.max_tokens, do_sample=False)
+    assert ours == ref[0, len(ids):].tolist()
+    assert eng.kv_blocks_used == 0
+
+
+@pytest.mark.slow
+def test_smollm2_answers_paris(smol):
+    eng = LLMEngine(smol)
+    ids = eng.encode_prompt(eng.render_chat([{"role": "user", "content": "What is the capital of France?"}]))
+    eng.add_request(RequestId("a"), ids, GREEDY, 0.0)
+    text = []
+    while eng.has_work:
+        text.extend(o.text for o in eng.step())
+    assert "Paris" in "".join(text)
+
+
+# -- random models: batching equals solo, KV never leaks ---------------------------------------
+
+@pytest.fixture(scope="module", params=["random:llama-tiny?seed=0", "random:qwen2-tiny?seed=3"])
+def tiny(request):
+    return load_model(request.param)
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 259, (int(torch.randint(3, 90, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def test_batch_with_joins_and_leaves_equals_each_alone(tiny):
+    cfg = {"block_size": 16, "max_num_batched_tokens": 64}
+    ps = prompts(6)
+    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (5, 30, 12, 40, 3, 20)]
+    arrivals: dict[int, list] = {}
+    for i, (p, sp) in enumerate(zip(ps, params, strict=True)):
+        arrivals.setdefault(i * 3, []).append((f"r{i}", p, sp))  # joins mid-flight
+    eng = LLMEngine(tiny, EngineConfig(**cfg))
+    batched = run_all(eng, arrivals)
+    for i, (p, sp) in enumerate(zip(ps, params, strict=True)):
+        assert batched[f"r{i}"] == solo(tiny, p, sp, **cfg), f"request {i} differs"
+        assert len(batched[f"r{i}"]) == sp.max_tokens
+    assert eng.kv_blocks_used == 0
+
+
+def test_preemption_under_a_tiny_kv_pool_recomputes_exactly(tiny):
+    # 12 blocks of 16 tokens: 6 requests growing to ~100 tokens each cannot all fit.
+    per_block = 2 * tiny.config.num_layers * 16 * tiny.config.num_kv_heads * tiny.config.head_dim * 4
+    cfg = {"block_size": 16, "kv_cache_bytes": 12 * per_block, "max_num_batched_tokens": 128}
+    ps = prompts(6, seed=1)
+    sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    eng = LLMEngine(tiny, EngineConfig(**cfg))
+    assert eng.kv_blocks_total == 12
+    preempted = 0
+    out: dict[str, list[int]] = {}
+    for i, p in enumerate(ps):
+        eng.add_request(RequestId(f"r{i}"), p, sp, 0.0)
+        out[f"r{i}"] = []
+    while eng.has_work:
+        for o in eng.step():
+            out[o.rid].extend(o.new_token_ids)
+        assert eng.last_plan is not None
+        preempted += len(eng.last_plan.preempted)
+        assert eng.kv_blocks_used <= eng.kv_blocks_total
+    assert preempted > 0
+    for i, p in enumerate(ps):
+        assert out[f"r{i}"] == solo(tiny, p, sp, block_size=16)
+    assert eng.kv_blocks_used == 0
+
+
+def test_abort_frees_blocks_at_once_mid_prefill_and_mid_decode(tiny):
+    eng = LLMEngine(tiny, EngineConfig(block_size=16, max_num_batched_tokens=32))
+    sp = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    eng.add_request(RequestId("decoding"), prompts(1, seed=5)[0][:10], sp, 0.0)
+    eng.step()
+    eng.step()
+    eng.add_request(RequestId("prefilling"), list(range(3, 203)), sp, 0.0)  # 200 tokens, 32 per step
+    eng.add_request(RequestId("waiting"), [5, 6, 7], sp, 0.0)
+    eng.step()
+    assert len(eng.scheduler.kv.block_table(RequestId("prefilling"))) > 0
+    assert eng.abort(RequestId("prefilling"))
+    assert eng.abort(RequestId("decoding"))
+    assert eng.abort(RequestId("waiting"))
+    assert eng.kv_blocks_used == 0 and not eng.has_work
+    assert not eng.abort(RequestId("decoding"))
+
+
+def test_prompt_too_long_is_refused_with_the_limit(tiny):
+    eng = LLMEngine(tiny, EngineConfig(max_model_len=64))
+    with pytest.raises(PromptTooLongError, match="64"):
+        eng.add_request(RequestId("a"), list(range(3, 67)), GREEDY, 0.0)
+    assert not eng.has_work
+
+
+def test_context_limit_ends_with_length(tiny):
+    eng = LLMEngine(tiny, EngineConfig(max_model_len=40))
+    outs = run_all(eng, {0: [("a", list(range(3, 33)), SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))]})
+    assert len(outs["a"]) == 10  # 30 prompt + 10 = the 40-token limit
+
+
+def test_seeded_sampling_is_reproducible_and_top_p_tiny_is_greedy(tiny):
+    p = prompts(1, seed=9)[0]
+    a = solo(tiny, p, SamplingParams(max_tokens=20, temperature=1.0, seed=11, ignore_eos=True))
+    b = solo(tiny, p, SamplingParams(max_tokens=20, temperature=1.0, seed=11, ignore_eos=True))
+    assert a == b
+    g = solo(tiny, p, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    nucleus = solo(tiny, p, SamplingParams(max_tokens=20, temperature=1.0, top_p=1e-6, seed=1, ignore_eos=True))
+    assert nucleus == g
+
+
+def test_stop_string_ends_text_before_it(tiny):
+    eng = LLMEngine(tiny)
+    p = prompts(1, seed=2)[0]
+    full = LLMEngine(tiny)
+    full.add_request(RequestId("f"), p, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True), 0.0)
+    text = ""
+    while full.has_work:
+        text += "".join(o.text for o in full.step())
+    stop = text[10:12]
+    assert stop and len(text) > 12
+    eng.add_request(RequestId("s"), p, SamplingParams(max_tokens=30, temperature=0, stop=(stop,), ignore_eos=True), 0.0)
+    got, reason = "", None
+    while eng.has_work:
+        for o in eng.step():
+            got += o.text
+            reason = o.finish_reason or reason
+    assert got == text[: text.find(stop)]
+    assert reason is FinishReason.STOP
+    assert eng.kv_blocks_used == 0

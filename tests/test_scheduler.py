@@ -1,0 +1,107 @@
+"""Continuous batching policy, on the pure scheduler (no model)."""
+
+from runtime.core.block_pool import BlockPool, KVCacheManager
+from runtime.core.ids import RequestId
+from runtime.core.request import FinishReason, Request, RequestStatus, SamplingParams
+from runtime.core.scheduler import Scheduler, SchedulerConfig
+
+
+def make_sched(blocks=16, block_size=4, budget=8, max_seqs=4, max_len=64):
+    kv = KVCacheManager(BlockPool(blocks), block_size)
+    return Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=max_len), kv)
+
+
+def make_req(rid, n_prompt, max_tokens=4, eos=frozenset()):
+    return Request(RequestId(rid), tuple(range(10, 10 + n_prompt)), SamplingParams(max_tokens=max_tokens, temperature=0),
+                   0.0, eos_token_ids=eos)
+
+
+def run_step(s, token=7):
+    plan = s.schedule()
+    sampled = {seq.rid: token for seq in plan.seqs if seq.sample}
+    return plan, s.update(plan, sampled)
+
+
+def test_long_prompt_is_prefilled_in_chunks_then_decodes():
+    s = make_sched(budget=8)
+    s.add(make_req("a", 20))
+    plan, ups = run_step(s)
+    assert [(q.start_pos, len(q.token_ids), q.sample) for q in plan.seqs] == [(0, 8, False)]
+    assert ups == []
+    plan, _ = run_step(s)
+    assert [(q.start_pos, len(q.token_ids), q.sample) for q in plan.seqs] == [(8, 8, False)]
+    plan, ups = run_step(s)
+    assert [(q.start_pos, len(q.token_ids), q.sample) for q in plan.seqs] == [(16, 4, True)]
+    assert ups[0].new_token_ids == (7,)
+    plan, _ = run_step(s)  # decode: one token, the one just sampled
+    assert [(q.start_pos, q.token_ids, q.sample) for q in plan.seqs] == [(20, (7,), True)]
+    assert plan.seqs[0].block_ids == (0, 1, 2, 3, 4, 5)
+
+
+def test_requests_join_between_steps_and_leave_when_done():
+    s = make_sched(budget=16)
+    s.add(make_req("a", 3, max_tokens=2))
+    run_step(s)
+    s.add(make_req("b", 3, max_tokens=3))
+    plan, ups = run_step(s)
+    assert [q.rid for q in plan.seqs] == ["a", "b"]
+    assert ups[0].finish_reason is FinishReason.LENGTH  # a: 2 tokens
+    plan, ups = run_step(s)
+    assert [q.rid for q in plan.seqs] == ["b"]
+    plan, ups = run_step(s)
+    assert ups[0].finish_reason is FinishReason.LENGTH
+    assert not s.has_work and s.kv.pool.num_free == 16
+
+
+def test_eos_finishes_and_frees_blocks():
+    s = make_sched()
+    s.add(make_req("a", 3, max_tokens=10, eos=frozenset({7})))
+    _, ups = run_step(s, token=7)
+    assert ups[0].finish_reason is FinishReason.STOP
+    assert s.kv.pool.num_used == 0
+
+
+def test_max_num_seqs_caps_the_batch():
+    s = make_sched(budget=64, max_seqs=2)
+    for r in "abc":
+        s.add(make_req(r, 2))
+    plan, _ = run_step(s)
+    assert [q.rid for q in plan.seqs] == ["a", "b"]
+    assert s.num_waiting == 1
+
+
+def test_out_of_blocks_preempts_newest_and_recomputes_it():
+    # 4 blocks of 4 tokens; two requests of 7 prompt tokens take 2 blocks each.
+    s = make_sched(blocks=4, block_size=4, budget=32)
+    s.add(make_req("a", 7, max_tokens=8))
+    s.add(make_req("b", 7, max_tokens=8))
+    run_step(s)  # both prefilled: 7 tokens computed in 2 blocks, 1 sampled
+    plan, _ = run_step(s)  # position 7 still fits in 2 blocks
+    assert plan.preempted == ()
+    plan, _ = run_step(s)  # position 8 needs a 3rd block for a -> b is preempted
+    assert plan.preempted == ("b",)
+    assert [q.rid for q in plan.seqs] == ["a"]
+    b = s.get(RequestId("b"))
+    assert b is not None and b.status is RequestStatus.WAITING and b.num_computed_tokens == 0
+    assert b.output_token_ids == [7, 7]  # generated tokens are kept and recomputed as prompt
+    assert s.kv.block_table(RequestId("a")) == [0, 1, 2]
+
+
+def test_finish_while_running_frees_blocks_and_ignores_stale_results():
+    s = make_sched()
+    s.add(make_req("a", 5))
+    plan = s.schedule()
+    assert s.finish(RequestId("a"), FinishReason.ABORT)
+    assert s.update(plan, {RequestId("a"): 7}) == []
+    assert s.kv.pool.num_used == 0 and not s.has_work
+    assert not s.finish(RequestId("a"), FinishReason.ABORT)
+
+
+def test_prompt_at_the_context_limit_is_refused():
+    s = make_sched(max_len=8)
+    try:
+        s.add(make_req("a", 8))
+    except ValueError as e:
+        assert "limit is 7" in str(e)
+    else:
+        raise AssertionError("expected ValueError")
