@@ -12,7 +12,7 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from runtime.core.ids import RequestId
@@ -73,7 +73,7 @@ class AsyncEngine:
     def new_id(self, prefix: str) -> RequestId:
         return RequestId(f"{prefix}-{next(self._ids)}")
 
-    async def generate(self, rid: RequestId, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, rid: RequestId, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[RequestOutput, None]:
         """Yield outputs until the request finishes. Closing the iterator early (client gone)
         aborts the request, which frees its KV blocks before the next step."""
         if self._error is not None or not self.alive:

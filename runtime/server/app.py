@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -121,6 +121,19 @@ def create_app(models: list[ServedModel], metrics: ServerMetrics | None = None) 
                 code="context_length_exceeded", param="messages",
             )
 
+    def prompt_ids(eng: Any, prompt: str | list[str] | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(eng.encode_prompt(prompt))
+        if prompt and all(isinstance(x, int) for x in prompt):
+            ids = [int(x) for x in prompt]
+            vocab = eng.loaded.config.vocab_size
+            if any(i < 0 or i >= vocab for i in ids):
+                raise APIError(400, f"token ids must be in [0, {vocab})", param="prompt")
+            return ids
+        if len(prompt) != 1 or not isinstance(prompt[0], str):
+            raise APIError(400, "exactly one prompt per request is supported", param="prompt")
+        return list(eng.encode_prompt(prompt[0]))
+
     def params_of(req: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                               seed=req.seed, stop=req.stop_list())
@@ -129,17 +142,7 @@ def create_app(models: list[ServedModel], metrics: ServerMetrics | None = None) 
     async def completions(body: CompletionRequest, request: Request) -> Response:
         m = lookup(body.model)
         eng = m.engine.engine
-        p = body.prompt
-        if isinstance(p, list) and p and all(isinstance(x, int) for x in p):
-            ids = list(p)  # type: ignore[arg-type]
-            if any(i < 0 or i >= eng.loaded.config.vocab_size for i in ids):
-                raise APIError(400, f"token ids must be in [0, {eng.loaded.config.vocab_size})", param="prompt")
-        else:
-            if isinstance(p, list):
-                if len(p) != 1:
-                    raise APIError(400, "exactly one prompt per request is supported", param="prompt")
-                p = p[0]
-            ids = eng.encode_prompt(str(p))
+        ids = prompt_ids(eng, body.prompt)
         check_prompt(m, ids)
         params = params_of(body, body.max_tokens or 16)
         return await run(m, request, ids, params, body.stream, chat=False,
@@ -202,7 +205,7 @@ def create_app(models: list[ServedModel], metrics: ServerMetrics | None = None) 
             "usage": usage,
         })
 
-    async def timed(name: str, gen: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    async def timed(name: str, gen: AsyncGenerator[RequestOutput, None]) -> AsyncGenerator[RequestOutput, None]:
         t0 = time.monotonic()
         prev: float | None = None
         try:
@@ -218,9 +221,9 @@ def create_app(models: list[ServedModel], metrics: ServerMetrics | None = None) 
                     met.requests.labels(name, out.finish_reason.value).inc()
                 yield out
         finally:
-            await gen.aclose()  # type: ignore[attr-defined]
+            await gen.aclose()
 
-    async def sse(name: str, gen: AsyncIterator[RequestOutput], public_id: str, created: int,
+    async def sse(name: str, gen: AsyncGenerator[RequestOutput, None], public_id: str, created: int,
                   chat: bool, include_usage: bool, prompt_n: int) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -257,7 +260,7 @@ def create_app(models: list[ServedModel], metrics: ServerMetrics | None = None) 
             err = error_body(str(e), "server_error" if isinstance(e, EngineDeadError) else "invalid_request_error")
             yield b"data: " + json.dumps(err).encode() + b"\n\n"
         finally:
-            await gen.aclose()  # type: ignore[attr-defined]
+            await gen.aclose()
         yield b"data: [DONE]\n\n"
 
     return app
