@@ -1,0 +1,1 @@
+"""Data plane: HTTP and CloudEvents front door (activator issue)."""

@@ -1,0 +1,1 @@
+"""Control plane: placement, preemption, keep-alive (autoscaler issue)."""
