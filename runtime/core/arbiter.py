@@ -1,0 +1,61 @@
+"""Per-device arbiter: which instance runs the next iteration(s).
+
+Only one instance computes on a device at a time. Before every grant the arbiter picks the
+instance holding the request with the earliest next-token deadline (EDF):
+    deadline = arrival + load_delay + TTFT_SLO(prompt) + TPOT_SLO * tokens_emitted
+Idle instances are not candidates, so they cost nothing. A grant is a quota of iterations: one
+for a prefill or on a CPU, a few for GPU decode (to amortise the hand-off). Ties break by
+instance id, so decisions are deterministic.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+class DeviceKind(enum.Enum):
+    CPU = "cpu"
+    GPU = "gpu"
+
+
+class Phase(enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+def next_token_deadline(arrival_s: float, ttft_slo_s: float, tpot_slo_s: float, tokens_emitted: int,
+                        load_delay_s: float = 0.0) -> float:
+    return arrival_s + load_delay_s + ttft_slo_s + tpot_slo_s * tokens_emitted
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the arbiter needs to know about one instance with work."""
+
+    instance_id: str
+    deadline_s: float  # earliest next-token deadline among its requests
+    phase: Phase  # what its next iteration would be
+    decode_quota: int = 1  # iterations per grant for GPU decode (4 for 3B, 2 for 7B, 1 for 13B)
+
+
+@dataclass(frozen=True)
+class Grant:
+    instance_id: str
+    iterations: int
+    deadline_s: float
+
+
+def pick(candidates: Iterable[Candidate], device: DeviceKind) -> Grant | None:
+    """EDF choice among instances that have work; None when the device has nothing to do."""
+    best: Candidate | None = None
+    for c in candidates:
+        if best is None or (c.deadline_s, c.instance_id) < (best.deadline_s, best.instance_id):
+            best = c
+    if best is None:
+        return None
+    quota = 1
+    if device is DeviceKind.GPU and best.phase is Phase.DECODE:
+        quota = max(1, best.decode_quota)
+    return Grant(best.instance_id, quota, best.deadline_s)
