@@ -1,0 +1,146 @@
+"""Forward-looking KV memory for one device, and the per-device action queue.
+
+Each running request reserves ceil((prompt + generated + look-ahead) / block) blocks. An
+instance's target size is its reservation x watermark; it grows when the reservation exceeds
+what it holds, and shrinks only when the target falls below current / watermark (hysteresis,
+no ping-pong). Defaults are the paper's: look-ahead 512 tokens, watermark 1.25.
+
+All loads, unloads and resizes go through one DeviceActions queue. Shrinks and unloads may start
+at once; a grow or a load is committed only against memory that has actually been freed (a
+completed shrink/unload), never against a shrink still in flight. That is what rules out OOM.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    block_tokens: int = 32
+    lookahead_tokens: int = 512
+    watermark: float = 1.25
+    min_instance_blocks: int = 0  # floor for an active instance (the paper keeps 4096 tokens)
+
+    def __post_init__(self) -> None:
+        if self.block_tokens < 1 or self.lookahead_tokens < 0 or self.watermark < 1.0:
+            raise ValueError(f"invalid memory config: {self}")
+
+
+def request_reservation_blocks(cfg: MemoryConfig, prompt_tokens: int, generated_tokens: int) -> int:
+    return math.ceil((prompt_tokens + generated_tokens + cfg.lookahead_tokens) / cfg.block_tokens)
+
+
+def instance_reservation_blocks(cfg: MemoryConfig, requests: Iterable[tuple[int, int]]) -> int:
+    """Sum of reservations over (prompt, generated) pairs."""
+    return sum(request_reservation_blocks(cfg, p, g) for p, g in requests)
+
+
+def resize_target(cfg: MemoryConfig, current_blocks: int, reserved_blocks: int) -> int | None:
+    """New size for an instance holding current_blocks whose requests reserve reserved_blocks,
+    or None to stay. Grows to reservation x watermark when the reservation no longer fits;
+    shrinks to that target only when it is below current / watermark."""
+    target = max(cfg.min_instance_blocks, math.ceil(reserved_blocks * cfg.watermark)) if reserved_blocks else 0
+    if reserved_blocks > current_blocks:
+        return target
+    if target < current_blocks / cfg.watermark:
+        return target
+    return None
+
+
+class ActionKind(enum.Enum):
+    LOAD = "load"  # weights + initial KV
+    UNLOAD = "unload"
+    GROW = "grow"
+    SHRINK = "shrink"
+
+
+class ActionState(enum.Enum):
+    """QUEUED -> IN_FLIGHT -> DONE. Releases (shrink/unload) go IN_FLIGHT at once; claims
+    (grow/load) stay QUEUED until memory that has really been freed covers them."""
+
+    QUEUED = "queued"
+    IN_FLIGHT = "in_flight"
+    DONE = "done"
+
+
+@dataclass
+class Action:
+    action_id: int
+    kind: ActionKind
+    instance_id: str
+    blocks: int  # memory claimed (grow/load) or released (shrink/unload), in KV-block units
+    state: ActionState = ActionState.QUEUED
+
+    @property
+    def claims(self) -> bool:
+        return self.kind in (ActionKind.LOAD, ActionKind.GROW)
+
+
+class DeviceActions:
+    """The reservation station of one device. Memory accounting in blocks:
+    committed = memory held or claimed by committed actions; free = budget - committed.
+    A release reduces `committed` only when it completes."""
+
+    def __init__(self, budget_blocks: int):
+        if budget_blocks <= 0:
+            raise ValueError(f"budget must be > 0, got {budget_blocks}")
+        self.budget_blocks = budget_blocks
+        self.committed_blocks = 0
+        self._next_id = 0
+        self._queue: deque[Action] = deque()  # claims waiting for memory, FIFO
+        self._actions: dict[int, Action] = {}
+
+    @property
+    def free_blocks(self) -> int:
+        return self.budget_blocks - self.committed_blocks
+
+    @property
+    def pending_claim_blocks(self) -> int:
+        return sum(a.blocks for a in self._queue)
+
+    def submit(self, kind: ActionKind, instance_id: str, blocks: int) -> Action:
+        if blocks < 0:
+            raise ValueError(f"blocks must be >= 0, got {blocks}")
+        a = Action(self._next_id, kind, instance_id, blocks)
+        self._next_id += 1
+        self._actions[a.action_id] = a
+        if a.claims:
+            if blocks > self.budget_blocks:
+                raise ValueError(f"{kind.value} of {blocks} blocks exceeds the device budget {self.budget_blocks}")
+            self._queue.append(a)
+        else:
+            a.state = ActionState.IN_FLIGHT  # a release can start now; its memory counts once done
+        return a
+
+    def ready(self) -> list[Action]:
+        """Commit queued claims, in order, that fit in memory actually free now. The caller
+        executes what is returned and reports complete(). FIFO: a large claim at the head is not
+        overtaken (no starvation)."""
+        out: list[Action] = []
+        while self._queue and self._queue[0].blocks <= self.free_blocks:
+            a = self._queue.popleft()
+            a.state = ActionState.IN_FLIGHT
+            self.committed_blocks += a.blocks
+            out.append(a)
+        return out
+
+    def complete(self, action_id: int) -> None:
+        a = self._actions.pop(action_id)
+        if a.state is not ActionState.IN_FLIGHT:
+            raise ValueError(f"action {action_id} is {a.state.value}, not in flight")
+        a.state = ActionState.DONE
+        if not a.claims:
+            self.committed_blocks -= a.blocks
+            if self.committed_blocks < 0:
+                raise ValueError("released more memory than was committed")
+
+    def adopt(self, blocks: int) -> None:
+        """Count memory already held at start-up (e.g. rebuilt from status)."""
+        if blocks > self.free_blocks:
+            raise ValueError(f"cannot adopt {blocks} blocks; {self.free_blocks} free")
+        self.committed_blocks += blocks

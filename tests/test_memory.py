@@ -1,0 +1,76 @@
+import pytest
+
+from runtime.core.memory import (
+    ActionKind,
+    ActionState,
+    DeviceActions,
+    MemoryConfig,
+    instance_reservation_blocks,
+    request_reservation_blocks,
+    resize_target,
+)
+
+CFG = MemoryConfig(block_tokens=32, lookahead_tokens=512, watermark=1.25)
+
+
+def test_request_reservation_includes_lookahead():
+    assert request_reservation_blocks(CFG, 100, 0) == 20  # ceil(612 / 32)
+    assert request_reservation_blocks(CFG, 100, 30) == 21  # ceil(642 / 32)
+    assert instance_reservation_blocks(CFG, [(100, 0), (0, 0)]) == 20 + 16
+
+
+@pytest.mark.parametrize(
+    "current,reserved,expected",
+    [
+        (0, 16, 20),  # grow to reservation x 1.25
+        (20, 16, None),  # fits: stay
+        (20, 21, 27),  # outgrew: grow with headroom
+        (40, 20, 25),  # target 25 < 40 / 1.25 = 32: shrink
+        (30, 20, None),  # target 25 >= 30 / 1.25 = 24: hysteresis keeps it
+        (100, 20, 25),  # far too big: shrink to target
+        (10, 0, 0),  # no requests: release everything
+    ],
+)
+def test_resize_target_with_hysteresis(current, reserved, expected):
+    assert resize_target(CFG, current, reserved) == expected
+
+
+def test_grow_is_never_committed_against_a_shrink_in_flight():
+    dev = DeviceActions(budget_blocks=100)
+    dev.adopt(90)  # instance A holds 90 blocks
+    shrink = dev.submit(ActionKind.SHRINK, "A", 50)
+    grow = dev.submit(ActionKind.GROW, "B", 40)
+    assert shrink.state is ActionState.IN_FLIGHT
+    assert dev.ready() == []  # only 10 free: the shrink has not freed anything yet
+    assert grow.state is ActionState.QUEUED
+    dev.complete(shrink.action_id)
+    assert dev.free_blocks == 60
+    assert dev.ready() == [grow]
+    assert dev.free_blocks == 20 and grow.state is ActionState.IN_FLIGHT
+    dev.complete(grow.action_id)
+    assert dev.committed_blocks == 80
+
+
+def test_claims_are_fifo_and_never_exceed_the_budget():
+    dev = DeviceActions(budget_blocks=10)
+    big = dev.submit(ActionKind.LOAD, "A", 8)
+    small = dev.submit(ActionKind.GROW, "B", 3)
+    assert dev.ready() == [big]
+    assert dev.ready() == []  # small would fit in 2? no: 3 > 2 free
+    assert dev.committed_blocks <= dev.budget_blocks
+    unload = dev.submit(ActionKind.UNLOAD, "A", 8)
+    dev.complete(big.action_id)
+    assert dev.ready() == []  # unload still in flight
+    dev.complete(unload.action_id)
+    assert dev.ready() == [small]
+    with pytest.raises(ValueError, match="exceeds the device budget"):
+        dev.submit(ActionKind.LOAD, "C", 11)
+
+
+def test_completing_twice_is_an_error():
+    dev = DeviceActions(10)
+    a = dev.submit(ActionKind.LOAD, "A", 1)
+    dev.ready()
+    dev.complete(a.action_id)
+    with pytest.raises(KeyError):
+        dev.complete(a.action_id)
