@@ -1,0 +1,65 @@
+"""Shared fixtures: a real uvicorn server on a free local port, and one serving two tiny models."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from runtime.engine.async_engine import AsyncEngine
+from runtime.engine.engine import EngineConfig, LLMEngine
+from runtime.models.loader import load_model
+from runtime.server.app import ServedModel, create_app
+
+TINY_ENGINE_CONFIG = EngineConfig(block_size=16, kv_cache_bytes=4 * 1024 * 1024, max_model_len=256)
+TINY_MODELS = {"tiny": "random:llama-tiny?seed=0", "tiny-qwen": "random:qwen2-tiny?seed=1"}
+
+
+@contextmanager
+def serve_app(app: FastAPI, startup_timeout_s: float = 30.0) -> Iterator[str]:
+    """Run `app` under uvicorn on 127.0.0.1 in a background thread; yield its base URL.
+
+    The socket is bound here (port 0) and handed to uvicorn, so no other process can take the
+    port between choosing and binding it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{port}",
+                              daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("uvicorn exited during startup (see the log above)")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"uvicorn did not start within {startup_timeout_s} s")
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def make_served_model(name: str, ref: str, config: EngineConfig = TINY_ENGINE_CONFIG) -> ServedModel:
+    return ServedModel(name, AsyncEngine(LLMEngine(load_model(ref), config)))
+
+
+@pytest.fixture(scope="module")
+def tiny_server() -> Iterator[str]:
+    """Base URL of a live server with "tiny" (Llama shape) and "tiny-qwen" (Qwen2 shape), both
+    random weights with a byte tokenizer, block_size 16, 4 MiB of KV, max_model_len 256."""
+    app = create_app([make_served_model(name, ref) for name, ref in TINY_MODELS.items()])
+    with serve_app(app) as base_url:
+        yield base_url
