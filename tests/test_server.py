@@ -238,7 +238,6 @@ def test_prompt_longer_than_context_is_400(http: httpx.Client) -> None:
     assert_still_serving(http)
 
 
-@pytest.mark.xfail(reason="check_prompt reports param='messages' for /v1/completions too", strict=True)
 def test_prompt_too_long_names_the_prompt_param(http: httpx.Client) -> None:
     err = assert_error(http.post("/v1/completions", json=completion_body(prompt="a" * 300)), 400)
     assert err["param"] == "prompt"
@@ -308,8 +307,6 @@ def open_stream_and_hang_up(http: httpx.Client, chunks: int) -> list[dict[str, A
     return events
 
 
-@pytest.mark.xfail(reason="gauges are refreshed only after an engine step; an abort that leaves the "
-                          "engine idle never refreshes them", strict=True)
 def test_client_disconnect_frees_kv_blocks(http: httpx.Client) -> None:
     events = open_stream_and_hang_up(http, chunks=2)
     assert [e["choices"][0]["finish_reason"] for e in events] == [None, None]

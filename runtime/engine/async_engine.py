@@ -40,7 +40,7 @@ class EngineDeadError(RuntimeError):
     pass
 
 
-StepObserver = Callable[[LLMEngine, float], None]
+StepObserver = Callable[[LLMEngine, float | None], None]  # step seconds, None: state changed
 
 
 class AsyncEngine:
@@ -118,10 +118,12 @@ class AsyncEngine:
         try:
             while True:
                 cmd = None if eng.has_work else self._cmds.get()
+                handled = cmd is not None
                 while True:
                     if cmd is None:
                         try:
                             cmd = self._cmds.get_nowait()
+                            handled = True
                         except queue.Empty:
                             break
                     if isinstance(cmd, _Stop):
@@ -134,6 +136,8 @@ class AsyncEngine:
                     else:
                         eng.abort(cmd.rid)
                     cmd = None
+                if handled and not eng.has_work and self._on_step is not None:
+                    self._on_step(eng, None)  # e.g. an abort emptied the engine: refresh gauges
                 if eng.has_work:
                     t0 = time.perf_counter()
                     outs = eng.step()

@@ -110,15 +110,15 @@ def create_app(models: list[ServedModel], metrics: ServerMetrics | None = None) 
         ]}
 
     # -- generation -------------------------------------------------------------------------
-    def check_prompt(m: ServedModel, ids: list[int]) -> None:
+    def check_prompt(m: ServedModel, ids: list[int], param: str) -> None:
         if not ids:
-            raise APIError(400, "the prompt is empty", param="prompt")
+            raise APIError(400, "the prompt is empty", param=param)
         if len(ids) >= m.max_model_len:
             raise APIError(
                 400,
                 f"this model's maximum context length is {m.max_model_len} tokens; your prompt has "
                 f"{len(ids)} tokens (at least 1 must be left for the output)",
-                code="context_length_exceeded", param="messages",
+                code="context_length_exceeded", param=param,
             )
 
     def prompt_ids(eng: Any, prompt: str | list[str] | list[int]) -> list[int]:
@@ -143,7 +143,7 @@ def create_app(models: list[ServedModel], metrics: ServerMetrics | None = None) 
         m = lookup(body.model)
         eng = m.engine.engine
         ids = prompt_ids(eng, body.prompt)
-        check_prompt(m, ids)
+        check_prompt(m, ids, "prompt")
         params = params_of(body, body.max_tokens or 16)
         return await run(m, request, ids, params, body.stream, chat=False,
                          include_usage=bool(body.stream_options and body.stream_options.include_usage))
@@ -154,7 +154,7 @@ def create_app(models: list[ServedModel], metrics: ServerMetrics | None = None) 
         eng = m.engine.engine
         msgs = [{"role": "system" if x.role == "developer" else x.role, "content": x.text()} for x in body.messages]
         ids = eng.encode_prompt(eng.render_chat(msgs, m.system_prompt))
-        check_prompt(m, ids)
+        check_prompt(m, ids, "messages")
         max_tokens = body.max_completion_tokens or body.max_tokens or (m.max_model_len - len(ids))
         params = params_of(body, max_tokens)
         return await run(m, request, ids, params, body.stream, chat=True,

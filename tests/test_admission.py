@@ -1,0 +1,73 @@
+import pytest
+
+from runtime.core.admission import (
+    InstanceLoad,
+    NewRequest,
+    PendingPrefill,
+    RefusalReason,
+    admit,
+    device_demand,
+)
+from runtime.core.estimator import LatencyEstimator, LatencyProfile
+
+# prefill: 100 ms per 100 tokens (linear); decode: 50 ms at batch 1, 100 ms at batch 8, flat in context
+PROFILE = LatencyProfile.from_tables(prefill=[[100, 100], [1000, 1000]],
+                                     decode=[(100, [[1, 50], [8, 100]]), (10_000, [[1, 50], [8, 100]])])
+
+
+def inst(iid, batch=0, ctx=100.0, tpot=0.25, prefills=(), max_ctx=2048):
+    return InstanceLoad(iid, LatencyEstimator(PROFILE), tpot, batch, ctx, tuple(prefills), max_ctx)
+
+
+def req(prompt=100, deadline=10.0, blocks=1):
+    return NewRequest(prompt, deadline, blocks)
+
+
+def test_admits_on_an_idle_device():
+    d = admit([inst("a")], "a", req(), free_blocks=10, now=0.0)
+    assert d.admitted and d.reason is None
+
+
+def test_refuses_on_compute_when_decode_demand_exceeds_the_device():
+    # b at batch 8 needs 100 ms per 250 ms = 0.4; a at batch 7 -> 8 needs 0.4 at TPOT 0.25 ... push with tight TPOT
+    insts = [inst("a", batch=7, tpot=0.15), inst("b", batch=8, tpot=0.25)]
+    assert device_demand(insts, "a", 100) == pytest.approx(100 / 150 + 100 / 250)
+    d = admit(insts, "a", req(), free_blocks=100, now=0.0)
+    assert not d.admitted and d.reason is RefusalReason.COMPUTE and d.retry_after_s > 0
+    # without b the same request fits
+    assert admit([inst("a", batch=7, tpot=0.15)], "a", req(), 100, 0.0).admitted
+
+
+def test_refuses_on_prefill_when_an_existing_deadline_would_be_missed():
+    # a pending 500-token prefill (0.5 s) due at 0.6 s; a newcomer of 300 tokens due at 0.35 s runs
+    # first under EDF (0.3 s) and pushes the old one to 0.8 s > 0.6 s.
+    insts = [inst("a", prefills=[PendingPrefill(500, 0.6)]), inst("b")]
+    d = admit(insts, "b", req(prompt=300, deadline=0.35), free_blocks=100, now=0.0)
+    assert not d.admitted and d.reason is RefusalReason.PREFILL
+    assert d.retry_after_s == pytest.approx(0.2)
+    # with a later deadline the newcomer goes after and both fit? 0.5 + 0.3 = 0.8 <= 1.0
+    assert admit(insts, "b", req(prompt=300, deadline=1.0), 100, 0.0).admitted
+
+
+def test_newcomer_missing_its_own_deadline_is_refused():
+    d = admit([inst("a")], "a", req(prompt=1000, deadline=0.5), free_blocks=100, now=0.0)
+    assert d.reason is RefusalReason.PREFILL
+
+
+def test_decode_load_slows_the_prefill_replay():
+    # 400-token prefill = 0.4 s alone; with decode taking 0.4 of the device it takes 0.667 s.
+    busy = [inst("a", batch=8, tpot=0.25), inst("b")]
+    assert admit([inst("b")], "b", req(prompt=400, deadline=0.5), 100, 0.0).admitted
+    assert admit(busy, "b", req(prompt=400, deadline=0.5), 100, 0.0).reason is RefusalReason.PREFILL
+
+
+def test_refuses_on_memory_and_context():
+    assert admit([inst("a")], "a", req(blocks=11), free_blocks=10, now=0.0).reason is RefusalReason.MEMORY
+    d = admit([inst("a", max_ctx=100)], "a", req(prompt=100), free_blocks=10, now=0.0)
+    assert d.reason is RefusalReason.CONTEXT and "100" in d.detail
+
+
+def test_overdue_prefill_does_not_block_everyone():
+    # an existing prefill already late (deadline in the past) is late either way: not the newcomer's fault
+    insts = [inst("a", prefills=[PendingPrefill(100, -1.0)])]
+    assert admit(insts, "a", req(prompt=100, deadline=5.0), 100, 0.0).admitted
