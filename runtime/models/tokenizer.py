@@ -40,9 +40,16 @@ def byte_tokenizer() -> Any:
 
 
 def load_tokenizer(folder: Path) -> Any:
-    from transformers import AutoTokenizer
+    # With a tokenizer.json, the fast class loads directly; AutoTokenizer's class resolution
+    # costs ~2.5 s on first use, which would dominate a warm model load.
+    if (folder / "tokenizer.json").exists():
+        from transformers import PreTrainedTokenizerFast
 
-    tok = AutoTokenizer.from_pretrained(str(folder))
+        tok = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(folder))
     if getattr(tok, "chat_template", None) is None:
         tok.chat_template = CHATML_TEMPLATE
     return tok
