@@ -205,3 +205,44 @@ def test_stop_string_ends_text_before_it(tiny):
     assert got == text[: text.find(stop)]
     assert reason is FinishReason.STOP
     assert eng.kv_blocks_used == 0
+
+
+def test_eviction_returns_a_continuation_that_resumes_to_the_same_greedy_output(tiny):
+    p = prompts(3, seed=4)
+    sp = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    eng = LLMEngine(tiny, EngineConfig(block_size=16))
+    for i, ids in enumerate(p):
+        eng.add_request(RequestId(f"r{i}"), ids, sp, 0.0)
+    got: dict[str, list[int]] = {f"r{i}": [] for i in range(3)}
+    for _ in range(12):
+        for o in eng.step():
+            got[o.rid].extend(o.new_token_ids)
+    evicted = eng.evict_all()
+    assert {o.rid for o in evicted} == set(got)
+    assert eng.kv_blocks_used == 0 and not eng.has_work
+    for o in evicted:
+        assert o.finish_reason is FinishReason.PREEMPTED and o.continuation is not None
+        assert list(o.continuation.output_token_ids) == got[o.rid] and len(got[o.rid]) > 0
+        ids, params = o.continuation.resume()
+        assert params.max_tokens == 30 - len(got[o.rid])
+        other = LLMEngine(tiny, EngineConfig(block_size=16))  # "another instance"
+        resumed = run_all(other, {0: [("c", ids, params)]})["c"]
+        i = int(o.rid[1:])
+        assert got[o.rid] + resumed == solo(tiny, p[i], sp, block_size=16)
+
+
+@pytest.mark.slow
+def test_smollm2_eviction_continuation_equals_uninterrupted(smol):
+    eng = LLMEngine(smol)
+    ids = eng.encode_prompt(eng.render_chat([{"role": "user", "content": "Write a short poem about the sea."}]))
+    sp = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    eng.add_request(RequestId("a"), ids, sp, 0.0)
+    first: list[int] = []
+    for _ in range(11):
+        for o in eng.step():
+            first.extend(o.new_token_ids)
+    (out,) = eng.evict_all()
+    assert out.continuation is not None
+    resumed_ids, params = out.continuation.resume()
+    rest = run_all(LLMEngine(smol), {0: [("b", resumed_ids, params)]})["b"]
+    assert first + rest == solo(smol, ids, sp)

@@ -34,6 +34,7 @@ class FinishReason(enum.Enum):
     STOP = "stop"  # EOS or a stop string
     LENGTH = "length"  # max_tokens or the context limit
     ABORT = "abort"  # cancelled by the client
+    PREEMPTED = "preempted"  # evicted; the output carries what is needed to continue elsewhere
 
 
 class RequestStatus(enum.Enum):

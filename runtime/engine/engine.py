@@ -6,7 +6,7 @@ step(): plan (scheduler) -> execute (model runner) -> apply (scheduler.update + 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -36,6 +36,20 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class Continuation:
+    """Enough to resume an evicted request elsewhere by recompute: prefill prompt + output so
+    far, then generate the remaining tokens. Greedy output equals an uninterrupted run."""
+
+    prompt_token_ids: tuple[int, ...]
+    output_token_ids: tuple[int, ...]
+    params: SamplingParams
+
+    def resume(self) -> tuple[list[int], SamplingParams]:
+        left = max(1, self.params.max_tokens - len(self.output_token_ids))
+        return [*self.prompt_token_ids, *self.output_token_ids], replace(self.params, max_tokens=left)
+
+
+@dataclass(frozen=True)
 class RequestOutput:
     rid: RequestId
     new_token_ids: tuple[int, ...]
@@ -43,6 +57,7 @@ class RequestOutput:
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
+    continuation: Continuation | None = None  # set when finish_reason is PREEMPTED
 
     @property
     def finished(self) -> bool:
@@ -109,6 +124,23 @@ class LLMEngine:
         """Drop a request now; its KV blocks return to the pool at once."""
         self._forget(rid)
         return self.scheduler.finish(rid, FinishReason.ABORT)
+
+    def evict(self, rid: RequestId) -> RequestOutput | None:
+        """End a request with finish_reason PREEMPTED and a continuation; frees its KV now."""
+        req = self.scheduler.get(rid)
+        if req is None:
+            return None
+        detok = self._detok.get(rid)
+        text = detok.add((), final=True) if detok is not None else ""  # flush held-back text
+        self._forget(rid)
+        self.scheduler.finish(rid, FinishReason.PREEMPTED)
+        cont = Continuation(req.prompt_token_ids, tuple(req.output_token_ids), req.params)
+        return RequestOutput(rid, (), text, FinishReason.PREEMPTED, len(req.prompt_token_ids),
+                             len(req.output_token_ids), cont)
+
+    def evict_all(self) -> list[RequestOutput]:
+        rids = [r.rid for r in (*self.scheduler.running, *self.scheduler.waiting)]
+        return [o for o in (self.evict(r) for r in rids) if o is not None]
 
     def _forget(self, rid: RequestId) -> None:
         self._detok.pop(rid, None)
