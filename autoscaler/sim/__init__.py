@@ -1,0 +1,1 @@
+"""Cluster simulation: workloads (`trace`) for the simulator and the capacity benchmark."""
