@@ -16,6 +16,7 @@ from runtime.core.admission import Decision, InstanceLoad, NewRequest, PendingPr
 from runtime.core.arbiter import Candidate, DeviceKind, Grant, Phase, next_token_deadline, pick
 from runtime.core.block_pool import blocks_for
 from runtime.core.estimator import LatencyEstimator
+from runtime.core.memory import ActionKind, DeviceActions, MemoryConfig, resize_target
 from runtime.core.request import Request
 from runtime.engine.engine import LLMEngine, RequestOutput
 
@@ -62,18 +63,78 @@ class ArbiterStats:
 
 
 class DeviceLoop:
-    def __init__(self, kind: DeviceKind = DeviceKind.CPU):
+    """Owns the device's instances, its KV budget (bytes, shared by all instances) and the
+    action queue through which every KV grow/shrink and instance add/remove goes."""
+
+    def __init__(self, kind: DeviceKind = DeviceKind.CPU, kv_budget_bytes: int = 1 << 30,
+                 memory: MemoryConfig | None = None):
         self.kind = kind
         self.instances: dict[str, Instance] = {}
         self.stats = ArbiterStats()
+        self.memory = memory or MemoryConfig()
+        self.actions = DeviceActions(kv_budget_bytes)
+        self.peak_kv_bytes = 0  # the most KV capacity ever held at once (the no-OOM witness)
 
     def add_instance(self, inst: Instance) -> None:
         if inst.iid in self.instances:
             raise ValueError(f"instance {inst.iid!r} already on this device")
+        held = inst.engine.cache.nbytes
+        if held:  # an engine built with KV of its own: it must fit in the budget as a LOAD
+            a = self.actions.submit(ActionKind.LOAD, inst.iid, held)
+            if a not in self.actions.ready():
+                raise ValueError(f"instance {inst.iid!r} holds {held} bytes of KV; {self.actions.free} free")
+            self.actions.complete(a.action_id)
         self.instances[inst.iid] = inst
 
-    def remove_instance(self, iid: str) -> Instance:
-        return self.instances.pop(iid)
+    def remove_instance(self, iid: str) -> tuple[Instance, list[RequestOutput]]:
+        """Evict every request (with continuations) and release the instance's KV."""
+        inst = self.instances.pop(iid)
+        outs = inst.engine.evict_all()
+        self._release(inst, ActionKind.UNLOAD, inst.engine.pool.num_blocks)
+        return inst, outs
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(i.engine.cache.nbytes for i in self.instances.values())
+
+    # -- forward-looking memory --------------------------------------------------------------
+    def _release(self, inst: Instance, kind: ActionKind, blocks: int) -> None:
+        if blocks <= 0:
+            return
+        a = self.actions.submit(kind, inst.iid, blocks * inst.engine.bytes_per_block)
+        inst.engine.resize_kv(inst.engine.pool.num_blocks - blocks)  # synchronous on CPU
+        self.actions.complete(a.action_id)  # only now does the memory count as free
+
+    def plan_memory(self) -> None:
+        """Size every instance's KV to its reservation x watermark: shrinks first (hysteresis),
+        then grows, most urgent instance first, each only against memory already freed."""
+        lookahead = self.memory.lookahead_tokens
+        grows: list[tuple[float, str, int]] = []
+        for inst in self.instances.values():
+            eng = inst.engine
+            cur = eng.pool.num_blocks
+            target = resize_target(self.memory, cur, eng.reserved_blocks(lookahead))
+            if target is None:
+                continue
+            if target < cur:
+                self._release(inst, ActionKind.SHRINK, cur - max(target, eng.pool.num_used))
+            elif target > cur:
+                reqs = inst.requests()
+                urgency = min((inst.deadline(r) for r in reqs), default=float("inf"))
+                grows.append((urgency, inst.iid, target - cur))
+        for _, iid, want in sorted(grows):
+            inst = self.instances[iid]
+            bpb = inst.engine.bytes_per_block
+            blocks = min(want, self.actions.free // bpb)  # partial growth beats none
+            if blocks <= 0:
+                continue  # the engine preempts (recompute) or evicts if it outgrows what it has
+            a = self.actions.submit(ActionKind.GROW, iid, blocks * bpb)
+            for ready in self.actions.ready():
+                other = self.instances[ready.instance_id]
+                other.engine.resize_kv(other.engine.pool.num_blocks + ready.amount // other.engine.bytes_per_block)
+                self.actions.complete(ready.action_id)
+            assert a.state.value == "done", "a grow that fits commits at once on this device"
+        self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes)
 
     @property
     def has_work(self) -> bool:
@@ -81,10 +142,14 @@ class DeviceLoop:
 
     def admit(self, iid: str, prompt_tokens: int, now: float) -> Decision:
         inst = self.instances[iid]
-        req = NewRequest(prompt_tokens, now + inst.load_delay_s + inst.spec.slo.ttft_s(prompt_tokens),
-                         blocks_for(prompt_tokens + 1, inst.engine.config.block_size))
+        eng = inst.engine
+        need = blocks_for(min(prompt_tokens + self.memory.lookahead_tokens, eng.max_model_len),
+                          eng.config.block_size)
+        slack = max(0, eng.pool.num_blocks - eng.reserved_blocks(self.memory.lookahead_tokens))
+        free = self.actions.free // eng.bytes_per_block + slack
+        req = NewRequest(prompt_tokens, now + inst.load_delay_s + inst.spec.slo.ttft_s(prompt_tokens), need)
         loads = [i.load() for i in self.instances.values()]
-        return admit(loads, iid, req, inst.engine.pool.num_free, now)
+        return admit(loads, iid, req, free, now)
 
     def candidates(self) -> list[Candidate]:
         out = []
@@ -98,7 +163,8 @@ class DeviceLoop:
         return out
 
     def step(self) -> tuple[Grant | None, list[RequestOutput]]:
-        """One grant: pick by EDF, run the granted iterations of that instance."""
+        """One grant: size KV memory, pick by EDF, run the granted iterations of that instance."""
+        self.plan_memory()
         t0 = time.perf_counter()
         grant = pick(self.candidates(), self.kind)
         dt = time.perf_counter() - t0

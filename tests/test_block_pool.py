@@ -45,3 +45,29 @@ def test_manager_grows_tables_and_frees_everything():
     assert kv.free(a) == 3
     assert kv.free(b) == 1
     assert kv.pool.num_free == 8 and kv.num_requests == 0
+
+
+def test_pool_grows_and_shrinks_only_over_free_ids():
+    pool = BlockPool(2)
+    pool.resize(4)
+    assert pool.allocate(4) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="in use"):
+        pool.resize(2)
+    pool.free([BlockId(2), BlockId(3)])
+    pool.resize(2)
+    assert pool.num_blocks == 2 and pool.num_free == 0
+
+
+def test_compaction_moves_high_blocks_down_and_keeps_tables_consistent():
+    kv = KVCacheManager(BlockPool(8), block_size=4)
+    a, b, c = RequestId("a"), RequestId("b"), RequestId("c")
+    kv.allocate(a, 8)  # 0, 1
+    kv.allocate(b, 12)  # 2, 3, 4
+    kv.allocate(c, 12)  # 5, 6, 7
+    kv.free(b)
+    moves = kv.compact(5)
+    assert moves == [(5, 2), (6, 3), (7, 4)]
+    assert kv.block_table(c) == [2, 3, 4] and kv.block_table(a) == [0, 1]
+    assert kv.pool.num_blocks == 5 and kv.pool.num_free == 0
+    with pytest.raises(ValueError, match="in use"):
+        kv.compact(4)

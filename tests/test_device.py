@@ -79,3 +79,90 @@ def test_profile_measures_real_steps_and_leaves_no_kv(tiny):
     assert all(ms > 0 for _, ms in prof.prefill_ms)
     assert [b for b, _ in prof.decode_ms[0][1]] == [1, 4]
     assert inst.engine.kv_blocks_used == 0 and not inst.engine.has_work
+
+
+def test_kv_never_exceeds_the_device_budget_under_adversarial_lengths(tiny):
+    # Three instances, requests that never stop early (ignore_eos, long max_tokens): their KV
+    # keeps growing past what admission could know. Budget: 40 blocks of 16 tokens in total.
+    from runtime.core.memory import MemoryConfig
+    from runtime.core.request import FinishReason
+
+    probe = make_instance(tiny, "probe")
+    bpb = probe.engine.bytes_per_block
+    budget = 40 * bpb
+    dev = DeviceLoop(DeviceKind.CPU, kv_budget_bytes=budget, memory=MemoryConfig(block_tokens=16, lookahead_tokens=32))
+    for iid in ("a", "b", "c"):
+        dev.add_instance(make_instance(tiny, iid, kv_cache_bytes=0, max_model_len=160))
+    sp = SamplingParams(max_tokens=150, temperature=0, ignore_eos=True)
+    rids = []
+    for k in range(4):
+        for iid in ("a", "b", "c"):
+            rid = RequestId(f"{iid}{k}")
+            rids.append(rid)
+            dev.instances[iid].engine.add_request(rid, list(range(5, 5 + 20 + 7 * k)), sp, now=0.0)
+    ended = {}
+    steps = recomputes = 0
+    while dev.has_work:
+        g, outs = dev.step()
+        if g is not None:
+            plan = dev.instances[g.instance_id].engine.last_plan
+            recomputes += len(plan.preempted) if plan else 0
+        for o in outs:
+            if o.finished:
+                ended[o.rid] = o
+        assert dev.kv_bytes <= budget
+        for inst in dev.instances.values():
+            assert inst.engine.kv_blocks_used <= inst.engine.kv_blocks_total
+        steps += 1
+        assert steps < 5000, steps
+    assert dev.peak_kv_bytes <= budget
+    assert dev.peak_kv_bytes > budget // 2  # the budget was actually used
+    assert set(ended) == set(rids)  # nothing lost
+    reasons = {o.finish_reason for o in ended.values()}
+    evicted = sum(o.finish_reason is FinishReason.PREEMPTED for o in ended.values())
+    assert recomputes + evicted > 0  # memory pressure really happened
+    assert reasons <= {FinishReason.LENGTH, FinishReason.PREEMPTED}
+    for o in ended.values():
+        if o.finish_reason is FinishReason.PREEMPTED:
+            assert o.continuation is not None and len(o.continuation.prompt_token_ids) > 0
+    dev.plan_memory()  # what the device does on an idle tick
+    assert dev.kv_bytes == 0  # idle instances shrink to nothing
+
+
+def test_oversized_request_is_evicted_with_a_continuation(tiny):
+    from runtime.core.request import FinishReason
+
+    eng = LLMEngine(tiny, EngineConfig(block_size=16, kv_cache_bytes=4 * LLMEngine(tiny, EngineConfig(block_size=16, kv_cache_bytes=0)).bytes_per_block))
+    assert eng.kv_blocks_total == 4  # 64 tokens
+    eng.add_request(RequestId("big"), list(range(5, 45)), SamplingParams(max_tokens=100, temperature=0, ignore_eos=True), 0.0)
+    outs = []
+    while eng.has_work:
+        outs.extend(eng.step())
+    assert outs[-1].finish_reason is FinishReason.PREEMPTED
+    cont = outs[-1].continuation
+    assert cont is not None and len(cont.prompt_token_ids) + len(cont.output_token_ids) == 64
+    assert eng.kv_blocks_used == 0
+
+
+def test_unloading_an_instance_returns_its_memory_to_the_os():
+    import gc
+
+    from runtime.engine.engine import release_memory, rss_bytes
+
+    gc.collect()
+    release_memory()
+    before = rss_bytes()
+    loaded = load_model("random:smollm2-shape?seed=0")  # 538 MB of fp32 weights
+    dev = DeviceLoop()
+    dev.add_instance(make_instance(loaded, "big", kv_cache_bytes=0))
+    dev.instances["big"].engine.add_request(RequestId("r"), [5, 6, 7], SamplingParams(max_tokens=2, temperature=0), 0.0)
+    while dev.has_work:
+        dev.step()
+    loaded_rss = rss_bytes()
+    assert loaded_rss - before > 400e6
+    inst, _ = dev.remove_instance("big")
+    del inst, loaded
+    gc.collect()
+    release_memory()
+    after = rss_bytes()
+    assert loaded_rss - after > 400e6, (before, loaded_rss, after)

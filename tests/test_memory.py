@@ -36,7 +36,7 @@ def test_resize_target_with_hysteresis(current, reserved, expected):
 
 
 def test_grow_is_never_committed_against_a_shrink_in_flight():
-    dev = DeviceActions(budget_blocks=100)
+    dev = DeviceActions(budget=100)
     dev.adopt(90)  # instance A holds 90 blocks
     shrink = dev.submit(ActionKind.SHRINK, "A", 50)
     grow = dev.submit(ActionKind.GROW, "B", 40)
@@ -44,20 +44,20 @@ def test_grow_is_never_committed_against_a_shrink_in_flight():
     assert dev.ready() == []  # only 10 free: the shrink has not freed anything yet
     assert grow.state is ActionState.QUEUED
     dev.complete(shrink.action_id)
-    assert dev.free_blocks == 60
+    assert dev.free == 60
     assert dev.ready() == [grow]
-    assert dev.free_blocks == 20 and grow.state is ActionState.IN_FLIGHT
+    assert dev.free == 20 and grow.state is ActionState.IN_FLIGHT
     dev.complete(grow.action_id)
-    assert dev.committed_blocks == 80
+    assert dev.committed == 80
 
 
 def test_claims_are_fifo_and_never_exceed_the_budget():
-    dev = DeviceActions(budget_blocks=10)
+    dev = DeviceActions(budget=10)
     big = dev.submit(ActionKind.LOAD, "A", 8)
     small = dev.submit(ActionKind.GROW, "B", 3)
     assert dev.ready() == [big]
     assert dev.ready() == []  # small would fit in 2? no: 3 > 2 free
-    assert dev.committed_blocks <= dev.budget_blocks
+    assert dev.committed <= dev.budget
     unload = dev.submit(ActionKind.UNLOAD, "A", 8)
     dev.complete(big.action_id)
     assert dev.ready() == []  # unload still in flight

@@ -105,3 +105,11 @@ def test_prompt_at_the_context_limit_is_refused():
         assert "limit is 7" in str(e)
     else:
         raise AssertionError("expected ValueError")
+
+
+def test_waiting_prompt_prefills_in_smaller_chunks_when_blocks_are_short():
+    s = make_sched(blocks=3, block_size=4, budget=32)
+    s.add(make_req("a", 6, max_tokens=1))  # 2 blocks
+    s.add(make_req("b", 10, max_tokens=1))  # needs 3 blocks; only 1 left
+    plan, _ = run_step(s)
+    assert [(q.rid, len(q.token_ids)) for q in plan.seqs] == [("a", 6), ("b", 4)]

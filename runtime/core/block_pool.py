@@ -20,8 +20,8 @@ class BlockPool:
     """A fixed set of block ids [0, num_blocks)."""
 
     def __init__(self, num_blocks: int):
-        if num_blocks <= 0:
-            raise ValueError(f"num_blocks must be > 0, got {num_blocks}")
+        if num_blocks < 0:
+            raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
         self.num_blocks = num_blocks
         self._free: list[int] = list(range(num_blocks))  # a min-heap
         self._used: set[int] = set()
@@ -40,6 +40,21 @@ class BlockPool:
         out = [BlockId(heapq.heappop(self._free)) for _ in range(n)]
         self._used.update(out)
         return out
+
+    def resize(self, num_blocks: int) -> None:
+        """Grow, or shrink when every id >= num_blocks is free (compact first)."""
+        if num_blocks < 0:
+            raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
+        if num_blocks >= self.num_blocks:
+            for b in range(self.num_blocks, num_blocks):
+                heapq.heappush(self._free, b)
+        else:
+            busy = [b for b in self._used if b >= num_blocks]
+            if busy:
+                raise ValueError(f"cannot shrink to {num_blocks}: blocks {sorted(busy)[:5]} are in use")
+            self._free = [b for b in self._free if b < num_blocks]
+            heapq.heapify(self._free)
+        self.num_blocks = num_blocks
 
     def free(self, blocks: Sequence[BlockId]) -> None:
         for b in blocks:
@@ -83,6 +98,23 @@ class KVCacheManager:
         blocks = self._tables.pop(rid, [])
         self.pool.free(blocks)
         return len(blocks)
+
+    def compact(self, num_blocks: int) -> list[tuple[BlockId, BlockId]]:
+        """Move blocks with ids >= num_blocks to free lower ids and shrink the pool to
+        num_blocks. Returns the (old, new) moves; the caller copies the KV data."""
+        if self.pool.num_used > num_blocks:
+            raise ValueError(f"cannot compact to {num_blocks} blocks: {self.pool.num_used} in use")
+        moves: list[tuple[BlockId, BlockId]] = []
+        for rid in sorted(self._tables):
+            table = self._tables[rid]
+            for i, b in enumerate(table):
+                if b >= num_blocks:
+                    (new,) = self.pool.allocate(1)  # lowest free id: always < num_blocks here
+                    self.pool.free([b])
+                    table[i] = new
+                    moves.append((b, new))
+        self.pool.resize(num_blocks)
+        return moves
 
     @property
     def num_requests(self) -> int:

@@ -73,7 +73,7 @@ class Action:
     action_id: int
     kind: ActionKind
     instance_id: str
-    blocks: int  # memory claimed (grow/load) or released (shrink/unload), in KV-block units
+    amount: int  # memory claimed (grow/load) or released (shrink/unload); the device uses bytes
     state: ActionState = ActionState.QUEUED
 
     @property
@@ -82,36 +82,36 @@ class Action:
 
 
 class DeviceActions:
-    """The reservation station of one device. Memory accounting in blocks:
+    """The reservation station of one device. Memory in one unit (the runtime uses bytes):
     committed = memory held or claimed by committed actions; free = budget - committed.
     A release reduces `committed` only when it completes."""
 
-    def __init__(self, budget_blocks: int):
-        if budget_blocks <= 0:
-            raise ValueError(f"budget must be > 0, got {budget_blocks}")
-        self.budget_blocks = budget_blocks
-        self.committed_blocks = 0
+    def __init__(self, budget: int):
+        if budget <= 0:
+            raise ValueError(f"budget must be > 0, got {budget}")
+        self.budget = budget
+        self.committed = 0
         self._next_id = 0
         self._queue: deque[Action] = deque()  # claims waiting for memory, FIFO
         self._actions: dict[int, Action] = {}
 
     @property
-    def free_blocks(self) -> int:
-        return self.budget_blocks - self.committed_blocks
+    def free(self) -> int:
+        return self.budget - self.committed
 
     @property
-    def pending_claim_blocks(self) -> int:
-        return sum(a.blocks for a in self._queue)
+    def pending_claims(self) -> int:
+        return sum(a.amount for a in self._queue)
 
-    def submit(self, kind: ActionKind, instance_id: str, blocks: int) -> Action:
-        if blocks < 0:
-            raise ValueError(f"blocks must be >= 0, got {blocks}")
-        a = Action(self._next_id, kind, instance_id, blocks)
+    def submit(self, kind: ActionKind, instance_id: str, amount: int) -> Action:
+        if amount < 0:
+            raise ValueError(f"amount must be >= 0, got {amount}")
+        a = Action(self._next_id, kind, instance_id, amount)
         self._next_id += 1
         self._actions[a.action_id] = a
         if a.claims:
-            if blocks > self.budget_blocks:
-                raise ValueError(f"{kind.value} of {blocks} blocks exceeds the device budget {self.budget_blocks}")
+            if amount > self.budget:
+                raise ValueError(f"{kind.value} of {amount} exceeds the device budget {self.budget}")
             self._queue.append(a)
         else:
             a.state = ActionState.IN_FLIGHT  # a release can start now; its memory counts once done
@@ -122,10 +122,10 @@ class DeviceActions:
         executes what is returned and reports complete(). FIFO: a large claim at the head is not
         overtaken (no starvation)."""
         out: list[Action] = []
-        while self._queue and self._queue[0].blocks <= self.free_blocks:
+        while self._queue and self._queue[0].amount <= self.free:
             a = self._queue.popleft()
             a.state = ActionState.IN_FLIGHT
-            self.committed_blocks += a.blocks
+            self.committed += a.amount
             out.append(a)
         return out
 
@@ -135,12 +135,12 @@ class DeviceActions:
             raise ValueError(f"action {action_id} is {a.state.value}, not in flight")
         a.state = ActionState.DONE
         if not a.claims:
-            self.committed_blocks -= a.blocks
-            if self.committed_blocks < 0:
+            self.committed -= a.amount
+            if self.committed < 0:
                 raise ValueError("released more memory than was committed")
 
-    def adopt(self, blocks: int) -> None:
+    def adopt(self, amount: int) -> None:
         """Count memory already held at start-up (e.g. rebuilt from status)."""
-        if blocks > self.free_blocks:
-            raise ValueError(f"cannot adopt {blocks} blocks; {self.free_blocks} free")
-        self.committed_blocks += blocks
+        if amount > self.free:
+            raise ValueError(f"cannot adopt {amount}; {self.free} free")
+        self.committed += amount

@@ -132,10 +132,12 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            end = req.num_computed_tokens + n
-            if not self.kv.can_allocate(req.rid, end):
+            if req.rid in preempted:
+                break  # just evicted for lack of blocks: do not thrash it back in this step
+            n = min(req.num_tokens - req.num_computed_tokens, budget, self._fits(req))
+            if n <= 0:
                 break  # FCFS: do not let later requests overtake
+            end = req.num_computed_tokens + n
             self.waiting.popleft()
             self.kv.allocate(req.rid, end)
             req.status = RequestStatus.RUNNING
@@ -143,6 +145,11 @@ class Scheduler:
             seqs.append(self._seq(req, n))
             budget -= n
         return StepPlan(seqs=tuple(seqs), preempted=tuple(preempted))
+
+    def _fits(self, req: Request) -> int:
+        """How many more tokens of req the free blocks can hold (a smaller prefill chunk)."""
+        held = len(self.kv.block_table(req.rid)) * self.kv.block_size
+        return held + self.kv.pool.num_free * self.kv.block_size - req.num_computed_tokens
 
     def _seq(self, req: Request, n: int) -> ScheduledSeq:
         start = req.num_computed_tokens

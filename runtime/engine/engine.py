@@ -5,6 +5,8 @@ step(): plan (scheduler) -> execute (model runner) -> apply (scheduler.update + 
 
 from __future__ import annotations
 
+import ctypes
+import os
 import random
 from dataclasses import dataclass, replace
 from typing import Any
@@ -31,7 +33,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: min(model's max positions, 4096)
 
     def __post_init__(self) -> None:
-        if self.block_size < 1 or self.kv_cache_bytes < 1:
+        if self.block_size < 1 or self.kv_cache_bytes < 0:
             raise ValueError(f"invalid engine config: {self}")
 
 
@@ -64,6 +66,20 @@ class RequestOutput:
         return self.finish_reason is not None
 
 
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux), what the pod's memory limit sees."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise), so an unload shows."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: nothing to do
+        pass
+
+
 class PromptTooLongError(ValueError):
     def __init__(self, prompt_tokens: int, limit: int):
         super().__init__(
@@ -80,8 +96,8 @@ class LLMEngine:
         self.loaded = loaded
         mc = loaded.config
         self.max_model_len = self.config.max_model_len or min(mc.max_position, 4096)
-        per_block = PagedKVCache.bytes_per_block(mc, self.config.block_size)
-        num_blocks = max(1, self.config.kv_cache_bytes // per_block)
+        per_block = self.bytes_per_block = PagedKVCache.bytes_per_block(mc, self.config.block_size)
+        num_blocks = self.config.kv_cache_bytes // per_block  # 0 is fine: a device grows it later
         self.cache = PagedKVCache(mc, num_blocks, self.config.block_size)
         self.pool = BlockPool(num_blocks)
         self.scheduler = Scheduler(
@@ -152,17 +168,18 @@ class LLMEngine:
 
     # -- the loop body ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        evicted = self.evict_oversized()
         plan = self.scheduler.schedule()  # plan
         self.last_plan = plan
         if plan.empty:
-            return []
+            return evicted
         rids, logits = self.runner.execute(plan)  # execute
         reqs = [self.scheduler.get(r) for r in rids]
         by_id = {r.rid: r for r in reqs if r is not None}  # still readable after they finish
         params = [r.params if r else SamplingParams(temperature=0) for r in reqs]
         tokens = sample(logits, params, [self._gens.get(r) for r in rids])
         updates = self.scheduler.update(plan, dict(zip(rids, tokens, strict=True)))  # apply
-        outputs: list[RequestOutput] = []
+        outputs: list[RequestOutput] = evicted
         for u in updates:
             req = by_id[u.rid]
             detok = self._detok[u.rid]
@@ -177,6 +194,31 @@ class LLMEngine:
             if reason is not None:
                 self._forget(u.rid)
         return outputs
+
+    # -- KV capacity ------------------------------------------------------------------------
+    def resize_kv(self, num_blocks: int) -> None:
+        """Grow or shrink this instance's KV pool. Shrinking compacts live blocks first; it
+        fails (ValueError) if more than num_blocks are in use."""
+        if num_blocks == self.pool.num_blocks:
+            return
+        moves = self.scheduler.kv.compact(num_blocks) if num_blocks < self.pool.num_blocks else []
+        if num_blocks > self.pool.num_blocks:
+            self.pool.resize(num_blocks)
+        self.cache.resize(num_blocks, [(int(a), int(b)) for a, b in moves])
+
+    def reserved_blocks(self, lookahead_tokens: int) -> int:
+        """Forward-looking reservation: each live request's prompt + output + look-ahead."""
+        bs = self.config.block_size
+        return sum(-(-min(r.num_tokens + lookahead_tokens, self.max_model_len) // bs)
+                   for r in (*self.scheduler.running, *self.scheduler.waiting))
+
+    def evict_oversized(self) -> list[RequestOutput]:
+        """A request whose next token cannot fit even in the whole pool would be preempted and
+        recomputed forever: end it with a continuation so it can run elsewhere. A device grows
+        the pool first when its budget allows, so this happens only when it cannot."""
+        cap = self.pool.num_blocks * self.config.block_size
+        big = [r.rid for r in (*self.scheduler.running, *self.scheduler.waiting) if r.num_tokens + 1 > cap]
+        return [o for o in (self.evict(rid) for rid in big) if o is not None]
 
     # -- introspection ----------------------------------------------------------------------
     @property

@@ -31,6 +31,25 @@ class PagedKVCache:
         self.k = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_layers)]
 
+    def resize(self, num_blocks: int, moves: list[tuple[int, int]] | None = None) -> None:
+        """Apply block moves (old -> new id, from compaction), then reallocate to num_blocks.
+        New blocks are zeroed: padded attention reads them, and 0 * garbage could be NaN."""
+        for li in range(len(self.k)):
+            for old, new in moves or ():
+                self.k[li][new] = self.k[li][old]
+                self.v[li][new] = self.v[li][old]
+            keep = min(num_blocks, self.num_blocks)
+            for store in (self.k, self.v):
+                cur = store[li]
+                grown = torch.zeros((num_blocks, *cur.shape[1:]), dtype=cur.dtype)
+                grown[:keep] = cur[:keep]
+                store[li] = grown  # the old tensor is freed here: RSS follows the budget
+        self.num_blocks = num_blocks
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype_bytes: int = 4) -> int:
         return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * dtype_bytes
