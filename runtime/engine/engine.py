@@ -5,6 +5,7 @@ step(): plan (scheduler) -> execute (model runner) -> apply (scheduler.update + 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import random
@@ -74,10 +75,8 @@ def rss_bytes() -> int:
 
 def release_memory() -> None:
     """Hand freed heap pages back to the OS (glibc keeps them otherwise), so an unload shows."""
-    try:
+    with contextlib.suppress(OSError):  # not glibc: nothing to do
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc: nothing to do
-        pass
 
 
 class PromptTooLongError(ValueError):
