@@ -4,91 +4,95 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import secrets
 import sys
-import time
 from dataclasses import dataclass
 
-from runtime.engine.engine import EngineConfig
+from functions import FunctionSpec, SpecError, load_function_dir, load_function_spec
+from runtime.core.arbiter import DeviceKind
+from runtime.pod import PodConfig
 
 
 @dataclass(frozen=True)
 class ServeSettings:
-    models: tuple[tuple[str, str, str | None, int | None], ...]  # (name, ref, system prompt, max context)
+    functions: tuple[FunctionSpec, ...]
     host: str
     port: int
-    engine: EngineConfig
+    pod: PodConfig
     threads: int | None
+    admin_token: str
 
 
 def _served_name(ref: str) -> str:
     if ref.startswith(("bundled:", "random:")):
         return ref.split(":", 1)[1].split("?", 1)[0]
-    return ref.rstrip("/").rsplit("/", 1)[-1].removesuffix(".gguf")
+    return ref.rstrip("/").rsplit("/", 1)[-1].removesuffix(".gguf").lower()
 
 
-def parse_serve(argv: list[str]) -> ServeSettings:
-    ap = argparse.ArgumentParser(prog="slinfer serve", description="Run a runtime process serving models.")
+def parse_serve(argv: list[str], env: dict[str, str] | None = None) -> ServeSettings:
+    env = dict(os.environ) if env is None else env
+    ap = argparse.ArgumentParser(prog="slinfer serve", description="Run a runtime pod: several functions share one device.")
     ap.add_argument("--model", action="append", default=[],
                     help="model reference: bundled:<name>, random:<preset>[?seed=N], HF folder or .gguf "
                          "(repeatable; served under --name or a name derived from the reference)")
-    ap.add_argument("--name", action="append", default=[], help="served model name for the matching --model")
-    ap.add_argument("--function", action="append", default=[], help="serve a FunctionSpec YAML file")
+    ap.add_argument("--name", action="append", default=[], help="served name for the matching --model")
+    ap.add_argument("--function", action="append", default=[], help="serve a FunctionSpec YAML file (repeatable)")
+    ap.add_argument("--functions-dir", help="serve every FunctionSpec YAML in this folder")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8080)
-    ap.add_argument("--kv-cache-mb", type=int, default=256, help="KV cache memory per model (MiB)")
+    ap.add_argument("--device", choices=[k.value for k in DeviceKind], default="cpu")
+    ap.add_argument("--kv-budget-mb", type=int, default=1024, help="KV memory shared by all instances (MiB)")
+    ap.add_argument("--weight-cache-mb", type=int, default=4096, help="host cache for unloaded weights (MiB)")
     ap.add_argument("--block-size", type=int, default=32, help="tokens per KV block")
     ap.add_argument("--max-num-seqs", type=int, default=32, help="requests per batch")
     ap.add_argument("--max-batched-tokens", type=int, default=512,
                     help="tokens per iteration; longer prompts are prefilled in chunks")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--admin-token", default=env.get("SLINFER_ADMIN_TOKEN"),
+                    help="bearer token for /admin (default: $SLINFER_ADMIN_TOKEN, else a random one, printed)")
     a = ap.parse_args(argv)
-    models: list[tuple[str, str, str | None, int | None]] = []
+    specs: list[FunctionSpec] = []
     for i, ref in enumerate(a.model):
-        models.append((a.name[i] if i < len(a.name) else _served_name(ref), ref, None, None))
-    if a.function:
-        from functions import load_function_spec
-
-        for path in a.function:
-            spec = load_function_spec(path)
-            models.append((spec.name, spec.model, spec.system_prompt, spec.max_context_tokens))
-    if not models:
-        models.append(("smollm2-135m-instruct", "bundled:smollm2-135m-instruct", None, None))
-    names = [m[0] for m in models]
+        specs.append(FunctionSpec(name=a.name[i] if i < len(a.name) else _served_name(ref), model=ref,
+                                  max_output_tokens=4095, max_context_tokens=4096))
+    try:
+        specs += [load_function_spec(p) for p in a.function]
+        if a.functions_dir:
+            specs += load_function_dir(a.functions_dir)
+    except (SpecError, OSError) as e:
+        ap.error(str(e))
+    if not specs:
+        specs.append(FunctionSpec(name="smollm2-135m-instruct", model="bundled:smollm2-135m-instruct",
+                                  max_output_tokens=4095, max_context_tokens=4096))
+    names = [s.name for s in specs]
     if len(set(names)) != len(names):
-        ap.error(f"served names must be unique, got {names}")
-    engine = EngineConfig(block_size=a.block_size, kv_cache_bytes=a.kv_cache_mb * 1024 * 1024,
-                          max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_batched_tokens)
-    return ServeSettings(tuple(models), a.host, a.port, engine, a.threads)
+        ap.error(f"function names must be unique, got {names}")
+    pod = PodConfig(device=DeviceKind(a.device), kv_budget_bytes=a.kv_budget_mb << 20,
+                    weight_cache_bytes=a.weight_cache_mb << 20, block_size=a.block_size,
+                    max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_batched_tokens)
+    token = a.admin_token or secrets.token_urlsafe(24)
+    return ServeSettings(tuple(specs), a.host, a.port, pod, a.threads, token)
 
 
 def serve(settings: ServeSettings) -> None:
-    import dataclasses
-
     import torch
     import uvicorn
 
-    from runtime.engine.async_engine import AsyncEngine
-    from runtime.engine.engine import LLMEngine
-    from runtime.models.loader import load_model
-    from runtime.server.app import ServedModel, create_app
+    from runtime.pod import Pod
+    from runtime.server.app import create_app
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    served = []
-    for name, ref, system_prompt, max_ctx in settings.models:
-        t0 = time.monotonic()
-        loaded = load_model(ref)
-        cfg = dataclasses.replace(settings.engine, max_model_len=max_ctx) if max_ctx else settings.engine
-        eng = LLMEngine(loaded, cfg)
-        print(f"[slinfer] loaded {name} ({ref}) in {time.monotonic() - t0:.2f}s: "
-              f"{loaded.model.num_params / 1e6:.0f}M params, {eng.kv_blocks_total} KV blocks of "
-              f"{cfg.block_size} tokens, context {eng.max_model_len}", file=sys.stderr, flush=True)
-        served.append(ServedModel(name, AsyncEngine(eng), system_prompt, int(time.time())))
-    app = create_app(served)
+    pod = Pod(settings.pod)
+    app = create_app(pod, admin_token=settings.admin_token, functions=list(settings.functions))
     base = f"http://{settings.host}:{settings.port}"
-    print(f"[slinfer] serving {', '.join(s.name for s in served)} at {base}/v1 "
-          f"(try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
-          f"-d '{{\"model\": \"{served[0].name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}')",
+    first = settings.functions[0].name
+    print(f"[slinfer] loading {', '.join(s.name for s in settings.functions)}; then serving the OpenAI API at "
+          f"{base}/v1 with model = function name\n"
+          f"[slinfer] try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
+          f"-d '{{\"model\": \"{first}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'\n"
+          f"[slinfer] admin API: {base}/admin (Authorization: Bearer {settings.admin_token})",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
 

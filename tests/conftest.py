@@ -12,12 +12,14 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from runtime.engine.async_engine import AsyncEngine
-from runtime.engine.engine import EngineConfig, LLMEngine
-from runtime.models.loader import load_model
-from runtime.server.app import ServedModel, create_app
+from functions import FunctionSpec
+from runtime.pod import Pod, PodConfig
+from runtime.server.app import create_app
 
-TINY_ENGINE_CONFIG = EngineConfig(block_size=16, kv_cache_bytes=4 * 1024 * 1024, max_model_len=256)
+# One pod, 32 MiB of KV shared by its instances, tiny profiling so start-up stays fast.
+TINY_POD = PodConfig(block_size=16, kv_budget_bytes=32 * 1024 * 1024, profile_prefill=(16, 64),
+                     profile_decode=((64, (1, 4)),))
+ADMIN_TOKEN = "test-admin-token"
 TINY_MODELS = {"tiny": "random:llama-tiny?seed=0", "tiny-qwen": "random:qwen2-tiny?seed=1"}
 
 
@@ -52,14 +54,19 @@ def serve_app(app: FastAPI, startup_timeout_s: float = 30.0) -> Iterator[str]:
         sock.close()
 
 
-def make_served_model(name: str, ref: str, config: EngineConfig = TINY_ENGINE_CONFIG) -> ServedModel:
-    return ServedModel(name, AsyncEngine(LLMEngine(load_model(ref), config)))
+def tiny_spec(name: str, ref: str, max_context_tokens: int = 256, **kw: object) -> FunctionSpec:
+    return FunctionSpec(name=name, model=ref, max_context_tokens=max_context_tokens,
+                        max_output_tokens=max_context_tokens - 1, **kw)  # type: ignore[arg-type]
+
+
+def make_app(functions: list[FunctionSpec], config: PodConfig = TINY_POD) -> FastAPI:
+    return create_app(Pod(config), admin_token=ADMIN_TOKEN, functions=functions)
 
 
 @pytest.fixture(scope="module")
 def tiny_server() -> Iterator[str]:
     """Base URL of a live server with "tiny" (Llama shape) and "tiny-qwen" (Qwen2 shape), both
     random weights with a byte tokenizer, block_size 16, 4 MiB of KV, max_model_len 256."""
-    app = create_app([make_served_model(name, ref) for name, ref in TINY_MODELS.items()])
+    app = make_app([tiny_spec(name, ref) for name, ref in TINY_MODELS.items()])
     with serve_app(app) as base_url:
         yield base_url

@@ -16,11 +16,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import make_served_model, serve_app
+from conftest import make_app, serve_app, tiny_spec
 
-from runtime.engine.engine import EngineConfig
 from runtime.models.tokenizer import byte_tokenizer
-from runtime.server.app import create_app
 
 PROMPT = "Hello world"  # greedy on "tiny" runs past 200 tokens without hitting EOS
 ERROR_KEYS = {"message", "type", "param", "code"}
@@ -352,16 +350,15 @@ def test_metrics_count_requests_and_tokens(http: httpx.Client) -> None:
     assert delta("slinfer_time_to_first_token_seconds_count") == 1
     assert delta("slinfer_generation_tokens_total") == 8
     assert delta("slinfer_prompt_tokens_total") == len(PROMPT)
-    assert metric(after, "slinfer_kv_blocks_total") == 128
+    assert re.search(r"^slinfer_device_kv_budget_bytes 3\.3554432e\+07$", after, re.MULTILINE)
     assert 'slinfer_requests_total{finish_reason="length",model="tiny"}' in after
 
 
 # -- the real model through the official client -------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_with_openai_client() -> None:
-    config = EngineConfig(block_size=16, kv_cache_bytes=64 * 1024 * 1024, max_model_len=1024)
-    served = make_served_model("smollm2", "bundled:smollm2-135m-instruct", config)
-    with serve_app(create_app([served])) as base_url:
+    app = make_app([tiny_spec("smollm2", "bundled:smollm2-135m-instruct", max_context_tokens=1024)])
+    with serve_app(app) as base_url:
         client = openai.OpenAI(base_url=base_url + "/v1", api_key="x")
         messages: Any = [{"role": "user", "content": "What is the capital of France?"}]
         chat = client.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=40)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,9 +16,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from functions import FunctionSpec
+from runtime.core.lifecycle import InstanceState
 from runtime.core.request import SamplingParams
-from runtime.engine.async_engine import AsyncEngine, EngineDeadError
+from runtime.device_thread import AdmissionRefused, EngineDeadError, InstanceUnavailable
 from runtime.engine.engine import RequestOutput
+from runtime.pod import Pod, PodError, Served
+from runtime.server.admin import admin_router
 from runtime.server.metrics import ServerMetrics
 from runtime.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
 
@@ -28,45 +32,43 @@ class APIError(Exception):
                  code: str | None = None, param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        self.headers: dict[str, str] = {}
 
 
-@dataclass
-class ServedModel:
-    name: str
-    engine: AsyncEngine
-    system_prompt: str | None = None
-    created: int = 0
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.engine.max_model_len
-
-
-def create_app(models: list[ServedModel], metrics: ServerMetrics | None = None) -> FastAPI:
-    by_name = {m.name: m for m in models}
+def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str | None = None,
+               functions: list[FunctionSpec] | None = None) -> FastAPI:
+    """The pod's HTTP app. `functions` are loaded at start-up; the admin API (under /admin,
+    bearer-token auth) loads more, unloads, evicts and reports status."""
     met = metrics or ServerMetrics()
+    if pod.device.on_tick is None:
+        pod.device.on_tick = met.observe_device
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loop = asyncio.get_running_loop()
-        for m in models:
-            if not m.engine.alive:
-                m.engine._on_step = lambda eng, dt, name=m.name: met.observe_engine(name, eng, dt)
-                m.engine.start(loop)
-            met.observe_engine(m.name, m.engine.engine)
+        pod.device.start(asyncio.get_running_loop())
+        for spec in functions or ():
+            await pod.load(spec)
         yield
-        for m in models:
-            m.engine.stop()
+        pod.device.stop()
 
     app = FastAPI(title="slinfer runtime", lifespan=lifespan)
-    app.state.models = by_name
+    app.state.pod = pod
     app.state.metrics = met
+    if admin_token is not None:
+        app.include_router(admin_router(pod, admin_token))
+
+    @app.exception_handler(PodError)
+    async def _pod_error(_: Request, e: PodError) -> JSONResponse:
+        met.errors.labels(str(e.status)).inc()
+        return JSONResponse(error_body(e.message, "invalid_request_error" if e.status < 500 else "server_error",
+                                       e.code), status_code=e.status)
 
     # -- errors in OpenAI's shape -----------------------------------------------------------
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
         met.errors.labels(str(e.status)).inc()
-        return JSONResponse(error_body(e.message, e.type, e.code, e.param), status_code=e.status)
+        return JSONResponse(error_body(e.message, e.type, e.code, e.param), status_code=e.status,
+                            headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -83,19 +85,17 @@ def create_app(models: list[ServedModel], metrics: ServerMetrics | None = None) 
         return JSONResponse(error_body(msg, "invalid_request_error", "invalid_value", loc or None),
                             status_code=422)
 
-    def lookup(name: str) -> ServedModel:
-        m = by_name.get(name)
-        if m is None:
-            raise APIError(404, f"model '{name}' not found; available: {', '.join(sorted(by_name))}",
-                           code="model_not_found", param="model")
-        return m
+    def lookup(name: str) -> Served:
+        try:
+            return pod.ready(name)
+        except PodError as e:
+            raise APIError(e.status, e.message, code=e.code, param="model") from e
 
     # -- plain endpoints --------------------------------------------------------------------
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        dead = [m.name for m in models if not m.engine.alive]
-        if dead:
-            return JSONResponse({"status": "unhealthy", "dead_engines": dead}, status_code=503)
+        if not pod.device.alive:
+            return JSONResponse({"status": "unhealthy", "reason": "device thread is not running"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -106,17 +106,20 @@ def create_app(models: list[ServedModel], metrics: ServerMetrics | None = None) 
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [
             {"id": m.name, "object": "model", "created": m.created, "owned_by": "slinfer",
-             "max_model_len": m.max_model_len} for m in models
+             "max_model_len": m.engine.max_model_len}
+            for m in pod.served.values() if m.state is InstanceState.READY and m.engine is not None
         ]}
 
     # -- generation -------------------------------------------------------------------------
-    def check_prompt(m: ServedModel, ids: list[int], param: str) -> None:
+    def check_prompt(m: Served, ids: list[int], param: str) -> None:
+        assert m.engine is not None
+        limit = m.engine.max_model_len
         if not ids:
             raise APIError(400, "the prompt is empty", param=param)
-        if len(ids) >= m.max_model_len:
+        if len(ids) >= limit:
             raise APIError(
                 400,
-                f"this model's maximum context length is {m.max_model_len} tokens; your prompt has "
+                f"this model's maximum context length is {limit} tokens; your prompt has "
                 f"{len(ids)} tokens (at least 1 must be left for the output)",
                 code="context_length_exceeded", param=param,
             )
@@ -141,35 +144,37 @@ def create_app(models: list[ServedModel], metrics: ServerMetrics | None = None) 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         m = lookup(body.model)
-        eng = m.engine.engine
-        ids = prompt_ids(eng, body.prompt)
+        ids = prompt_ids(m.engine, body.prompt)
         check_prompt(m, ids, "prompt")
-        params = params_of(body, body.max_tokens or 16)
+        params = params_of(body, min(body.max_tokens or 16, m.spec.max_output_tokens))
         return await run(m, request, ids, params, body.stream, chat=False,
                          include_usage=bool(body.stream_options and body.stream_options.include_usage))
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         m = lookup(body.model)
-        eng = m.engine.engine
+        eng = m.engine
+        assert eng is not None
         msgs = [{"role": "system" if x.role == "developer" else x.role, "content": x.text()} for x in body.messages]
-        ids = eng.encode_prompt(eng.render_chat(msgs, m.system_prompt))
+        ids = eng.encode_prompt(eng.render_chat(msgs, m.spec.system_prompt))
         check_prompt(m, ids, "messages")
-        max_tokens = body.max_completion_tokens or body.max_tokens or (m.max_model_len - len(ids))
+        asked = body.max_completion_tokens or body.max_tokens or eng.max_model_len
+        max_tokens = min(asked, m.spec.max_output_tokens)  # the function's own output limit
         params = params_of(body, max_tokens)
         return await run(m, request, ids, params, body.stream, chat=True,
                          include_usage=bool(body.stream_options and body.stream_options.include_usage))
 
-    async def run(m: ServedModel, request: Request, ids: list[int], params: SamplingParams,
+    async def run(m: Served, request: Request, ids: list[int], params: SamplingParams,
                   stream: bool, chat: bool, include_usage: bool) -> Response:
-        rid = m.engine.new_id("chatcmpl" if chat else "cmpl")
+        rid = pod.device.new_id(m.name)
         public_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         met.prompt_tokens.labels(m.name).inc(len(ids))
-        gen = timed(m.name, m.engine.generate(rid, ids, params))
+        gen = timed(m.name, pod.device.generate(m.name, rid, ids, params))
         if stream:
+            first = await first_output(m.name, gen)  # admission decides before any byte is sent
             return StreamingResponse(
-                sse(m.name, gen, public_id, created, chat, include_usage, len(ids)),
+                sse(m.name, gen, first, public_id, created, chat, include_usage, len(ids)),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         text: list[str] = []
@@ -180,15 +185,14 @@ def create_app(models: list[ServedModel], metrics: ServerMetrics | None = None) 
                 last = out
                 if await request.is_disconnected():
                     break  # leaving the loop closes gen, which aborts the request
-        except EngineDeadError as e:
-            raise APIError(503, str(e), type_="server_error", code="engine_unavailable") from e
-        except ValueError as e:
-            raise APIError(400, str(e)) from e
+        except (EngineDeadError, AdmissionRefused, InstanceUnavailable, ValueError) as e:
+            raise fail(m.name, e) from e
         finally:
             await gen.aclose()
         if last is None or last.finish_reason is None:
             raise APIError(499, "client closed the request", code="client_closed")
         reason = last.finish_reason.value
+        extra = continuation_of(last)
         usage = {"prompt_tokens": len(ids), "completion_tokens": last.completion_tokens,
                  "total_tokens": len(ids) + last.completion_tokens}
         content = "".join(text)
@@ -196,12 +200,12 @@ def create_app(models: list[ServedModel], metrics: ServerMetrics | None = None) 
             return JSONResponse({
                 "id": public_id, "object": "chat.completion", "created": created, "model": m.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                             "finish_reason": reason, "logprobs": None}],
+                             "finish_reason": reason, "logprobs": None, **extra}],
                 "usage": usage,
             })
         return JSONResponse({
             "id": public_id, "object": "text_completion", "created": created, "model": m.name,
-            "choices": [{"index": 0, "text": content, "finish_reason": reason, "logprobs": None}],
+            "choices": [{"index": 0, "text": content, "finish_reason": reason, "logprobs": None, **extra}],
             "usage": usage,
         })
 
@@ -223,11 +227,24 @@ def create_app(models: list[ServedModel], metrics: ServerMetrics | None = None) 
         finally:
             await gen.aclose()
 
-    async def sse(name: str, gen: AsyncGenerator[RequestOutput, None], public_id: str, created: int,
-                  chat: bool, include_usage: bool, prompt_n: int) -> AsyncIterator[bytes]:
+    def fail(name: str, e: BaseException) -> APIError:
+        if isinstance(e, AdmissionRefused) and e.decision.reason is not None:
+            met.refusals.labels(name, e.decision.reason.value).inc()
+        return api_error(e)
+
+    async def first_output(name: str, gen: AsyncGenerator[RequestOutput, None]) -> RequestOutput:
+        try:
+            return await gen.__anext__()
+        except (EngineDeadError, AdmissionRefused, InstanceUnavailable, ValueError) as e:
+            await gen.aclose()
+            raise fail(name, e) from e
+
+    async def sse(name: str, gen: AsyncGenerator[RequestOutput, None], first: RequestOutput, public_id: str,
+                  created: int, chat: bool, include_usage: bool, prompt_n: int) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta_text: str | None, reason: str | None, first: bool = False) -> bytes:
+        def chunk(delta_text: str | None, reason: str | None, first: bool = False,
+                  extra: dict[str, Any] | None = None) -> bytes:
             if chat:
                 delta: dict[str, Any] = {}
                 if first:
@@ -237,6 +254,7 @@ def create_app(models: list[ServedModel], metrics: ServerMetrics | None = None) 
                 choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
             else:
                 choice = {"index": 0, "text": delta_text or "", "finish_reason": reason, "logprobs": None}
+            choice.update(extra or {})
             payload = {"id": public_id, "object": obj, "created": created, "model": name, "choices": [choice]}
             return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
@@ -244,19 +262,19 @@ def create_app(models: list[ServedModel], metrics: ServerMetrics | None = None) 
             if chat:
                 yield chunk("", None, first=True)
             last: RequestOutput | None = None
-            async for out in gen:
+            async for out in prepend(first, gen):
                 last = out
                 if out.text:
                     yield chunk(out.text, None)
                 if out.finish_reason is not None:
-                    yield chunk(None if chat else "", out.finish_reason.value)
+                    yield chunk(None if chat else "", out.finish_reason.value, extra=continuation_of(out))
             if include_usage and last is not None:
                 usage = {"prompt_tokens": prompt_n, "completion_tokens": last.completion_tokens,
                          "total_tokens": prompt_n + last.completion_tokens}
                 payload = {"id": public_id, "object": obj, "created": created, "model": name,
                            "choices": [], "usage": usage}
                 yield b"data: " + json.dumps(payload).encode() + b"\n\n"
-        except (EngineDeadError, ValueError) as e:
+        except (EngineDeadError, InstanceUnavailable, ValueError) as e:
             err = error_body(str(e), "server_error" if isinstance(e, EngineDeadError) else "invalid_request_error")
             yield b"data: " + json.dumps(err).encode() + b"\n\n"
         finally:
@@ -264,3 +282,35 @@ def create_app(models: list[ServedModel], metrics: ServerMetrics | None = None) 
         yield b"data: [DONE]\n\n"
 
     return app
+
+
+def api_error(e: BaseException) -> APIError:
+    if isinstance(e, AdmissionRefused):
+        d = e.decision
+        reason = d.reason.value if d.reason else "unknown"
+        err = APIError(429, f"the instance cannot take this request now ({reason}): {d.detail}",
+                       type_="rate_limit_error", code=reason)
+        err.headers = {"Retry-After": str(max(1, math.ceil(d.retry_after_s)))}
+        return err
+    if isinstance(e, InstanceUnavailable):
+        return APIError(503, f"function '{e}' is not taking requests here", type_="server_error",
+                        code="instance_unavailable")
+    if isinstance(e, EngineDeadError):
+        return APIError(503, str(e), type_="server_error", code="engine_unavailable")
+    return APIError(400, str(e))
+
+
+def continuation_of(out: RequestOutput) -> dict[str, Any]:
+    """For a preempted request: what another instance needs to continue it by recompute."""
+    c = out.continuation
+    if c is None:
+        return {}
+    return {"continuation": {"prompt_token_ids": list(c.prompt_token_ids),
+                             "output_token_ids": list(c.output_token_ids)}}
+
+
+async def prepend(first: RequestOutput, gen: AsyncGenerator[RequestOutput, None]) -> AsyncGenerator[RequestOutput, None]:
+    yield first
+    if not first.finished:
+        async for out in gen:
+            yield out

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from runtime.core.arbiter import Grant
+from runtime.device import DeviceLoop
 from runtime.engine.engine import LLMEngine
 
 _LAT_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
@@ -27,6 +29,23 @@ class ServerMetrics:
         self.waiting = Gauge("slinfer_requests_waiting", "Requests waiting to run", ["model"], registry=r)
         self.kv_used = Gauge("slinfer_kv_blocks_used", "KV cache blocks in use", ["model"], registry=r)
         self.kv_total = Gauge("slinfer_kv_blocks_total", "KV cache blocks in the pool", ["model"], registry=r)
+        self.kv_device_bytes = Gauge("slinfer_device_kv_bytes", "KV bytes held by all instances", registry=r)
+        self.kv_budget_bytes = Gauge("slinfer_device_kv_budget_bytes", "The device's KV budget", registry=r)
+        self.arbiter = Histogram("slinfer_arbiter_decision_seconds", "Cost of one EDF arbiter decision",
+                                 buckets=(1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 1e-2),
+                                 registry=r)
+        self.refusals = Counter("slinfer_admission_refusals", "Requests refused by admission",
+                                ["model", "reason"], registry=r)
+
+    def observe_device(self, dev: DeviceLoop, grant: Grant | None, seconds: float) -> None:
+        """Called from the device thread after each grant (prometheus-client is thread-safe)."""
+        if grant is not None:
+            self.arbiter.observe(dev.stats.last_s)
+            self.step.labels(grant.instance_id).observe(seconds)
+        for iid, inst in list(dev.instances.items()):
+            self.observe_engine(iid, inst.engine)
+        self.kv_device_bytes.set(dev.kv_bytes)
+        self.kv_budget_bytes.set(dev.actions.budget)
 
     def observe_engine(self, model: str, engine: LLMEngine, step_s: float | None = None) -> None:
         """Called from the engine thread after each step (prometheus-client is thread-safe)."""

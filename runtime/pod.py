@@ -1,0 +1,198 @@
+"""A runtime pod: one device, its instances, the host weight cache, and the registry of
+functions it serves. The wiring between the HTTP layer and the device thread.
+
+The registry (name -> Served) is owned by the event loop; the device thread only reads whether
+an instance admits (a dict lookup). Instance lifetimes follow runtime.core.lifecycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from functions import FunctionSpec
+from runtime.core.arbiter import DeviceKind
+from runtime.core.estimator import LatencyEstimator
+from runtime.core.lifecycle import TERMINAL, InstanceEvent, InstanceState, transition
+from runtime.core.memory import ActionKind
+from runtime.device import DeviceLoop, Instance
+from runtime.device_thread import AsyncDevice, TickObserver
+from runtime.engine.engine import EngineConfig, LLMEngine, RequestOutput, rss_bytes
+from runtime.engine.profiler import profile_engine
+from runtime.models.loader import LoadedModel
+from runtime.weights_cache import HostWeightCache
+
+
+class PodError(Exception):
+    def __init__(self, status: int, message: str, code: str):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+@dataclass(frozen=True)
+class PodConfig:
+    device: DeviceKind = DeviceKind.CPU
+    kv_budget_bytes: int = 1 << 30
+    weight_cache_bytes: int = 4 << 30
+    block_size: int = 32
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    profile_prefill: tuple[int, ...] = (32, 128)
+    profile_decode: tuple[tuple[int, tuple[int, ...]], ...] = ((128, (1, 4)),)
+    drain_timeout_s: float = 60.0
+
+
+@dataclass
+class Served:
+    spec: FunctionSpec
+    state: InstanceState
+    engine: LLMEngine | None = None  # read-only from the loop: tokenizer, limits
+    loaded: LoadedModel | None = None
+    load_s: float = 0.0
+    weights_cached: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class Pod:
+    def __init__(self, config: PodConfig, on_tick: TickObserver | None = None):
+        self.config = config
+        self.weights = HostWeightCache(config.weight_cache_bytes)
+        self.device = AsyncDevice(DeviceLoop(config.device, config.kv_budget_bytes), on_tick,
+                                  admittable=self._admittable)
+        self.served: dict[str, Served] = {}
+
+    def _admittable(self, name: str) -> bool:
+        s = self.served.get(name)
+        return s is not None and s.state is InstanceState.READY
+
+    def ready(self, name: str) -> Served:
+        s = self.served.get(name)
+        if s is None or s.state in TERMINAL:
+            names = ", ".join(sorted(n for n, x in self.served.items() if x.state is InstanceState.READY))
+            raise PodError(404, f"model '{name}' not found; available: {names}", "model_not_found")
+        if s.state is not InstanceState.READY:
+            raise PodError(503, f"function '{name}' is {s.state.value}; retry shortly", f"instance_{s.state.value}")
+        return s
+
+    def _set(self, s: Served, event: InstanceEvent) -> None:
+        s.state = transition(s.state, event)
+
+    # -- load ------------------------------------------------------------------------------
+    async def load(self, spec: FunctionSpec, profile: bool = True) -> Served:
+        old = self.served.get(spec.name)
+        if old is not None and old.state not in TERMINAL:
+            raise PodError(409, f"function '{spec.name}' is already {old.state.value} here", "already_loaded")
+        s = Served(spec, InstanceState.LOADING)
+        self.served[spec.name] = s
+        t0 = time.monotonic()
+        try:
+            loaded, cached = await asyncio.to_thread(self.weights.acquire, spec.model)
+        except Exception as e:
+            self._set(s, InstanceEvent.FAILED)
+            raise PodError(400, f"cannot load model {spec.model!r}: {e}", "model_load_failed") from e
+        try:
+            s.engine = await self.device.call(lambda dev: self._install(dev, spec, loaded, profile))
+        except Exception as e:
+            self.weights.release(spec.model)
+            self._set(s, InstanceEvent.FAILED)
+            raise PodError(507, f"cannot place '{spec.name}' on this device: {e}", "insufficient_capacity") from e
+        s.loaded, s.weights_cached, s.load_s = loaded, cached, time.monotonic() - t0
+        self._set(s, InstanceEvent.LOADED)
+        return s
+
+    def _install(self, dev: DeviceLoop, spec: FunctionSpec, loaded: LoadedModel, profile: bool) -> LLMEngine:
+        """Device thread: build the engine (no KV yet), profile it briefly on this device with
+        KV borrowed from the budget through the action queue, then add it."""
+        c = self.config
+        eng = LLMEngine(loaded, EngineConfig(
+            block_size=c.block_size, kv_cache_bytes=0, max_num_seqs=c.max_num_seqs,
+            max_num_batched_tokens=c.max_num_batched_tokens,
+            max_model_len=min(spec.max_context_tokens, loaded.config.max_position)))
+        if profile:
+            tokens = max([*c.profile_prefill, *(ctx * max(b) + ctx for ctx, b in c.profile_decode)])
+            blocks = -(-min(tokens, eng.max_model_len * c.max_num_seqs) // c.block_size)
+            a = dev.actions.submit(ActionKind.LOAD, spec.name, blocks * eng.bytes_per_block)
+            if a not in dev.actions.ready():
+                raise RuntimeError(f"no KV room to profile ({blocks} blocks)")
+            eng.resize_kv(blocks)
+            try:
+                prof = profile_engine(eng, c.profile_prefill, c.profile_decode)
+            finally:
+                eng.resize_kv(0)
+                dev.actions.complete(a.action_id)
+                r = dev.actions.submit(ActionKind.SHRINK, spec.name, blocks * eng.bytes_per_block)
+                dev.actions.complete(r.action_id)
+        else:
+            from runtime.core.estimator import LatencyProfile
+
+            prof = LatencyProfile.from_tables([[1, 1.0]], [(1, [[1, 1.0]])])
+        dev.add_instance(Instance(spec.name, spec, eng, LatencyEstimator(prof)))
+        return eng
+
+    # -- unload / evict ----------------------------------------------------------------------
+    async def unload(self, name: str, drain: bool = True) -> dict[str, Any]:
+        s = self._live(name)
+        if drain and s.state is InstanceState.READY:
+            self._set(s, InstanceEvent.DRAIN)
+            deadline = time.monotonic() + self.config.drain_timeout_s
+            while await self.device.call(lambda dev: dev.instances[name].engine.has_work):
+                if time.monotonic() > deadline:
+                    break  # what is still running is evicted with continuations below
+                await asyncio.sleep(0.02)
+        evicted = await self.device.call_delivering(lambda dev: self._remove(dev, name))
+        self._set(s, InstanceEvent.DRAINED if s.state is InstanceState.DRAINING and not evicted else InstanceEvent.EVICT)
+        self.weights.release(s.spec.model)
+        s.engine = None
+        s.loaded = None
+        return {"name": name, "state": s.state.value, "evicted_requests": evicted, "rss_bytes": rss_bytes()}
+
+    async def evict(self, name: str) -> dict[str, Any]:
+        return await self.unload(name, drain=False)
+
+    def _live(self, name: str) -> Served:
+        s = self.served.get(name)
+        if s is None or s.state in TERMINAL or s.state is InstanceState.LOADING:
+            raise PodError(404, f"no loaded instance '{name}' here", "instance_not_found")
+        return s
+
+    @staticmethod
+    def _remove(dev: DeviceLoop, name: str) -> tuple[int, list[RequestOutput]]:
+        _, outs = dev.remove_instance(name)
+        return len(outs), outs
+
+    # -- status ------------------------------------------------------------------------------
+    async def status(self) -> dict[str, Any]:
+        dev_status = await self.device.call(_device_status)
+        states = {n: {"state": s.state.value, "model": s.spec.model, "load_s": round(s.load_s, 3),
+                      "weights_cached": s.weights_cached} for n, s in self.served.items()}
+        for inst in dev_status["instances"]:
+            inst.update(states.get(inst["name"], {}))
+        return {**dev_status, "functions": states, "weights_cache": self.weights.status(), "rss_bytes": rss_bytes()}
+
+
+def _device_status(dev: DeviceLoop) -> dict[str, Any]:
+    out = []
+    for inst in dev.instances.values():
+        eng, load = inst.engine, inst.load()
+        est = inst.estimator
+        out.append({
+            "name": inst.iid, "batch": eng.scheduler.num_running, "waiting": eng.scheduler.num_waiting,
+            "demand": round(load.demand(), 4),
+            "kv_blocks_total": eng.kv_blocks_total, "kv_blocks_used": eng.kv_blocks_used,
+            "kv_blocks_reserved": eng.reserved_blocks(dev.memory.lookahead_tokens),
+            "kv_bytes": eng.cache.nbytes, "block_size": eng.config.block_size,
+            "profile": {"prefill_ms": est.profile.prefill_ms, "decode_ms": est.profile.decode_ms,
+                        "prefill_factor": round(est.prefill_factor, 3), "decode_factor": round(est.decode_factor, 3)},
+        })
+    return {
+        "device": {"kind": dev.kind.value, "kv_budget_bytes": dev.actions.budget, "kv_bytes": dev.kv_bytes,
+                   "kv_free_bytes": dev.actions.free, "kv_peak_bytes": dev.peak_kv_bytes,
+                   "arbiter_decisions": dev.stats.decisions, "arbiter_mean_us": round(dev.stats.mean_us, 2)},
+        "instances": out,
+    }
