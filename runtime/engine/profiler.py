@@ -31,6 +31,10 @@ def profile_engine(engine: LLMEngine, prefill_lengths: Sequence[int] = (32, 128,
     vocab = engine.loaded.config.vocab_size
     limit = engine.max_model_len - decode_steps - 2
     budget = engine.config.max_num_batched_tokens
+    warm = RequestId("__profile_warmup")  # first calls pay one-time costs (allocator, kernels)
+    engine.add_request(warm, _tokens(min(32, limit), vocab, 1), SamplingParams(max_tokens=1, temperature=0), 0.0)
+    engine.step()
+    engine.abort(warm)
     prefill: list[tuple[int, float]] = []
     for n in sorted({min(n, limit, budget) for n in prefill_lengths}):
         rid = RequestId(f"__profile_p{n}")

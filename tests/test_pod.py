@@ -1,0 +1,152 @@
+"""A runtime pod over real uvicorn: the admin API, instances sharing one device, admission
+refusals as HTTP 429, eviction with continuation, unload with drain, the host weight cache."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import httpx
+import pytest
+from conftest import ADMIN_TOKEN, TINY_POD, make_app, serve_app, tiny_spec
+
+from functions import SLO
+from runtime.pod import PodConfig
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+TINY = "random:llama-tiny?seed=0"
+
+
+def spec_body(name: str, model: str = TINY, **kw: Any) -> dict[str, Any]:
+    return {"name": name, "model": model, "max_context_tokens": 256, "max_output_tokens": 255, **kw}
+
+
+def complete(base: str, model: str, prompt: Any, max_tokens: int = 12) -> httpx.Response:
+    return httpx.post(f"{base}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                                                      "temperature": 0}, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pod_url():
+    with serve_app(make_app([tiny_spec("base", TINY)])) as base:
+        yield base
+
+
+def test_admin_api_needs_the_token(pod_url):
+    assert httpx.get(f"{pod_url}/admin/status").status_code == 401
+    assert httpx.get(f"{pod_url}/admin/status", headers={"Authorization": "Bearer nope"}).status_code == 401
+    r = httpx.get(f"{pod_url}/admin/status", headers=AUTH)
+    assert r.status_code == 200
+    inst = {i["name"]: i for i in r.json()["instances"]}
+    assert inst["base"]["state"] == "ready"
+    assert [p[0] for p in inst["base"]["profile"]["prefill_ms"]] == [16, 64]  # measured on load
+
+
+def test_load_serve_and_refuse_duplicates_and_bad_specs(pod_url):
+    r = httpx.post(f"{pod_url}/admin/instances", json=spec_body("extra", "random:qwen2-tiny?seed=4"), headers=AUTH,
+                   timeout=60)
+    assert r.status_code == 201, r.text
+    assert r.json()["state"] == "ready"
+    assert "extra" in [m["id"] for m in httpx.get(f"{pod_url}/v1/models").json()["data"]]
+    assert complete(pod_url, "extra", "hello").status_code == 200
+    dup = httpx.post(f"{pod_url}/admin/instances", json=spec_body("extra"), headers=AUTH)
+    assert dup.status_code == 409 and dup.json()["error"]["code"] == "already_loaded"
+    bad = httpx.post(f"{pod_url}/admin/instances", json=spec_body("bad", slo={"tpot_s": -1}), headers=AUTH)
+    assert bad.status_code == 400 and "slo.tpot_s" in bad.json()["error"]["message"]
+    assert complete(pod_url, "base", "still serving").status_code == 200
+
+
+def test_two_functions_on_one_checkpoint_are_two_instances_sharing_weights(pod_url):
+    for name in ("twin-a", "twin-b"):
+        assert httpx.post(f"{pod_url}/admin/instances", json=spec_body(name), headers=AUTH, timeout=60).status_code == 201
+    st = httpx.get(f"{pod_url}/admin/status", headers=AUTH).json()
+    names = [i["name"] for i in st["instances"]]
+    assert "twin-a" in names and "twin-b" in names
+    (entry,) = [m for m in st["weights_cache"]["models"] if m["ref"] == TINY]
+    assert entry["pins"] == 3  # base, twin-a, twin-b: one copy of the weights
+    a, b = complete(pod_url, "twin-a", "same model"), complete(pod_url, "twin-b", "same model")
+    assert a.json()["choices"][0]["text"] == b.json()["choices"][0]["text"]
+
+
+def test_evict_mid_stream_ends_with_a_continuation_that_resumes_exactly(pod_url):
+    assert httpx.post(f"{pod_url}/admin/instances", json=spec_body("victim"), headers=AUTH, timeout=60).status_code == 201
+    prompt = "continue this story"
+    full = complete(pod_url, "base", prompt, max_tokens=120).json()["choices"][0]["text"]
+    chunks: list[dict[str, Any]] = []
+    got_some = threading.Event()
+
+    def read_stream() -> None:
+        body = {"model": "victim", "prompt": prompt, "max_tokens": 120, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{pod_url}/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    chunks.append(json.loads(line[6:]))
+                    if len(chunks) == 3:
+                        got_some.set()
+
+    t = threading.Thread(target=read_stream)
+    t.start()
+    assert got_some.wait(30)
+    ev = httpx.post(f"{pod_url}/admin/instances/victim/evict", headers=AUTH, timeout=30)
+    t.join(30)
+    assert ev.status_code == 200 and ev.json()["state"] == "evicted" and ev.json()["evicted_requests"] == 1
+    last = chunks[-1]["choices"][0]
+    assert last["finish_reason"] == "preempted"
+    cont = last["continuation"]
+    streamed = "".join(c["choices"][0]["text"] for c in chunks)
+    assert 0 < len(cont["output_token_ids"]) < 120
+    # Another instance of the same checkpoint continues from prompt + tokens so far.
+    rest = complete(pod_url, "base", cont["prompt_token_ids"] + cont["output_token_ids"],
+                    max_tokens=120 - len(cont["output_token_ids"]))
+    assert streamed + rest.json()["choices"][0]["text"] == full
+    r = complete(pod_url, "victim", "x")
+    assert r.status_code == 404 and "base" in r.json()["error"]["message"]
+
+
+def test_unload_drains_then_reload_hits_the_weight_cache(pod_url):
+    body = spec_body("drainee", "random:llama-tiny?seed=9")
+    first = httpx.post(f"{pod_url}/admin/instances", json=body, headers=AUTH, timeout=60).json()
+    assert first["weights_cached"] is False
+    result: dict[str, Any] = {}
+
+    def long_request() -> None:
+        result["r"] = complete(pod_url, "drainee", "finish me", max_tokens=60)
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    for _ in range(200):  # wait until it runs
+        st = httpx.get(f"{pod_url}/admin/status", headers=AUTH).json()
+        if any(i["name"] == "drainee" and i["batch"] for i in st["instances"]):
+            break
+    un = httpx.delete(f"{pod_url}/admin/instances/drainee", headers=AUTH, timeout=60)
+    t.join(60)
+    assert un.status_code == 200 and un.json()["state"] == "unloaded"
+    r = result["r"]
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+    assert r.json()["usage"]["completion_tokens"] == 60  # drained, not cut
+    again = httpx.post(f"{pod_url}/admin/instances", json=body, headers=AUTH, timeout=60).json()
+    assert again["weights_cached"] is True
+
+
+def test_admission_refusals_are_429_with_reason_and_retry_after():
+    # 12 blocks of 16 tokens in the whole pod: a request reserving prompt + 512 look-ahead
+    # (capped at the 256-token context = 16 blocks) cannot fit.
+    bpb = 2 * 4 * 16 * 2 * 32 * 4  # llama-tiny: layers 4, kv heads 2, head dim 32, fp32
+    small = PodConfig(block_size=16, kv_budget_bytes=12 * bpb)
+    with serve_app(make_app([], small)) as base:
+        r = httpx.post(f"{base}/admin/instances?profile=false", json=spec_body("m"), headers=AUTH, timeout=60)
+        assert r.status_code == 201, r.text
+        r = complete(base, "m", "hello")
+        assert r.status_code == 429, r.text
+        assert r.json()["error"]["code"] == "memory" and int(r.headers["Retry-After"]) >= 1
+    # A TTFT no prefill can meet: refused on prefill, and the pod keeps serving others.
+    with serve_app(make_app([tiny_spec("strict", TINY, slo=SLO(ttft_base_s=1e-6, prefill_rate_tok_s=1e9)),
+                             tiny_spec("easy", TINY)], TINY_POD)) as base:
+        r = complete(base, "strict", "a prompt of some length")
+        assert r.status_code == 429 and r.json()["error"]["code"] == "prefill"
+        s = httpx.post(f"{base}/v1/completions", json={"model": "strict", "prompt": "x", "stream": True}, timeout=30)
+        assert s.status_code == 429  # streaming is refused before any byte is sent
+        assert complete(base, "easy", "hello").status_code == 200
+        metrics = httpx.get(f"{base}/metrics").text
+        assert 'slinfer_admission_refusals_total{model="strict",reason="prefill"} 2.0' in metrics
