@@ -150,3 +150,17 @@ def test_admission_refusals_are_429_with_reason_and_retry_after():
         assert complete(base, "easy", "hello").status_code == 200
         metrics = httpx.get(f"{base}/metrics").text
         assert 'slinfer_admission_refusals_total{model="strict",reason="prefill"} 2.0' in metrics
+
+
+def test_unload_returns_weights_and_kv_to_the_os_when_the_cache_is_full():
+    # No room in the host weight cache: unloading must give the 538 MB back (process RSS).
+    cfg = PodConfig(block_size=16, kv_budget_bytes=64 << 20, weight_cache_bytes=0)
+    with serve_app(make_app([], cfg)) as base:
+        before = httpx.get(f"{base}/admin/status", headers=AUTH).json()["rss_bytes"]
+        body = spec_body("big", "random:smollm2-shape?seed=0")
+        assert httpx.post(f"{base}/admin/instances?profile=false", json=body, headers=AUTH, timeout=120).status_code == 201
+        assert complete(base, "big", "hi", max_tokens=2).status_code == 200
+        loaded = httpx.get(f"{base}/admin/status", headers=AUTH).json()["rss_bytes"]
+        assert loaded - before > 400e6
+        after = httpx.delete(f"{base}/admin/instances/big", headers=AUTH, timeout=60).json()["rss_bytes"]
+        assert loaded - after > 400e6, (before, loaded, after)
