@@ -132,7 +132,8 @@ def test_kv_never_exceeds_the_device_budget_under_adversarial_lengths(tiny):
 def test_oversized_request_is_evicted_with_a_continuation(tiny):
     from runtime.core.request import FinishReason
 
-    eng = LLMEngine(tiny, EngineConfig(block_size=16, kv_cache_bytes=4 * LLMEngine(tiny, EngineConfig(block_size=16, kv_cache_bytes=0)).bytes_per_block))
+    bpb = LLMEngine(tiny, EngineConfig(block_size=16, kv_cache_bytes=0)).bytes_per_block
+    eng = LLMEngine(tiny, EngineConfig(block_size=16, kv_cache_bytes=4 * bpb))
     assert eng.kv_blocks_total == 4  # 64 tokens
     eng.add_request(RequestId("big"), list(range(5, 45)), SamplingParams(max_tokens=100, temperature=0, ignore_eos=True), 0.0)
     outs = []
