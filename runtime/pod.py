@@ -14,7 +14,7 @@ from typing import Any
 
 from functions import FunctionSpec
 from runtime.core.arbiter import DeviceKind
-from runtime.core.estimator import LatencyEstimator
+from runtime.core.estimator import LatencyEstimator, LatencyProfile
 from runtime.core.lifecycle import TERMINAL, InstanceEvent, InstanceState, transition
 from runtime.core.memory import ActionKind
 from runtime.device import DeviceLoop, Instance
@@ -66,6 +66,7 @@ class Pod:
         self.device = AsyncDevice(DeviceLoop(config.device, config.kv_budget_bytes), on_tick,
                                   admittable=self._admittable)
         self.served: dict[str, Served] = {}
+        self._profiles: dict[str, LatencyProfile] = {}  # by model ref; device thread only
 
     def _admittable(self, name: str) -> bool:
         s = self.served.get(name)
@@ -114,7 +115,10 @@ class Pod:
             block_size=c.block_size, kv_cache_bytes=0, max_num_seqs=c.max_num_seqs,
             max_num_batched_tokens=c.max_num_batched_tokens,
             max_model_len=min(spec.max_context_tokens, loaded.config.max_position)))
-        if profile:
+        cached = self._profiles.get(spec.model)
+        if cached is not None:  # same checkpoint, same device: its profile still holds
+            prof = cached
+        elif profile:
             tokens = max([*c.profile_prefill, *(ctx * max(b) + ctx for ctx, b in c.profile_decode)])
             blocks = -(-min(tokens, eng.max_model_len * c.max_num_seqs) // c.block_size)
             a = dev.actions.submit(ActionKind.LOAD, spec.name, blocks * eng.bytes_per_block)
@@ -128,9 +132,8 @@ class Pod:
                 dev.actions.complete(a.action_id)
                 r = dev.actions.submit(ActionKind.SHRINK, spec.name, blocks * eng.bytes_per_block)
                 dev.actions.complete(r.action_id)
-        else:
-            from runtime.core.estimator import LatencyProfile
-
+            self._profiles[spec.model] = prof
+        else:  # unprofiled: optimistic until observed steps correct it
             prof = LatencyProfile.from_tables([[1, 1.0]], [(1, [[1, 1.0]])])
         dev.add_instance(Instance(spec.name, spec, eng, LatencyEstimator(prof)))
         return eng
