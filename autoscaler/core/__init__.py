@@ -1,0 +1,65 @@
+"""Pure autoscaler policy: cluster snapshot in, actions out.
+
+    snapshot    ClusterSnapshot / NodeView / InstanceView / FunctionView (frozen, typed ids)
+    placement   place(): CPU pool first, busiest node first, empty nodes last (best fit)
+    routing     route_order(): a function's ready instances, largest batch first
+    preemption  choose_victim() / plan_preemption(): smallest co-located instance covering a gap
+    keepalive   expired(): idle instances past their function's keep-alive
+    actions     Load / Unload / Evict / Plan, the values an adapter executes
+    plan        decide(): one round (unload expired, place or preempt-and-place waiting demand)
+
+No asyncio, httpx, torch or kubernetes imports, no clock or environment reads: ``now`` lives in
+the snapshot, so the simulator and the live control plane run this same code.
+"""
+
+from autoscaler.core.actions import Action, Evict, Load, Plan, Unload
+from autoscaler.core.keepalive import expired
+from autoscaler.core.placement import DEFAULT_POOLS, PlaceDecision, busyness, place, rank_nodes, shortfalls
+from autoscaler.core.plan import PendingDemand, decide, merge_pending
+from autoscaler.core.preemption import Shortfall, choose_victim, pick_victim, plan_preemption
+from autoscaler.core.routing import route_order
+from autoscaler.core.snapshot import (
+    ClusterSnapshot,
+    DeviceKind,
+    FunctionId,
+    FunctionView,
+    InstanceId,
+    InstanceView,
+    NodeId,
+    NodeView,
+    Resource,
+    UnknownId,
+)
+
+__all__ = [
+    "DEFAULT_POOLS",
+    "Action",
+    "ClusterSnapshot",
+    "DeviceKind",
+    "Evict",
+    "FunctionId",
+    "FunctionView",
+    "InstanceId",
+    "InstanceView",
+    "Load",
+    "NodeId",
+    "NodeView",
+    "PendingDemand",
+    "PlaceDecision",
+    "Plan",
+    "Resource",
+    "Shortfall",
+    "Unload",
+    "UnknownId",
+    "busyness",
+    "choose_victim",
+    "decide",
+    "expired",
+    "merge_pending",
+    "pick_victim",
+    "place",
+    "plan_preemption",
+    "rank_nodes",
+    "route_order",
+    "shortfalls",
+]
