@@ -32,7 +32,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy runtime functions
+	$(VENV)/bin/mypy runtime functions autoscaler
 
 bench-engine: $(STAMP)
 	$(PY) bench/bench_engine.py
