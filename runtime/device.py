@@ -8,6 +8,7 @@ Admission (runtime.core.admission) decides whether a request may join an instanc
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +20,8 @@ from runtime.core.estimator import LatencyEstimator
 from runtime.core.memory import ActionKind, DeviceActions, MemoryConfig, resize_target
 from runtime.core.request import Request
 from runtime.engine.engine import LLMEngine, RequestOutput
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,6 +56,7 @@ class Instance:
 @dataclass
 class ArbiterStats:
     decisions: int = 0
+    failures: int = 0
     total_s: float = 0.0
     last_s: float = 0.0
     grants: dict[str, int] = field(default_factory=dict)
@@ -180,7 +184,13 @@ class DeviceLoop:
             if not inst.engine.has_work:
                 break
             t = time.perf_counter()
-            outs.extend(inst.engine.step())
+            try:
+                outs.extend(inst.engine.step())
+            except Exception:  # one instance's failure must not take the device down
+                log.exception("instance %s failed an iteration; evicting its requests", inst.iid)
+                self.stats.failures += 1
+                outs.extend(inst.engine.evict_all())  # continuations: they can run elsewhere
+                break
             self._observe(inst, time.perf_counter() - t)
         return grant, outs
 

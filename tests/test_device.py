@@ -167,3 +167,27 @@ def test_unloading_an_instance_returns_its_memory_to_the_os():
     release_memory()
     after = rss_bytes()
     assert loaded_rss - after > 400e6, (before, loaded_rss, after)
+
+
+def test_a_failing_instance_is_contained_and_its_requests_get_continuations(tiny, monkeypatch):
+    from runtime.core.request import FinishReason
+
+    dev = DeviceLoop()
+    dev.add_instance(make_instance(tiny, "bad", ttft_base_s=0.1))  # earlier deadline: runs first
+    dev.add_instance(make_instance(tiny, "good"))
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    dev.instances["bad"].engine.add_request(RequestId("b"), [5, 6, 7], sp, 0.0)
+    dev.instances["good"].engine.add_request(RequestId("g"), [5, 6, 7], sp, 0.0)
+
+    def boom(plan):
+        raise RuntimeError("kernel failure")
+
+    monkeypatch.setattr(dev.instances["bad"].engine.runner, "execute", boom)
+    g, outs = dev.step()
+    assert g is not None and g.instance_id == "bad"
+    assert [(o.rid, o.finish_reason) for o in outs] == [("b", FinishReason.PREEMPTED)]
+    assert outs[0].continuation is not None and dev.stats.failures == 1
+    done = []
+    while dev.has_work:
+        done += [o for o in dev.step()[1] if o.finished]
+    assert [(o.rid, o.finish_reason) for o in done] == [("g", FinishReason.LENGTH)]
