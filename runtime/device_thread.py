@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -26,6 +27,7 @@ from runtime.device import DeviceLoop
 from runtime.engine.engine import RequestOutput
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 IDLE_TICK_S = 0.5  # when idle, the device still shrinks KV this often
 
 
@@ -173,15 +175,18 @@ class AsyncDevice:
                 loop.call_soon_threadsafe(self._fail, cmd.rid, InstanceUnavailable(cmd.iid))
                 return []
             now = time.monotonic()
-            if cmd.admission:
-                d = dev.admit(cmd.iid, len(cmd.prompt_ids), now)
-                if not d.admitted:
-                    loop.call_soon_threadsafe(self._fail, cmd.rid, AdmissionRefused(d))
-                    return []
             try:
+                if cmd.admission:
+                    d = dev.admit(cmd.iid, len(cmd.prompt_ids), now)
+                    if not d.admitted:
+                        loop.call_soon_threadsafe(self._fail, cmd.rid, AdmissionRefused(d))
+                        return []
                 inst.engine.add_request(cmd.rid, cmd.prompt_ids, cmd.params, now)
-            except ValueError as e:
+            except ValueError as e:  # the request's own fault (e.g. too long): a 400
                 loop.call_soon_threadsafe(self._fail, cmd.rid, e)
+            except Exception as e:  # our fault: this request fails, the device goes on
+                log.exception("admitting %s failed", cmd.rid)
+                loop.call_soon_threadsafe(self._fail, cmd.rid, EngineDeadError(f"internal error: {e!r}"))
         elif isinstance(cmd, _Abort):
             inst = dev.instances.get(cmd.iid)
             if inst is not None:
