@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 MODEL ?= bundled:smollm2-135m-instruct
 
-.PHONY: venv run test lint bench-engine fetch-model clean
+.PHONY: venv run test lint bench-engine bench-capacity fetch-model clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,9 @@ lint: $(STAMP)
 
 bench-engine: $(STAMP)
 	$(PY) bench/bench_engine.py
+
+bench-capacity: $(STAMP)
+	$(PY) bench/bench_capacity.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

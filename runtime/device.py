@@ -144,14 +144,22 @@ class DeviceLoop:
     def has_work(self) -> bool:
         return any(i.engine.has_work for i in self.instances.values())
 
-    def admit(self, iid: str, prompt_tokens: int, now: float) -> Decision:
+    def admit(self, iid: str, prompt_tokens: int, now: float, arrival_s: float | None = None) -> Decision:
+        """May a request join iid now? arrival_s (default now) anchors its TTFT deadline, so a
+        retried request keeps the deadline it arrived with."""
         inst = self.instances[iid]
         eng = inst.engine
-        need = blocks_for(min(prompt_tokens + self.memory.lookahead_tokens, eng.max_model_len),
-                          eng.config.block_size)
-        slack = max(0, eng.pool.num_blocks - eng.reserved_blocks(self.memory.lookahead_tokens))
-        free = self.actions.free // eng.bytes_per_block + slack
-        req = NewRequest(prompt_tokens, now + inst.load_delay_s + inst.spec.slo.ttft_s(prompt_tokens), need)
+        la = self.memory.lookahead_tokens
+        need = blocks_for(min(prompt_tokens + la, eng.max_model_len), eng.config.block_size)
+        # Reservations already promised but not yet backed by a grow (admitted since the last
+        # plan_memory) are spoken for: without this, two admissions in a row could both count
+        # the same free memory.
+        unmet = sum(max(0, i.engine.reserved_blocks(la) - i.engine.pool.num_blocks) * i.engine.bytes_per_block
+                    for i in self.instances.values())
+        slack = max(0, eng.pool.num_blocks - eng.reserved_blocks(la))
+        free = max(0, self.actions.free - unmet) // eng.bytes_per_block + slack
+        arrival = now if arrival_s is None else arrival_s
+        req = NewRequest(prompt_tokens, arrival + inst.load_delay_s + inst.spec.slo.ttft_s(prompt_tokens), need)
         loads = [i.load() for i in self.instances.values()]
         return admit(loads, iid, req, free, now)
 

@@ -15,6 +15,7 @@ from runtime.engine.engine import EngineConfig, LLMEngine
 from runtime.engine.profiler import profile_engine
 from runtime.models.loader import load_model
 
+GREEDY_4 = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 FLAT = LatencyProfile.from_tables([[1, 1], [1000, 100]], [(1, [[1, 5], [64, 50]])])
 
 
@@ -191,3 +192,24 @@ def test_a_failing_instance_is_contained_and_its_requests_get_continuations(tiny
     while dev.has_work:
         done += [o for o in dev.step()[1] if o.finished]
     assert [(o.rid, o.finish_reason) for o in done] == [("g", FinishReason.LENGTH)]
+
+
+def test_back_to_back_admissions_do_not_count_the_same_free_memory(tiny):
+    from runtime.core.memory import MemoryConfig
+
+    bpb = LLMEngine(tiny, EngineConfig(block_size=16, kv_cache_bytes=0)).bytes_per_block
+    # 10 blocks in all; each request reserves ceil((20 + 64) / 16) = 6 blocks.
+    dev = DeviceLoop(kv_budget_bytes=10 * bpb, memory=MemoryConfig(block_tokens=16, lookahead_tokens=64))
+    dev.add_instance(make_instance(tiny, "a", kv_cache_bytes=0))
+    assert dev.admit("a", 20, now=0.0).admitted
+    dev.instances["a"].engine.add_request(RequestId("r1"), list(range(5, 25)), GREEDY_4, 0.0)
+    second = dev.admit("a", 20, now=0.0)  # no plan_memory in between
+    assert not second.admitted and second.reason is RefusalReason.MEMORY
+
+
+def test_a_retried_request_keeps_its_arrival_deadline(tiny):
+    dev = DeviceLoop()
+    dev.add_instance(make_instance(tiny, "a", ttft_base_s=0.5))
+    assert dev.admit("a", 10, now=0.4, arrival_s=0.0).admitted  # 0.1 s left is plenty for 10 tokens
+    late = dev.admit("a", 10, now=0.6, arrival_s=0.0)  # its TTFT deadline (0.5) has passed
+    assert not late.admitted and late.reason is RefusalReason.PREFILL
