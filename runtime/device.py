@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from functions import FunctionSpec
 from runtime.core.admission import Decision, InstanceLoad, NewRequest, PendingPrefill, admit
 from runtime.core.arbiter import Candidate, DeviceKind, Grant, Phase, next_token_deadline, pick
-from runtime.core.block_pool import blocks_for
 from runtime.core.estimator import LatencyEstimator
-from runtime.core.memory import ActionKind, DeviceActions, MemoryConfig, resize_target
+from runtime.core.memory import ActionKind, DeviceActions, MemoryConfig, reservation_blocks, resize_target
 from runtime.core.request import Request
 from runtime.engine.engine import LLMEngine, RequestOutput
 
@@ -150,7 +149,7 @@ class DeviceLoop:
         inst = self.instances[iid]
         eng = inst.engine
         la = self.memory.lookahead_tokens
-        need = blocks_for(min(prompt_tokens + la, eng.max_model_len), eng.config.block_size)
+        need = reservation_blocks(prompt_tokens, la, eng.config.block_size, eng.max_model_len)
         # Reservations already promised but not yet backed by a grow (admitted since the last
         # plan_memory) are spoken for: without this, two admissions in a row could both count
         # the same free memory.

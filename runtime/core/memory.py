@@ -31,8 +31,15 @@ class MemoryConfig:
             raise ValueError(f"invalid memory config: {self}")
 
 
+def reservation_blocks(tokens: int, lookahead_tokens: int, block_tokens: int, cap_tokens: int | None = None) -> int:
+    """Blocks one request reserves: its tokens so far plus the look-ahead, never past the
+    context limit (cap_tokens) since it cannot grow beyond that."""
+    want = tokens + lookahead_tokens
+    return math.ceil((want if cap_tokens is None else min(want, cap_tokens)) / block_tokens)
+
+
 def request_reservation_blocks(cfg: MemoryConfig, prompt_tokens: int, generated_tokens: int) -> int:
-    return math.ceil((prompt_tokens + generated_tokens + cfg.lookahead_tokens) / cfg.block_tokens)
+    return reservation_blocks(prompt_tokens + generated_tokens, cfg.lookahead_tokens, cfg.block_tokens)
 
 
 def instance_reservation_blocks(cfg: MemoryConfig, requests: Iterable[tuple[int, int]]) -> int:

@@ -16,6 +16,7 @@ import torch
 
 from runtime.core.block_pool import BlockPool, KVCacheManager
 from runtime.core.ids import RequestId
+from runtime.core.memory import reservation_blocks
 from runtime.core.request import FinishReason, Request, SamplingParams
 from runtime.core.scheduler import Scheduler, SchedulerConfig, StepPlan
 from runtime.engine.detokenizer import IncrementalDetokenizer
@@ -207,8 +208,8 @@ class LLMEngine:
 
     def reserved_blocks(self, lookahead_tokens: int) -> int:
         """Forward-looking reservation: each live request's prompt + output + look-ahead."""
-        bs = self.config.block_size
-        return sum(-(-min(r.num_tokens + lookahead_tokens, self.max_model_len) // bs)
+        bs, cap = self.config.block_size, self.max_model_len
+        return sum(reservation_blocks(r.num_tokens, lookahead_tokens, bs, cap)
                    for r in (*self.scheduler.running, *self.scheduler.waiting))
 
     def evict_oversized(self) -> list[RequestOutput]:
