@@ -71,34 +71,29 @@ def test_two_functions_on_one_checkpoint_are_two_instances_sharing_weights(pod_u
 
 def test_evict_mid_stream_ends_with_a_continuation_that_resumes_exactly(pod_url):
     assert httpx.post(f"{pod_url}/admin/instances", json=spec_body("victim"), headers=AUTH, timeout=60).status_code == 201
-    prompt = "continue this story"
-    full = complete(pod_url, "base", prompt, max_tokens=120).json()["choices"][0]["text"]
+    prompt, n = "continue this story", 230
+    full = complete(pod_url, "base", prompt, max_tokens=n).json()["choices"][0]["text"]
+    body = {"model": "victim", "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True}
     chunks: list[dict[str, Any]] = []
-    got_some = threading.Event()
-
-    def read_stream() -> None:
-        body = {"model": "victim", "prompt": prompt, "max_tokens": 120, "temperature": 0, "stream": True}
-        with httpx.stream("POST", f"{pod_url}/v1/completions", json=body, timeout=60) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    chunks.append(json.loads(line[6:]))
-                    if len(chunks) == 3:
-                        got_some.set()
-
-    t = threading.Thread(target=read_stream)
-    t.start()
-    assert got_some.wait(30)
-    ev = httpx.post(f"{pod_url}/admin/instances/victim/evict", headers=AUTH, timeout=30)
-    t.join(30)
-    assert ev.status_code == 200 and ev.json()["state"] == "evicted" and ev.json()["evicted_requests"] == 1
+    evicted: dict[str, Any] = {}
+    # Evict from the reading loop on the first token: 230 tiny-model steps outlast one admin call.
+    with httpx.stream("POST", f"{pod_url}/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:]))
+                if len(chunks) == 1:
+                    ev = httpx.post(f"{pod_url}/admin/instances/victim/evict", headers=AUTH, timeout=30)
+                    assert ev.status_code == 200 and ev.json()["state"] == "evicted"
+                    evicted = ev.json()
+    assert evicted["evicted_requests"] == 1, "the stream finished before the eviction landed"
     last = chunks[-1]["choices"][0]
     assert last["finish_reason"] == "preempted"
     cont = last["continuation"]
     streamed = "".join(c["choices"][0]["text"] for c in chunks)
-    assert 0 < len(cont["output_token_ids"]) < 120
+    assert 0 < len(cont["output_token_ids"]) < n
     # Another instance of the same checkpoint continues from prompt + tokens so far.
     rest = complete(pod_url, "base", cont["prompt_token_ids"] + cont["output_token_ids"],
-                    max_tokens=120 - len(cont["output_token_ids"]))
+                    max_tokens=n - len(cont["output_token_ids"]))
     assert streamed + rest.json()["choices"][0]["text"] == full
     r = complete(pod_url, "victim", "x")
     assert r.status_code == 404 and "base" in r.json()["error"]["message"]
