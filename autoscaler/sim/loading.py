@@ -1,0 +1,63 @@
+"""How long loading a model instance takes: a bandwidth model with a per-node host-memory cache.
+
+    load_s = overhead_s + weight_bytes / bandwidth
+    bandwidth (GB/s, 1e9 bytes)   from the node's host cache    from disk
+      GPU node                    24  pinned host -> A100 over PCIe 4.0 x16 (32 GB/s theoretical;
+                                      ServerlessLLM's loader runs close to PCIe bandwidth)
+      CPU node                    12  a multi-threaded DRAM copy into the instance's memory
+                                      (our assumption; a 32-core Xeon's memcpy sustains more)
+      either                                                        5  one NVMe PCIe 4.0 SSD,
+                                                                      sequential read (spec sheets)
+A checkpoint read from disk enters the node's host cache (LRU by last use, bounded in bytes); the
+cache starts empty, so every function's first load on a node comes from disk. A load counts in the
+TTFT of every request that waited for it (the simulator's default score).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from runtime.core.arbiter import DeviceKind
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class LoadModel:
+    gpu_cache_gbps: float = 24.0
+    cpu_cache_gbps: float = 12.0
+    disk_gbps: float = 5.0
+    overhead_s: float = 0.0
+
+    def load_s(self, kind: DeviceKind, weight_bytes: int, cached: bool) -> float:
+        if cached:
+            bw = self.gpu_cache_gbps if kind is DeviceKind.GPU else self.cpu_cache_gbps
+        else:
+            bw = self.disk_gbps
+        return self.overhead_s + weight_bytes / (bw * GB)
+
+
+class HostCache:
+    """Checkpoints held in one node's DRAM, least recently used evicted first."""
+
+    def __init__(self, capacity_bytes: int):
+        self.capacity_bytes = capacity_bytes
+        self._items: OrderedDict[str, int] = OrderedDict()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def touch(self, key: str, nbytes: int) -> bool:
+        """Use checkpoint ``key``: True when it was cached; it is cached (most recent) afterwards
+        unless it is larger than the whole cache."""
+        hit = key in self._items
+        if hit:
+            self._items.move_to_end(key)
+            return True
+        if nbytes > self.capacity_bytes:
+            return False
+        while sum(self._items.values()) + nbytes > self.capacity_bytes:
+            self._items.popitem(last=False)
+        self._items[key] = nbytes
+        return False
