@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 MODEL ?= bundled:smollm2-135m-instruct
 
-.PHONY: venv run test lint bench-engine bench-capacity fetch-model clean
+.PHONY: venv run test lint bench-engine bench-capacity fetch-model clean simulate
 
 venv: $(STAMP)
 
@@ -42,3 +42,15 @@ bench-capacity: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Issue 4's check: SLO-met(slinfer) / SLO-met(sllm) at 128 functions on 4 GPUs, without and with
+# 4 CPU nodes, for three models (needs ../shared/data; see autoscaler/sim/cli.py). SIM_ARGS adds
+# options, e.g. SIM_ARGS=--sweep.
+SIM_TRACE ?= ../shared/data/traces/azure_30min_128fn.json
+SIM_MODELS ?= llama-3.2-3b llama-2-7b llama-2-13b
+SIM_ARGS ?=
+simulate: $(STAMP)
+	@for m in $(SIM_MODELS); do for c in 0 4; do \
+	  $(PY) -m runtime.cli simulate --trace $(SIM_TRACE) --model $$m --cpus $$c --gpus 4 \
+	    --systems sllm,slinfer --out sim-out/$$m-cpus$$c $(SIM_ARGS) | tail -1 || exit 1; \
+	done; done

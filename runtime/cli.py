@@ -101,13 +101,17 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: slinfer serve [options]   (slinfer serve --help for options)")
+        print("usage: slinfer serve|simulate [options]   (slinfer <command> --help for options)")
         sys.exit(0 if argv else 2)
     cmd, rest = argv[0], argv[1:]
     if cmd == "serve":
         serve(parse_serve(rest))
+    elif cmd == "simulate":
+        from autoscaler.sim.cli import main as simulate_main
+
+        sys.exit(simulate_main(rest))
     else:
-        print(f"slinfer: unknown command {cmd!r}; available: serve", file=sys.stderr)
+        print(f"slinfer: unknown command {cmd!r}; available: serve, simulate", file=sys.stderr)
         sys.exit(2)
 
 

@@ -35,7 +35,15 @@ from typing import Any, TypeVar
 from autoscaler.core import InstanceId, InstanceView, NodeId, NodeView, Resource, Shortfall
 from autoscaler.core.snapshot import FunctionId
 from autoscaler.sim.config import Admission, ModelSpec, SystemConfig
-from runtime.core.admission import Decision, InstanceLoad, NewRequest, PendingPrefill, RefusalReason, admit, device_demand
+from runtime.core.admission import (
+    Decision,
+    InstanceLoad,
+    NewRequest,
+    PendingPrefill,
+    RefusalReason,
+    admit,
+    device_demand,
+)
 from runtime.core.arbiter import Candidate, DeviceKind, Phase, next_token_deadline, pick
 from runtime.core.estimator import LatencyEstimator
 from runtime.core.lifecycle import InstanceEvent, InstanceState, transition

@@ -1,0 +1,257 @@
+"""autoscaler.sim: clock and event order, loads in TTFT, preemption by recompute, baseline
+constraints, scoring, capacity, and proof that the simulator runs runtime/core's own functions."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+import autoscaler.sim.node as sim_node
+import runtime.core.admission as core_admission
+import runtime.core.arbiter as core_arbiter
+import runtime.core.memory as core_memory
+from autoscaler.sim.clock import EventKind, EventQueue, PastEventError
+from autoscaler.sim.config import ClusterSpec, ModelSpec, model_from_published, system_config
+from autoscaler.sim.loading import HostCache, LoadModel
+from autoscaler.sim.node import SimNode
+from autoscaler.sim.scoring import meets_slo, score, ttft_s
+from autoscaler.sim.simulator import RequestRecord, Simulator, simulate
+from autoscaler.sim.sweep import capacity
+from autoscaler.sim.trace import Arrival, Trace, synthetic_trace
+from runtime.core.arbiter import DeviceKind, Phase
+
+GIB = 1 << 30
+
+
+def toy_published(weights_gb: float = 10.0) -> dict[str, Any]:
+    """A profile in the published format: GPU prefill 10 ms + 0.1 ms/token, decode 10-20 ms;
+    CPU 5x slower. Caps 8 (exclusive) and 4 (2-way shared)."""
+    def dev(kind: str, f: float) -> dict[str, Any]:
+        return {"device": kind, "prefill": [[1, 10 * f], [1000, 110 * f]],
+                "decode": [[100, [[1, 10 * f], [64, 20 * f]]], [4000, [[1, 10 * f], [64, 20 * f]]]],
+                "sllm_concurrency": 8, "sllm_share_concurrency": {"2": 4}}
+    return {"about": "toy", "models": {"toy": {
+        "weights_gb": weights_gb, "kv_kb_per_token": 100, "kv_block_tokens": {"cpu": 32, "gpu": 16},
+        "profiles": {"gpu": dev("gpu", 1.0), "cpu": dev("cpu", 5.0)}}}}
+
+
+def make_model(weights_gb: float = 10.0) -> ModelSpec:
+    return model_from_published(toy_published(weights_gb), "toy")
+
+
+def make_trace(*arrivals: tuple[float, str, int, int], duration: float = 60.0) -> Trace:
+    arr = sorted((Arrival(t, f, p, o) for t, f, p, o in arrivals), key=lambda a: (a.time_s, a.function))
+    return Trace(tuple(sorted({a.function for a in arr})), tuple(arr), duration, "test")
+
+
+def gpu_cluster(gpus: int = 1, cpus: int = 0, gpu_memory: int = 60 * GIB) -> ClusterSpec:
+    return ClusterSpec(cpus=cpus, gpus=gpus, gpu_memory_bytes=gpu_memory)
+
+
+# -- clock ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pushes, expected", [
+    ([(2.0, "a"), (1.0, "b"), (3.0, "c")], ["b", "a", "c"]),
+    ([(1.0, "a"), (1.0, "b"), (1.0, "c")], ["a", "b", "c"]),  # ties: in push order
+    ([(1.0, "step"), (1.0, "a")], ["step", "a"]),  # across the two heaps too
+    ([(1.0, "a"), (1.0, "step")], ["a", "step"]),
+])
+def test_events_pop_by_time_then_push_order(pushes, expected):
+    q = EventQueue()
+    for t, name in pushes:
+        q.push(t, EventKind.STEP_DONE if name == "step" else EventKind.TICK, name)
+    got = []
+    while q:
+        ev = q.pop()
+        assert q.now_s == ev.time_s
+        got.append(ev.payload)
+    assert got == expected
+
+
+def test_clock_refuses_the_past_and_horizon_ignores_steps():
+    q = EventQueue()
+    q.push(5.0, EventKind.STEP_DONE)
+    assert q.horizon_s() == math.inf
+    q.push(7.0, EventKind.ARRIVAL)
+    assert q.horizon_s() == 7.0
+    q.pop()
+    with pytest.raises(PastEventError):
+        q.push(4.0, EventKind.TICK)
+
+
+def test_runs_are_deterministic():
+    trace = synthetic_trace(num_functions=8, duration_s=30.0, seed=3, total_rate_per_s=2.0)
+    a = simulate(trace, make_model(), gpu_cluster(2, cpus=1), system_config("slinfer"))
+    b = simulate(trace, make_model(), gpu_cluster(2, cpus=1), system_config("slinfer"))
+    assert a == b
+
+
+# -- loads, TTFT, recompute -----------------------------------------------------------------------
+
+def test_a_cold_load_counts_in_ttft():
+    model = make_model(weights_gb=10.0)
+    res = simulate(make_trace((0.1, "f", 500, 3)), model, gpu_cluster(), system_config("slinfer"))
+    (r,) = res.requests
+    load_s = LoadModel().load_s(DeviceKind.GPU, model.weight_bytes, cached=False)  # first load: from disk
+    prefill_s = model.devices[DeviceKind.GPU].true.prefill_s(500)
+    assert load_s == pytest.approx(10 * GIB / 5e9)
+    assert r.load_delay_s == pytest.approx(load_s)
+    assert ttft_s(r) == pytest.approx(load_s + prefill_s)
+    assert ttft_s(r, count_cold_start=False) == pytest.approx(prefill_s)
+    assert res.stats.loads == 1 and res.stats.loads_from_disk == 1
+
+
+def test_a_second_load_on_the_node_comes_from_the_host_cache():
+    cache = HostCache(25 * GIB)
+    assert not cache.touch("a", 10 * GIB) and cache.touch("a", 10 * GIB)
+    cache.touch("b", 10 * GIB)
+    cache.touch("c", 10 * GIB)  # evicts the least recently used, "a"
+    assert "a" not in cache and "b" in cache and "c" in cache
+
+
+def test_an_evicted_request_continues_elsewhere_by_recompute(monkeypatch):
+    """One GPU with room for one instance: g's 2 requests evict f's instance (batch 1 < 2); f's
+    request later re-prefills prompt + the tokens it had, and still finishes all its tokens."""
+    prefills: list[tuple[str, int]] = []
+    real = SimNode.next_run
+
+    def spy(self, now, horizon):
+        run = real(self, now, horizon)
+        if run is not None and run.phase is Phase.PREFILL:
+            prefills.append((run.batch[0].function, run.batch[0].context))
+        return run
+
+    monkeypatch.setattr(SimNode, "next_run", spy)
+    trace = make_trace((0.0, "f", 100, 400), (3.0, "g", 100, 3), (3.0, "g", 120, 3))
+    res = simulate(trace, make_model(10.0), gpu_cluster(gpu_memory=12 * GIB), system_config("slinfer"))
+    f = next(r for r in res.requests if r.function == "f")
+    assert res.stats.evictions >= 1 and f.preemptions == 1  # (the idle g may be evicted for f later)
+    assert f.finish_s is not None  # every output token produced
+    f_prefills = [c for fn, c in prefills if fn == "f"]
+    assert f_prefills[0] == 100 and len(f_prefills) == 2 and 100 < f_prefills[1] < 500
+    assert all(r.finish_s is not None for r in res.requests if r.function == "g")
+
+
+# -- baselines ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("system, max_per_node, devices, cap, share", [
+    ("sllm", 1, {"gpu"}, 8, 1.0),
+    ("sllm+c", 1, {"gpu", "cpu"}, 8, 1.0),
+    ("sllm+c+s", 2, {"gpu", "cpu"}, 4, 0.5),
+    ("slinfer", 99, {"gpu", "cpu"}, None, 1.0),
+])
+def test_baseline_constraints_hold(monkeypatch, system, max_per_node, devices, cap, share):
+    batches: list[int] = []
+    real_add = SimNode.add
+
+    def spy(self, inst, req):
+        real_add(self, inst, req)
+        batches.append(len(inst.decoding) + len(inst.prefilling))
+
+    monkeypatch.setattr(SimNode, "add", spy)
+    trace = synthetic_trace(num_functions=12, duration_s=40.0, seed=1, total_rate_per_s=6.0)
+    res = simulate(trace, make_model(20.0), gpu_cluster(2, cpus=2), system_config(system))
+    assert res.stats.max_instances_per_node <= max_per_node
+    assert {r.device for r in res.requests if r.device} <= devices
+    if cap is not None:
+        assert batches and max(batches) <= cap
+    assert res.stats.gpu_compute_share == share
+    assert sum(r.finish_s is not None for r in res.requests) > 0
+
+
+def test_static_sharing_halves_gpu_compute():
+    """The same lone request: its prefill takes twice as long on a 50% slot."""
+    trace = make_trace((0.0, "f", 800, 2))
+    t = {s: ttft_s(simulate(trace, make_model(), gpu_cluster(), system_config(s)).requests[0], False)
+         for s in ("sllm", "sllm+c+s")}
+    assert t["sllm+c+s"] == pytest.approx(2 * t["sllm"])
+
+
+def test_system_names_and_ablations():
+    assert system_config("slinfer-nopreempt-balance").preempt is False
+    assert system_config("slinfer-nopreempt-balance").balance is True
+    assert system_config("slinfer-nocpu").pools == (DeviceKind.GPU,)
+    assert system_config("slinfer-nowatermark").watermark == 1.0
+    with pytest.raises(ValueError, match="unknown system"):
+        system_config("sllm+x")
+
+
+# -- the simulator runs runtime/core, unchanged ---------------------------------------------------
+
+def test_the_simulator_calls_runtime_core_itself(monkeypatch):
+    assert sim_node.admit is core_admission.admit
+    assert sim_node.pick is core_arbiter.pick
+    assert sim_node.resize_target is core_memory.resize_target
+    calls: list[tuple[tuple[Any, ...], Any]] = []
+    picks: list[Any] = []
+
+    def admit_spy(*args):
+        d = core_admission.admit(*args)
+        calls.append((args, d))
+        return d
+
+    def pick_spy(cands, kind):
+        g = core_arbiter.pick(cands, kind)
+        picks.append(g)
+        return g
+
+    monkeypatch.setattr(sim_node, "admit", admit_spy)
+    monkeypatch.setattr(sim_node, "pick", pick_spy)
+    trace = synthetic_trace(num_functions=6, duration_s=30.0, seed=2, total_rate_per_s=4.0)
+    simulate(trace, make_model(), gpu_cluster(1, cpus=1), system_config("slinfer"))
+    assert calls and picks
+    assert any(not d.admitted for _, d in calls)  # refusals came from the real admission too
+    for args, decision in calls:  # the same decision from a direct call
+        assert core_admission.admit(*args) == decision
+
+
+# -- scoring and capacity ---------------------------------------------------------------------------
+
+def rec(prompt=100, out=11, first=0.4, finish=2.9, load=0.0) -> RequestRecord:
+    return RequestRecord("f", 0.0, prompt, out, first, finish, load, 0, "gpu")
+
+
+@pytest.mark.parametrize("r, counted, excluded", [
+    (rec(), True, True),  # TTFT 0.4 <= 0.5; TPOT 2.5/10 = 0.25
+    (rec(first=0.51, finish=3.0), False, False),
+    (rec(prompt=1024, first=1.9, finish=4.3), True, True),  # TTFT budget 1024/512 = 2 s
+    (rec(finish=2.91), False, False),  # mean TPOT just over 0.25
+    (rec(first=1.2, finish=3.7, load=0.8), False, True),  # the load made it late
+    (rec(out=1, first=0.3, finish=0.3), True, True),  # one token: no TPOT
+    (rec(first=None, finish=None), False, False),  # dropped
+])
+def test_slo_formula(r, counted, excluded):
+    assert meets_slo(r) is counted
+    assert meets_slo(r, count_cold_start=False) is excluded
+
+
+@pytest.mark.parametrize("attainment, target, expected", [
+    ({16: 1.0, 32: 0.97, 48: 0.95, 64: 0.9}, 0.95, 48),
+    ({16: 1.0, 32: 0.97, 48: 0.95, 64: 0.9}, 0.90, 64),
+    ({16: 1.0, 32: 0.97, 48: 0.95, 64: 0.9}, 0.99, 16),
+    ({16: 0.8, 32: 0.97}, 0.95, 0),  # the smallest level misses: no capacity
+    ({16: 1.0, 32: 0.9, 48: 0.96}, 0.95, 16),  # a later recovery does not count
+])
+def test_capacity(attainment, target, expected):
+    assert capacity(attainment, target) == expected
+
+
+def test_score_counts_dropped_as_misses_and_reports_nodes():
+    trace = synthetic_trace(num_functions=6, duration_s=30.0, seed=2, total_rate_per_s=4.0)
+    res = simulate(trace, make_model(), gpu_cluster(1, cpus=1), system_config("sllm"))
+    s = score(res)
+    assert s.requests == len(trace.arrivals) == len(res.requests)
+    assert s.slo_met == sum(meets_slo(r) for r in res.requests) <= s.requests - s.dropped
+    assert s.slo_met <= s.slo_met_excl_cold
+    assert 0 < s.avg_nodes_in_use["gpu"] <= 1.0 and s.avg_nodes_in_use["cpu"] == 0.0
+    assert s.decode_tok_per_node_s["gpu"] > 0
+
+
+def test_simulator_builds_slots_per_node():
+    sim = Simulator(make_trace((0.0, "f", 10, 2)), make_model(), gpu_cluster(2, cpus=1),
+                    replace(system_config("sllm+c+s")))
+    assert sorted(sim.nodes) == ["cpu0.0", "cpu0.1", "gpu0.0", "gpu0.1", "gpu1.0", "gpu1.1"]
+    assert {n.memory_bytes for n in sim.nodes.values() if n.kind is DeviceKind.GPU} == {30 * GIB}

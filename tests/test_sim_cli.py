@@ -1,0 +1,52 @@
+"""`slinfer simulate` end to end on a small synthetic trace and a toy profile (no ../shared)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from test_sim import toy_published
+
+from autoscaler.sim import cli
+from runtime import cli as runtime_cli
+
+
+@pytest.fixture
+def profile(tmp_path):
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(toy_published()))
+    return path
+
+
+def test_simulate_sweep_writes_json_csv_png_and_ends_with_a_json_line(tmp_path, profile, capsys):
+    out = tmp_path / "out"
+    rc = cli.main(["--profile", str(profile), "--model", "toy", "--duration", "10", "--cpus", "1", "--gpus", "1",
+                   "--systems", "sllm,slinfer", "--sweep", "--out", str(out)])
+    assert rc == 0
+    captured = capsys.readouterr()
+    last = json.loads(captured.out.strip().splitlines()[-1])
+    assert last["model"] == "toy"
+    assert set(last["capacity"]) == {"sllm", "slinfer"}
+    assert list(last["slo_met"]["slinfer"]) == [str(16 * g) for g in range(1, 9)]
+    assert all(0.0 <= v <= 1.0 for v in last["slo_met"]["sllm"].values())
+    assert captured.err.count("[simulate] toy") == 16  # one progress line per run
+    for name in ("runs.json", "runs.csv", "slo_attainment.png", "ttft_cdf.png", "nodes_used.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "slo_attainment.png").read_bytes()[:4] == b"\x89PNG"
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    assert len(rows) == 16 and {r["system"] for r in rows} == {"sllm", "slinfer"}
+    doc = json.loads((out / "runs.json").read_text())
+    assert doc["summary"] == last and len(doc["runs"]) == 16 and doc["runs"][0]["ttft_cdf"]
+
+
+def test_slinfer_simulate_dispatches_and_reports_bad_input(tmp_path, profile, capsys):
+    with pytest.raises(SystemExit) as e:
+        runtime_cli.main(["simulate", "--profile", str(profile), "--model", "toy", "--duration", "10",
+                          "--functions", "16", "--systems", "slinfer", "--out", str(tmp_path / "o")])
+    assert e.value.code == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["slo_met"]["slinfer"].keys() == {"16"}
+    assert cli.main(["--profile", str(tmp_path / "missing.json")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert cli.main(["--profile", str(profile), "--model", "toy", "--systems", "nope"]) == 2
+    assert "unknown system" in capsys.readouterr().err
