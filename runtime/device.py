@@ -48,8 +48,9 @@ class Instance:
             for r in self.requests() if r.num_computed_tokens < len(r.prompt_token_ids)
         )
         avg = sum(r.num_tokens for r in decoding) / len(decoding) if decoding else 0.0
+        due = min((self.deadline(r) for r in decoding), default=None)
         return InstanceLoad(self.iid, self.estimator, self.spec.slo.tpot_s, len(decoding), avg, prefills,
-                            self.engine.max_model_len)
+                            self.engine.max_model_len, due)
 
 
 @dataclass
