@@ -256,7 +256,8 @@ class Ours:
         self._try(job, now)
 
     def _try(self, job: Job, now: float) -> None:
-        d = self.dev.admit(job.function, len(job.prompt_ids), now, arrival_s=job.arrival_s)
+        d = self.dev.admit(job.function, len(job.prompt_ids), now, arrival_s=job.arrival_s,
+                           max_tokens=job.params.max_tokens)
         if d.admitted:
             self.dev.instances[job.function].engine.add_request(job.rid, job.prompt_ids, job.params, job.arrival_s)
             self.dev.plan_memory()  # reserve its KV now, so the next admission sees it taken

@@ -3,6 +3,7 @@ import pytest
 from runtime.core.admission import (
     InstanceLoad,
     NewRequest,
+    PendingDecode,
     PendingPrefill,
     RefusalReason,
     admit,
@@ -100,3 +101,21 @@ def test_already_late_stream_is_not_held_against_the_newcomer():
     # a is behind (due at -1 s): it is late whatever happens; b's prefill due after it adds nothing.
     insts = [inst("a", batch=1, due=-1.0), inst("b")]
     assert admit(insts, "b", req(prompt=100, deadline=1.0), 100, 0.0).admitted
+
+
+def bounded_inst(iid, n, tokens_left, due, tpot):
+    decodes = tuple(PendingDecode(tokens_left, due) for _ in range(n))
+    return InstanceLoad(iid, LatencyEstimator(PROFILE), tpot, n, 100.0, (), 2048, due, decodes)
+
+
+def test_short_bounded_outputs_free_the_device_for_a_newcomer():
+    # The same load as the compute test (demand 1.07 with the newcomer), but every running request
+    # has 2 tokens left: the replay sees them finish and the newcomer (5 tokens) fits behind them.
+    short = [bounded_inst("a", 7, 2, 0.15, 0.15), bounded_inst("b", 8, 2, 0.25, 0.25)]
+    assert admit(short, "a", NewRequest(100, 10.0, 1, output_tokens=5), 100, 0.0).admitted
+    # an unbounded newcomer could run forever at demand 1.07: the steady-state rule refuses it
+    assert admit(short, "a", NewRequest(100, 10.0, 1), 100, 0.0).reason is RefusalReason.COMPUTE
+    # long outputs still running when the replay ends are held to the steady-state rule
+    long = [bounded_inst("a", 7, 1000, 0.15, 0.15), bounded_inst("b", 8, 1000, 0.25, 0.25)]
+    d = admit(long, "a", NewRequest(100, 10.0, 1, output_tokens=1000), 100, 0.0)
+    assert d.reason is RefusalReason.COMPUTE and "1.07" in d.detail
