@@ -119,3 +119,14 @@ def test_short_bounded_outputs_free_the_device_for_a_newcomer():
     long = [bounded_inst("a", 7, 1000, 0.15, 0.15), bounded_inst("b", 8, 1000, 0.25, 0.25)]
     d = admit(long, "a", NewRequest(100, 10.0, 1, output_tokens=1000), 100, 0.0)
     assert d.reason is RefusalReason.COMPUTE and "1.07" in d.detail
+
+
+def test_bounded_stream_may_slip_a_token_if_its_last_one_is_on_time():
+    # As above, b's prefill delays a's next token by 30 ms; but a has 10 tokens left and its last
+    # is due at 0.27 + 9 x 0.25 s: the mean TPOT (the SLO) holds, so b is admitted.
+    insts = [bounded_inst("a", 1, 10, 0.27, 0.25), inst("b")]
+    assert admit(insts, "b", NewRequest(250, 0.26, 1, output_tokens=1), 100, 0.0).admitted
+    # with one token left, that token is the last one: late, refused
+    insts = [bounded_inst("a", 1, 1, 0.27, 0.25), inst("b")]
+    d = admit(insts, "b", NewRequest(250, 0.26, 1, output_tokens=1), 100, 0.0)
+    assert d.reason is RefusalReason.PREFILL and "d:a" in d.detail

@@ -6,7 +6,9 @@ Yes only if, with it added,
   deadlines an EDF replay of the device from now, as the arbiter would run it, adds no lateness
            to any job: pending prefills (in chunks, due at their TTFT deadlines) and each
            decoding instance (one iteration at a time, due at its earliest next-token deadline,
-           which then moves on by TPOT). Decodes ahead of schedule yield the device to a prefill,
+           which then moves on by TPOT). The TPOT SLO is on the mean, so a request with a bounded
+           output only needs its last token on time (arrival + TTFT + TPOT x (n - 1)); a token in
+           the middle may slip if the stream catches up. Decodes ahead of schedule yield the device to a prefill,
            so a burst of prompts may use the slack of running streams but never make one late.
            When every request's output length is bounded (max_tokens), the replay runs until all
            of them finish: that is the whole future of the work on the device, and admission is
@@ -139,10 +141,12 @@ class _Stream:
         return all(math.isfinite(r[0]) for r in self.reqs)
 
     def iterate(self, t: float, late: dict[str, float]) -> None:
-        """One decode iteration that ended at t: every request emits a token."""
+        """One decode iteration that ended at t: every request emits a token. The TPOT SLO is on
+        the mean, so a bounded request is late only if its last token is; an unbounded one has no
+        last token, so each of its tokens must be on time."""
         key = f"d:{self.iid}"
         for r in self.reqs:
-            if t > r[1]:
+            if t > r[1] and (r[0] <= 1 or not math.isfinite(r[0])):
                 late[key] = max(late.get(key, 0.0), t - r[1])
             r[0] -= 1
             r[1] += self.tpot_s
@@ -226,7 +230,8 @@ def replay(instances: Sequence[InstanceLoad], extra: tuple[str, PendingPrefill] 
             joined = streams.get(iid)
             if joined is None:
                 joined = streams[iid] = _Stream(iid, est[iid], tpot[iid], 0.0)
-            joined.add(outputs, deadline + tpot[iid], float(tokens))
+            # Mean TPOT is measured from the first token: one that came early buys no slack.
+            joined.add(outputs, min(t, deadline) + tpot[iid], float(tokens))
             heapq.heappush(heap, (joined.deadline_s, iid))
         i += 1
         left = jobs[i][3] if i < len(jobs) else 0
