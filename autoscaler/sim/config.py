@@ -67,6 +67,10 @@ class SystemConfig:
     min_instance_tokens: int = 4096  # KV an active instance keeps (the paper's floor)
     keep_alive_s: float = 1.0  # the artifact's GPU keep-alive; used on every node (see simulator doc)
     retry_s: float = 0.25  # the artifact's retry period for waiting requests
+    # Admission sees each request's output bound (max_tokens = its trace output length, as the
+    # artifact's client sends it) and replays the device until all work ends; False: outputs
+    # unbounded, replay to the last prefill deadline plus the steady-state compute rule.
+    bounded_outputs: bool = True
 
     def __post_init__(self) -> None:
         if self.slots_per_node < 1 or not 0 < self.compute_share <= 1 or self.retry_s <= 0:

@@ -39,6 +39,7 @@ from runtime.core.admission import (
     Decision,
     InstanceLoad,
     NewRequest,
+    PendingDecode,
     PendingPrefill,
     RefusalReason,
     admit,
@@ -221,11 +222,20 @@ class SimNode:
         return self._memo(inst, "load", lambda: self._make_load(inst))
 
     def _make_load(self, inst: SimInstance) -> InstanceLoad:
+        # As runtime.device.Instance.load: each request's output is bounded (its max_tokens, which
+        # the artifact's client sets to the trace's output length), so admission sees when work ends.
         dec = inst.decoding
         avg = sum(r.context for r in dec) / len(dec) if dec else 0.0
-        prefills = tuple(PendingPrefill(r.context, r.deadline_s()) for r in inst.prefilling)
+        prefills = tuple(PendingPrefill(r.context, r.deadline_s(), max(0, r.output_tokens - r.generated - 1))
+                         for r in inst.prefilling)
+        decodes = tuple(PendingDecode(r.output_tokens - r.generated, r.deadline_s()) for r in dec)
+        due = min((d.deadline_s for d in decodes), default=None)
+        if not self.system.bounded_outputs:
+            return InstanceLoad(inst.iid, self.estimator, self.model_tpot(inst), len(dec), avg,
+                                tuple(PendingPrefill(p.tokens_left, p.deadline_s) for p in prefills),
+                                self.model.max_context_tokens, due)
         return InstanceLoad(inst.iid, self.estimator, self.model_tpot(inst), len(dec), avg, prefills,
-                            self.model.max_context_tokens)
+                            self.model.max_context_tokens, due, decodes)
 
     def model_tpot(self, inst: SimInstance) -> float:
         reqs = inst.requests
@@ -280,7 +290,8 @@ class SimNode:
             if self.cap is not None and len(inst.decoding) + len(inst.prefilling) >= self.cap:
                 return Decision(False, None, self.system.retry_s, f"batch cap {self.cap} reached")
             return ADMIT
-        new = NewRequest(req.context, req.deadline_s(load_delay_s), self._need_blocks(req))
+        outputs = max(0, req.output_tokens - req.generated - 1) if self.system.bounded_outputs else math.inf
+        new = NewRequest(req.context, req.deadline_s(load_delay_s), self._need_blocks(req), outputs)
         return admit(self.loads(), inst.iid, new, self._free_blocks(inst), now)
 
     def shortfall(self, inst: SimInstance, req: SimRequest, decision: Decision) -> Shortfall | None:
