@@ -71,6 +71,9 @@ class SystemConfig:
     # artifact's client sends it) and replays the device until all work ends; False: outputs
     # unbounded, replay to the last prefill deadline plus the steady-state compute rule.
     bounded_outputs: bool = True
+    # Prefill chunk per iteration: our runtime's engine chunks at 512 tokens (and admission replays
+    # that way); None = a whole prompt per iteration, as the artifact's vLLM 0.5.2 baselines.
+    prefill_chunk_tokens: int | None = 512
 
     def __post_init__(self) -> None:
         if self.slots_per_node < 1 or not 0 < self.compute_share <= 1 or self.retry_s <= 0:
@@ -80,7 +83,7 @@ class SystemConfig:
 
 
 SLLM = SystemConfig("sllm", pools=(DeviceKind.GPU,), static_memory=True, admission=Admission.BATCH_CAP,
-                    batch_cap=BatchCap.EXCLUSIVE, preempt=False)
+                    batch_cap=BatchCap.EXCLUSIVE, preempt=False, prefill_chunk_tokens=None)
 SLLM_C = replace(SLLM, name="sllm+c", pools=(DeviceKind.CPU, DeviceKind.GPU))
 SLLM_C_S = replace(SLLM_C, name="sllm+c+s", slots_per_node=2, compute_share=0.5, batch_cap=BatchCap.SHARED2)
 SLINFER = SystemConfig("slinfer")

@@ -85,6 +85,7 @@ class SimRequest:
     finish_s: float | None = None
     preemptions: int = 0
     first_device: DeviceKind | None = None
+    prefilled: int = 0  # tokens of the current (re)prefill already computed (chunked prefill)
 
     @property
     def context(self) -> int:
@@ -135,6 +136,7 @@ class Run:
     batch: list[SimRequest]
     start_s: float
     ends: list[float]
+    chunk_tokens: int = 0  # prefill tokens this run computes
 
 
 class SimNode:
@@ -226,8 +228,8 @@ class SimNode:
         # the artifact's client sets to the trace's output length), so admission sees when work ends.
         dec = inst.decoding
         avg = sum(r.context for r in dec) / len(dec) if dec else 0.0
-        prefills = tuple(PendingPrefill(r.context, r.deadline_s(), max(0, r.output_tokens - r.generated - 1))
-                         for r in inst.prefilling)
+        prefills = tuple(PendingPrefill(r.context - r.prefilled, r.deadline_s(),
+                                        max(0, r.output_tokens - r.generated - 1)) for r in inst.prefilling)
         decodes = tuple(PendingDecode(r.output_tokens - r.generated, r.deadline_s()) for r in dec)
         due = min((d.deadline_s for d in decodes), default=None)
         if not self.system.bounded_outputs:
@@ -306,6 +308,7 @@ class SimNode:
 
     def add(self, inst: SimInstance, req: SimRequest) -> None:
         req.state = RequestState.PREFILL
+        req.prefilled = 0  # a continuation recomputes prompt + tokens so far
         inst.prefilling.append(req)
         inst.idle_since_s = None
         self._touch(inst)
@@ -452,8 +455,11 @@ class SimNode:
         self.quota_left -= 1
         if inst.prefilling:
             r = inst.prefilling[0]
-            end = now + self.true.prefill_s(r.context) / self.share
-            self.run = Run(inst, Phase.PREFILL, [r], now, [end])
+            chunk = r.context - r.prefilled
+            if self.system.prefill_chunk_tokens is not None:
+                chunk = min(chunk, self.system.prefill_chunk_tokens)
+            end = now + self.true.prefill_s(chunk) / self.share
+            self.run = Run(inst, Phase.PREFILL, [r], now, [end], chunk)
             self.quota_left = 0
             return self.run
         batch = list(inst.decoding)
@@ -517,6 +523,8 @@ class SimNode:
         if run.phase is Phase.PREFILL:
             r = run.batch[0]
             if r in inst.prefilling:
+                r.prefilled += run.chunk_tokens
+            if r in inst.prefilling and r.prefilled >= r.context:
                 inst.prefilling.remove(r)
                 r.generated += 1
                 if r.first_token_s is None:
