@@ -1,0 +1,94 @@
+"""Holding requests that no instance admitted: a bounded count per function, and demand reports.
+
+A request that misses (no ready instance, or every instance refused admission) takes a place in
+its function's waiting room until an instance admits it. The room is bounded; a full room raises
+``QueueFull`` (the caller answers 503 with Retry-After). While anything waits, ``DemandReporter``
+tells the autoscaler how many requests wait per function, again and again, so an autoscaler that
+restarts learns the demand from the next report: the requests themselves never leave here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+
+from activator.routes import RouteSource
+
+log = logging.getLogger("slinfer.activator.waiting")
+
+
+class QueueFull(Exception):
+    def __init__(self, function: str, limit: int) -> None:
+        super().__init__(f"function '{function}' has {limit} requests waiting for capacity already; "
+                         f"retry later")
+        self.function = function
+        self.limit = limit
+
+
+class WaitingRoom:
+    """Requests waiting per function, bounded by ``limit``; a wake-up per function for waiters."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.counts: dict[str, int] = {}
+        self._wake: dict[str, asyncio.Event] = {}
+        self.arrived = asyncio.Event()  # set when a function's count goes 0 -> 1
+
+    @contextlib.contextmanager
+    def hold(self, function: str) -> Iterator[None]:
+        n = self.counts.get(function, 0)
+        if n >= self.limit:
+            raise QueueFull(function, self.limit)
+        self.counts[function] = n + 1
+        if n == 0:
+            self.arrived.set()
+        try:
+            yield
+        finally:
+            left = self.counts[function] - 1
+            if left:
+                self.counts[function] = left
+            else:
+                del self.counts[function]
+
+    def depth(self, function: str) -> int:
+        return self.counts.get(function, 0)
+
+    def wake(self, function: str) -> None:
+        """Something changed for ``function`` (a request finished): waiters try again."""
+        ev = self._wake.pop(function, None)
+        if ev is not None:
+            ev.set()
+
+    def woken(self, function: str) -> asyncio.Event:
+        return self._wake.setdefault(function, asyncio.Event())
+
+
+class DemandReporter:
+    """Reports ``room.counts`` to the autoscaler every ``interval_s`` while non-empty, and at once
+    when a function starts waiting."""
+
+    def __init__(self, room: WaitingRoom, source: RouteSource, interval_s: float = 0.5) -> None:
+        self.room = room
+        self.source = source
+        self.interval_s = interval_s
+
+    async def run(self) -> None:
+        while True:
+            if not self.room.counts:
+                self.room.arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.room.arrived.wait(), self.interval_s * 4)
+                if not self.room.counts:
+                    continue
+            self.room.arrived.clear()
+            try:
+                await self.source.report_demand(dict(self.room.counts))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # autoscaler restarting: the next report carries the demand
+                log.debug("demand report failed: %r", e)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.room.arrived.wait(), self.interval_s)
