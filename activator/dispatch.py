@@ -106,6 +106,7 @@ class Dispatcher:
                     self.inflight[ep.instance_id] = self.inflight.get(ep.instance_id, 0) + 1
                     resp = await self._try(ep, path, body, hdrs)
                     if resp is not None:
+                        self.room.active.add(name)
                         waited = time.monotonic() - t0
                         if waiting:
                             self.metrics.wait.labels(name).observe(waited)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -63,8 +63,9 @@ class RouteSource(Protocol):
         """The table once its version is > ``after_version`` (or the current one after a while)."""
         ...
 
-    async def report_demand(self, waiting: Mapping[str, int]) -> None:
-        """Requests per function that no instance admitted and are waiting now."""
+    async def report_demand(self, waiting: Mapping[str, int], active: Sequence[str] = ()) -> None:
+        """Requests per function that no instance admitted and are waiting now, and the functions
+        that served requests since the last report."""
         ...
 
 
@@ -115,8 +116,8 @@ class HTTPRouteSource:
         r.raise_for_status()
         return RouteTable.from_json(r.json())
 
-    async def report_demand(self, waiting: Mapping[str, int]) -> None:
-        r = await self.client.post(f"{self.base_url}/demand", json={"waiting": dict(waiting)},
+    async def report_demand(self, waiting: Mapping[str, int], active: Sequence[str] = ()) -> None:
+        r = await self.client.post(f"{self.base_url}/demand", json={"waiting": dict(waiting), "active": list(active)},
                                    headers=self.headers, timeout=5)
         r.raise_for_status()
 
@@ -133,5 +134,5 @@ class StaticRouteSource:
             await asyncio.sleep(3600)
         return self.table
 
-    async def report_demand(self, waiting: Mapping[str, int]) -> None:
+    async def report_demand(self, waiting: Mapping[str, int], active: Sequence[str] = ()) -> None:
         self.demand.append(dict(waiting))

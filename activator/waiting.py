@@ -35,6 +35,7 @@ class WaitingRoom:
         self.counts: dict[str, int] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self.arrived = asyncio.Event()  # set when a function's count goes 0 -> 1
+        self.active: set[str] = set()  # functions served since the last demand report (keep-alive)
 
     @contextlib.contextmanager
     def hold(self, function: str) -> Iterator[None]:
@@ -71,21 +72,24 @@ class DemandReporter:
     when a function starts waiting."""
 
     def __init__(self, room: WaitingRoom, source: RouteSource, interval_s: float = 0.5) -> None:
+        # Activity rides along, so the autoscaler keeps serving functions alive even when its
+        # status polls miss their short requests.
         self.room = room
         self.source = source
         self.interval_s = interval_s
 
     async def run(self) -> None:
         while True:
-            if not self.room.counts:
+            if not self.room.counts and not self.room.active:
                 self.room.arrived.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.room.arrived.wait(), self.interval_s * 4)
-                if not self.room.counts:
+                    await asyncio.wait_for(self.room.arrived.wait(), self.interval_s)
+                if not self.room.counts and not self.room.active:
                     continue
             self.room.arrived.clear()
+            active, self.room.active = sorted(self.room.active), set()
             try:
-                await self.source.report_demand(dict(self.room.counts))
+                await self.source.report_demand(dict(self.room.counts), active)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # autoscaler restarting: the next report carries the demand
