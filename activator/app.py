@@ -109,7 +109,7 @@ class Activator:
             source = self._source or HTTPRouteSource(self.settings.autoscaler_url, self.settings.token, client)
             self.dispatcher = Dispatcher(self.routes, self.room, client, self.metrics)
             tasks = [asyncio.create_task(self.routes.follow(source), name="routes"),
-                     asyncio.create_task(DemandReporter(self.room, source, self.settings.demand_interval_s).run(),
+                     asyncio.create_task(DemandReporter(self.room, source, self.routes, self.settings.demand_interval_s).run(),
                                          name="demand")]
             await self.routes.changed(self.settings.first_routes_timeout_s)
             try:

@@ -107,7 +107,7 @@ class StreamRelay:
                 async for event in sse_events(self.up):
                     if cont is not None or event.startswith(DONE[:12]):
                         continue  # ours goes last, once; after a preemption the rest is moot
-                    out = event
+                    out: bytes | None = event
                     if b'"preempted"' in event or self.moved is not None or not self.public:
                         payload = _payload(event)
                         if payload is None:
@@ -121,12 +121,11 @@ class StreamRelay:
                             continue  # the next instance re-emits its tail exactly
                         if self.moved is not None:
                             out = self._rewrite(payload)
-                            if out is None:
-                                continue
                     if first_byte:
                         self.metrics.ttft.labels(self.function).observe(time.monotonic() - self.t0)
                         first_byte = False
-                    yield out
+                    if out is not None:
+                        yield out
                 await self.up.close()
                 if cont is None:
                     break

@@ -63,9 +63,10 @@ class RouteSource(Protocol):
         """The table once its version is > ``after_version`` (or the current one after a while)."""
         ...
 
-    async def report_demand(self, waiting: Mapping[str, int], active: Sequence[str] = ()) -> None:
-        """Requests per function that no instance admitted and are waiting now, and the functions
-        that served requests since the last report."""
+    async def report_demand(self, waiting: Mapping[str, int], active: Sequence[str] = (),
+                            routes_version: int = 0) -> None:
+        """Requests per function that no instance admitted and are waiting now, the functions that
+        served requests since the last report, and the route table version the misses saw."""
         ...
 
 
@@ -116,8 +117,10 @@ class HTTPRouteSource:
         r.raise_for_status()
         return RouteTable.from_json(r.json())
 
-    async def report_demand(self, waiting: Mapping[str, int], active: Sequence[str] = ()) -> None:
-        r = await self.client.post(f"{self.base_url}/demand", json={"waiting": dict(waiting), "active": list(active)},
+    async def report_demand(self, waiting: Mapping[str, int], active: Sequence[str] = (),
+                            routes_version: int = 0) -> None:
+        body = {"waiting": dict(waiting), "active": list(active), "routes_version": routes_version}
+        r = await self.client.post(f"{self.base_url}/demand", json=body,
                                    headers=self.headers, timeout=5)
         r.raise_for_status()
 
@@ -134,5 +137,6 @@ class StaticRouteSource:
             await asyncio.sleep(3600)
         return self.table
 
-    async def report_demand(self, waiting: Mapping[str, int], active: Sequence[str] = ()) -> None:
+    async def report_demand(self, waiting: Mapping[str, int], active: Sequence[str] = (),
+                            routes_version: int = 0) -> None:
         self.demand.append(dict(waiting))

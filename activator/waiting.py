@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
-from activator.routes import RouteSource
+from activator.routes import RouteSource, RouteView
 
 log = logging.getLogger("slinfer.activator.waiting")
 
@@ -71,11 +71,12 @@ class DemandReporter:
     """Reports ``room.counts`` to the autoscaler every ``interval_s`` while non-empty, and at once
     when a function starts waiting."""
 
-    def __init__(self, room: WaitingRoom, source: RouteSource, interval_s: float = 0.5) -> None:
+    def __init__(self, room: WaitingRoom, source: RouteSource, routes: RouteView, interval_s: float = 0.5) -> None:
         # Activity rides along, so the autoscaler keeps serving functions alive even when its
         # status polls miss their short requests.
         self.room = room
         self.source = source
+        self.routes = routes
         self.interval_s = interval_s
 
     async def run(self) -> None:
@@ -89,7 +90,7 @@ class DemandReporter:
             self.room.arrived.clear()
             active, self.room.active = sorted(self.room.active), set()
             try:
-                await self.source.report_demand(dict(self.room.counts), active)
+                await self.source.report_demand(dict(self.room.counts), active, self.routes.table.version)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # autoscaler restarting: the next report carries the demand

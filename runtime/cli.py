@@ -99,17 +99,24 @@ def serve(settings: ServeSettings) -> None:
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
 
 
+MESH_COMMANDS = ("up", "deploy", "delete", "list", "invoke", "logs")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: slinfer serve [options]   (slinfer serve --help for options)")
+        print("usage: slinfer serve|up|deploy|delete|list|invoke|logs [options]   (slinfer <command> --help)")
         sys.exit(0 if argv else 2)
     cmd, rest = argv[0], argv[1:]
     if cmd == "serve":
         serve(parse_serve(rest))
+    elif cmd in MESH_COMMANDS:  # the embedded mesh and the commands that talk to it
+        from autoscaler.service.cli import run_command
+
+        run_command(cmd, rest)
     else:
-        print(f"slinfer: unknown command {cmd!r}; available: serve", file=sys.stderr)
+        print(f"slinfer: unknown command {cmd!r}; available: serve, {', '.join(MESH_COMMANDS)}", file=sys.stderr)
         sys.exit(2)
 
 

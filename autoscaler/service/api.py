@@ -1,7 +1,8 @@
 """The autoscaler's HTTP API (bearer token), for the activator and the CLI.
 
     GET    /routes?after=V&wait_s=S   the route table once its version is > V (long-poll)
-    POST   /demand                    {"waiting": {function: n}, "active": [function, ...]}
+    POST   /demand                    {"waiting": {function: n}, "active": [function, ...],
+                                       "routes_version": V}
     GET    /status                    functions, pods, instances, demand
     GET    /functions                 deployed FunctionSpecs
     POST   /functions                 deploy (a FunctionSpec body); 400 with the field on bad input
@@ -52,9 +53,10 @@ def create_api(controller: Controller, token: str, lifespan: Lifespan[Any] | Non
             body = await request.json()
             waiting = {str(k): int(v) for k, v in dict(body.get("waiting", {})).items()}
             active = [str(x) for x in body.get("active", [])]
+            seen_version = int(body.get("routes_version", 0))
         except (ValueError, TypeError, AttributeError):
             return _error(400, "send {'waiting': {function: count}, 'active': [function, ...]}", "invalid_demand")
-        controller.report_demand(waiting, active)
+        controller.report_demand(waiting, active, seen_version)
         return JSONResponse({"ok": True})
 
     async def get_status(_: Request) -> Response:

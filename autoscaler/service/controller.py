@@ -31,7 +31,18 @@ import httpx
 import yaml
 
 from activator.routes import RouteTable
-from autoscaler.core import Action, Evict, InstanceId, Load, NodeId, PendingDemand, Plan, Unload, decide
+from autoscaler.core import (
+    Action,
+    Evict,
+    FunctionId,
+    InstanceId,
+    Load,
+    NodeId,
+    PendingDemand,
+    Plan,
+    Unload,
+    decide,
+)
 from autoscaler.service.admin import AdminClient, AdminError
 from autoscaler.service.nodes import NodeSource, NodeSpec
 from autoscaler.service.observe import PodStatus, instance_id, parse_status, routes, snapshot
@@ -70,6 +81,7 @@ class Controller:
         self.removing: set[InstanceId] = set()
         self.ever_ready: dict[InstanceId, str] = {}
         self.lost: set[str] = set()
+        self.grew: dict[str, int] = {}  # function -> route version that first listed its newest endpoint
         self.failed: dict[str, float] = {}  # function -> until when its loads are not retried
         self.last_plan = Plan()
         # Versions grow across restarts (wall-clock ms): an activator that followed the old
@@ -81,10 +93,13 @@ class Controller:
         self.rounds = 0
 
     # -- inputs (from the API) ----------------------------------------------------------------
-    def report_demand(self, waiting: Mapping[str, int], active: list[str]) -> None:
+    def report_demand(self, waiting: Mapping[str, int], active: list[str], seen_version: int = 0) -> None:
+        """Waiting requests per function, as seen with route table ``seen_version``. Demand seen
+        before the function's newest ready instance was published is stale (those requests are
+        about to try it) and is ignored: it would otherwise scale out a function that has room."""
         now = self.clock()
         for fn, n in waiting.items():
-            if n > 0:
+            if n > 0 and seen_version >= self.grew.get(fn, 0):
                 self.demand[fn] = (n, now + self.settings.demand_ttl_s)
         for fn in active:
             self.activity[fn] = now
@@ -150,10 +165,10 @@ class Controller:
         now = self.clock()
         self._track(now, pods)
         snap = snapshot(now, pods, self.functions, self.idle_since, self.loading)
-        pending = [PendingDemand(fn, n) for fn, (n, until) in sorted(self.demand.items())
+        pending = [PendingDemand(FunctionId(fn), n) for fn, (n, until) in sorted(self.demand.items())
                    if until >= now and fn in self.functions and self.failed.get(fn, 0.0) <= now]
         waiting = {p.function for p in pending}
-        pending += [PendingDemand(fn, 1) for fn in sorted(self.lost - waiting) if fn in self.functions]
+        pending += [PendingDemand(FunctionId(fn), 1) for fn in sorted(self.lost - waiting) if fn in self.functions]
         self.demand = {fn: d for fn, d in self.demand.items() if d[1] >= now}
         plan = decide(snap, pending)
         self.last_plan = plan
@@ -237,8 +252,12 @@ class Controller:
     def _publish(self, pods: list[PodStatus]) -> None:
         table = routes(self.table.version, pods, self.functions)
         if table.functions != self.table.functions or table.endpoints != self.table.endpoints:
-            self.table = RouteTable(max(self.table.version + 1, int(time.time() * 1000)), table.functions,
-                                    table.endpoints)
+            version = max(self.table.version + 1, int(time.time() * 1000))
+            for fn, eps in table.endpoints.items():
+                if set(eps) - set(self.table.endpoints_of(fn)):
+                    self.grew[fn] = version
+                    self.demand.pop(fn, None)
+            self.table = RouteTable(version, table.functions, table.endpoints)
             self._changed.set()
             self._changed = asyncio.Event()
 

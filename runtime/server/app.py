@@ -7,9 +7,9 @@ import json
 import math
 import time
 import uuid
-from dataclasses import replace
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
