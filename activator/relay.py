@@ -148,6 +148,8 @@ class StreamRelay:
         """A continuation chunk (completion shape) in the client's shape."""
         assert self.moved is not None
         out: dict[str, Any] = {**payload, **self.public}
+        if self.chat:
+            out["object"] = "chat.completion.chunk"
         if "usage" in payload and not payload.get("choices"):
             if not self.want_usage:
                 return None
@@ -158,7 +160,6 @@ class StreamRelay:
             return _event(out)
         choice = (payload.get("choices") or [{}])[0]
         if self.chat:
-            out["object"] = "chat.completion.chunk"
             text = choice.get("text") or ""
             reason = choice.get("finish_reason")
             if not text and reason is None:
