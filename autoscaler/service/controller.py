@@ -5,11 +5,12 @@ Every ``interval_s`` (sooner when demand arrives) one round:
      the instances it had are lost);
   2. track idleness (a pod's batch/waiting, and the activity the activator reports) and lost
      instances (seen READY before, gone now without our asking: a pod died or restarted);
-  3. ``decide(snapshot(now), pending)`` where pending is the activator's waiting demand (kept for
+  3. publish the route table (READY instances) when it changed; demand seen before a
+     function's newest instance was published is dropped (those requests are about to use it);
+  4. ``decide(snapshot(now), pending)`` where pending is the activator's waiting demand (kept for
      ``demand_ttl_s``; the activator repeats it while requests wait) plus one request per function
      that lost an instance, so lost instances are re-placed;
-  4. execute the plan through the admin API, one task per node (actions of a node in order);
-  5. publish the route table (READY instances) when it changed.
+  5. execute the plan through the admin API, one task per node (actions of a node in order).
 
 The controller keeps nothing durable: on start it knows only the pods' answers, so a restart
 rebuilds the same view. Its state is touched only from the event loop (the loop and the API's
@@ -164,6 +165,7 @@ class Controller:
         pods = await self.observe()
         now = self.clock()
         self._track(now, pods)
+        self._publish(pods)  # first: a new endpoint makes the demand that asked for it stale
         snap = snapshot(now, pods, self.functions, self.idle_since, self.loading)
         pending = [PendingDemand(FunctionId(fn), n) for fn, (n, until) in sorted(self.demand.items())
                    if until >= now and fn in self.functions and self.failed.get(fn, 0.0) <= now]
@@ -173,7 +175,6 @@ class Controller:
         plan = decide(snap, pending)
         self.last_plan = plan
         self._execute(plan)
-        self._publish(pods)
         self.rounds += 1
         return plan
 
