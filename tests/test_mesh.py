@@ -154,3 +154,23 @@ def test_restarting_the_autoscaler_loses_no_waiting_request(mesh: MeshHandle) ->
     r = result["r"]
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
     assert placed(mesh, "delta")
+
+
+@pytest.mark.slow
+def test_smollm2_example_function_from_zero_through_the_openai_client() -> None:
+    """The shipped example `chat` (bundled SmolLM2) in a mesh of one pod: the first request
+    loads it and the answer streams back through the official client."""
+    from autoscaler.service.cli import EXAMPLES_DIR
+    from functions import load_function_spec
+
+    chat_fn = load_function_spec(EXAMPLES_DIR / "chat.yaml")
+    settings = MeshSettings((chat_fn,), TOKEN, pods=1, port=0, autoscaler_port=0,
+                            resources=PodResources(kv_budget_mb=128, threads=2),
+                            controller=ControllerSettings(TOKEN, profile=False))
+    with mesh_in_thread(settings) as m:
+        client = openai.OpenAI(base_url=f"{m.url}/v1", api_key="unused", max_retries=0)
+        stream = client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0, max_tokens=24, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert "Paris" in text

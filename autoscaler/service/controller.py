@@ -76,6 +76,7 @@ class Controller:
         self.pods: dict[NodeId, PodStatus] = {}
         self.down: set[NodeId] = set()
         self.idle_since: dict[InstanceId, float | None] = {}
+        self.last_busy: dict[InstanceId, float] = {}  # when each instance was last seen with requests
         self.demand: dict[str, tuple[int, float]] = {}  # function -> (waiting requests, until)
         self.activity: dict[str, float] = {}  # function -> last time the activator served it
         self.loading: set[tuple[str, NodeId]] = set()
@@ -127,6 +128,11 @@ class Controller:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), wait_s)
         return self.table
+
+    async def settle(self) -> None:
+        """Until the admin calls of earlier rounds have landed (tests; an orderly stop)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     def close(self) -> None:
         """Answer every pending long-poll now (the server is about to stop)."""
@@ -186,11 +192,12 @@ class Controller:
                 iid = instance_id(i.function, p.node.node_id)
                 present.add(iid)
                 hosted.add(i.function)
-                recent = self.activity.get(i.function, float("-inf")) >= now - self.settings.interval_s * 2
-                if i.busy or recent or i.state != "ready":
+                if i.busy or i.state != "ready":
+                    self.last_busy[iid] = now
                     self.idle_since[iid] = None
-                elif self.idle_since.get(iid) is None:
-                    self.idle_since[iid] = now
+                else:  # idle since it was last seen busy, or last served by the activator
+                    since = self.last_busy.setdefault(iid, now)
+                    self.idle_since[iid] = max(since, self.activity.get(i.function, since))
                 if i.state == "ready":
                     self.ever_ready[iid] = i.function
         for iid, fn in list(self.ever_ready.items()):
@@ -204,6 +211,7 @@ class Controller:
         for iid in list(self.idle_since):
             if iid not in present:
                 del self.idle_since[iid]
+                self.last_busy.pop(iid, None)
         self.removing &= present
 
     def _execute(self, plan: Plan) -> None:
