@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
 from activator.dispatch import Upstream
 from activator.metrics import ActivatorMetrics
 
@@ -100,49 +102,55 @@ class StreamRelay:
         self.want_usage = bool((original.get("stream_options") or {}).get("include_usage"))
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        first_byte = True
         try:
-            while True:
-                cont: dict[str, Any] | None = None
-                async for event in sse_events(self.up):
-                    if cont is not None or event.startswith(DONE[:12]):
-                        continue  # ours goes last, once; after a preemption the rest is moot
-                    out: bytes | None = event
-                    if b'"preempted"' in event or self.moved is not None or not self.public:
-                        payload = _payload(event)
-                        if payload is None:
-                            yield event
-                            continue
-                        if not self.public:
-                            self.public = {k: payload.get(k) for k in ("id", "created", "model")}
-                        choices = payload.get("choices") or []
-                        cont = preempted(choices[0]) if choices else None
-                        if cont is not None:
-                            continue  # the next instance re-emits its tail exactly
-                        if self.moved is not None:
-                            out = self._rewrite(payload)
-                    if first_byte:
-                        self.metrics.ttft.labels(self.function).observe(time.monotonic() - self.t0)
-                        first_byte = False
-                    if out is not None:
-                        yield out
-                await self.up.close()
-                if cont is None:
-                    break
-                self.moved = start_moved(cont, self.moved)
-                self.metrics.moves.labels(self.function).inc()
-                try:
-                    self.up = await self.reopen("/v1/completions", self.moved.body(self.function, self.original, True))
-                except Exception as e:
-                    yield _error_event(f"the request was preempted and could not be continued: {e}")
-                    break
-                if self.up.response.status_code != 200:
-                    body = await self.up.response.aread()
-                    yield _error_event(f"continuing a preempted request failed: {body[:300]!r}")
-                    break
+            async for event in self._events():
+                yield event
+        except httpx.HTTPError as e:  # the pod died mid-stream: no continuation to resume from
+            yield _error_event(f"the instance serving this stream failed: {e!r}")
         finally:
             await self.up.close()
         yield DONE
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        first_byte = True
+        while True:  # one upstream response per instance the request visits
+            cont: dict[str, Any] | None = None
+            async for event in sse_events(self.up):
+                if cont is not None or event.startswith(DONE[:12]):
+                    continue  # ours goes last, once; after a preemption the rest is moot
+                out: bytes | None = event
+                if b'"preempted"' in event or self.moved is not None or not self.public:
+                    payload = _payload(event)
+                    if payload is None:
+                        yield event
+                        continue
+                    if not self.public:
+                        self.public = {k: payload.get(k) for k in ("id", "created", "model")}
+                    choices = payload.get("choices") or []
+                    cont = preempted(choices[0]) if choices else None
+                    if cont is not None:
+                        continue  # the next instance re-emits its tail exactly
+                    if self.moved is not None:
+                        out = self._rewrite(payload)
+                if first_byte:
+                    self.metrics.ttft.labels(self.function).observe(time.monotonic() - self.t0)
+                    first_byte = False
+                if out is not None:
+                    yield out
+            await self.up.close()
+            if cont is None:
+                break
+            self.moved = start_moved(cont, self.moved)
+            self.metrics.moves.labels(self.function).inc()
+            try:
+                self.up = await self.reopen("/v1/completions", self.moved.body(self.function, self.original, True))
+            except Exception as e:
+                yield _error_event(f"the request was preempted and could not be continued: {e}")
+                break
+            if self.up.response.status_code != 200:
+                body = await self.up.response.aread()
+                yield _error_event(f"continuing a preempted request failed: {body[:300]!r}")
+                break
 
     def _rewrite(self, payload: dict[str, Any]) -> bytes | None:
         """A continuation chunk (completion shape) in the client's shape."""

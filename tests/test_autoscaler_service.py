@@ -171,3 +171,18 @@ def test_deploy_validates_the_spec(body: bytes, status: int) -> None:
             assert r.json()["error"]["code"] in ("invalid_json", "invalid_spec")
         else:
             assert "x" in ctl.functions
+
+
+def test_a_fresh_instance_outlives_a_zero_keep_alive_until_its_requests_arrive() -> None:
+    async def go() -> None:
+        h = Harness([fn("a", keep_alive_s=0.0)])
+        h.ctl.report_demand({"a": 1}, [], seen_version=h.ctl.table.version)
+        assert await h.round() == ["Load a@pod-0"]
+        h.now = 0.5
+        assert await h.round() == []  # ready and published, idle, but its request is on the way
+        h.now = 1.9
+        assert await h.round() == []
+        h.now = 2.6  # past the grace with no request: keep-alive 0 unloads it
+        assert await h.round() == ["Unload a@pod-0"]
+        await h.client.aclose()
+    run(go())

@@ -58,6 +58,7 @@ class ControllerSettings:
     interval_s: float = 0.25
     demand_ttl_s: float = 2.0
     load_failure_backoff_s: float = 5.0
+    fresh_grace_s: float = 2.0  # a new instance is not unloaded for idleness this soon
     profile: bool = True  # profile a model on first load (its latency estimates); false is faster
 
 
@@ -198,7 +199,12 @@ class Controller:
                 else:  # idle since it was last seen busy, or last served by the activator
                     since = self.last_busy.setdefault(iid, now)
                     self.idle_since[iid] = max(since, self.activity.get(i.function, since))
-                if i.state == "ready":
+                if i.state == "ready" and iid not in self.ever_ready:
+                    # A fresh instance counts as busy for a moment: the requests that asked for it
+                    # are on their way (the activator has yet to see the new route), so even a
+                    # keep-alive of 0 must not unload it before they arrive.
+                    self.last_busy[iid] = now + self.settings.fresh_grace_s
+                    self.idle_since[iid] = None
                     self.ever_ready[iid] = i.function
         for iid, fn in list(self.ever_ready.items()):
             if iid not in present:
@@ -293,4 +299,4 @@ class Controller:
 
 
 def _idle(now: float, since: float | None) -> float | None:
-    return None if since is None else round(now - since, 2)
+    return None if since is None else round(max(0.0, now - since), 2)
