@@ -35,6 +35,7 @@ from activator.dispatch import Dispatcher, DispatchTimeout, Upstream
 from activator.metrics import ActivatorMetrics
 from activator.relay import StreamRelay, complete_moving
 from activator.routes import HTTPRouteSource, RouteSource, RouteView
+from activator.upstream import UpstreamClient
 from activator.waiting import DemandReporter, QueueFull, WaitingRoom
 from functions import FunctionSpec
 
@@ -103,11 +104,11 @@ class Activator:
 
     @asynccontextmanager
     async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
-        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(None, connect=5.0)) as client:
+        upstream = UpstreamClient()
+        async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0)) as client:
             self.client = client
             source = self._source or HTTPRouteSource(self.settings.autoscaler_url, self.settings.token, client)
-            self.dispatcher = Dispatcher(self.routes, self.room, client, self.metrics)
+            self.dispatcher = Dispatcher(self.routes, self.room, upstream, self.metrics)
             tasks = [asyncio.create_task(self.routes.follow(source), name="routes"),
                      asyncio.create_task(DemandReporter(self.room, source, self.routes, self.settings.demand_interval_s).run(),
                                          name="demand")]
@@ -120,6 +121,7 @@ class Activator:
                 for t in tasks:
                     with contextlib.suppress(asyncio.CancelledError):
                         await t
+                await upstream.aclose()
 
     # -- routing ------------------------------------------------------------------------------
     def function(self, name: str | None) -> FunctionSpec:
@@ -147,19 +149,20 @@ class Activator:
         return None
 
     # -- forwarding ---------------------------------------------------------------------------
-    async def open(self, spec: FunctionSpec, path: str, body: dict[str, Any]) -> Upstream:
+    async def open(self, spec: FunctionSpec, path: str, body: dict[str, Any], raw: bytes | None = None) -> Upstream:
         assert self.dispatcher is not None
         try:
-            return await self.dispatcher.open(spec, path, body)
+            return await self.dispatcher.open(spec, path, body, raw)
         except QueueFull as e:
             retry = str(self.settings.queue_full_retry_after_s)
             raise APIError(503, str(e), "queue_full", "server_error", {"Retry-After": retry}) from e
         except DispatchTimeout as e:
             raise APIError(504, str(e), "timeout", "server_error") from e
 
-    async def forward(self, spec: FunctionSpec, path: str, body: dict[str, Any], chat: bool) -> Response:
+    async def forward(self, spec: FunctionSpec, path: str, body: dict[str, Any], chat: bool,
+                      raw: bytes | None = None) -> Response:
         t0 = time.monotonic()
-        up = await self.open(spec, path, body)
+        up = await self.open(spec, path, body, raw)
 
         async def reopen(p: str, b: dict[str, Any]) -> Upstream:
             return await self.open(spec, p, b)
@@ -190,7 +193,7 @@ def _error_code(raw: bytes, status: int) -> str:
     return str(status)
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
+async def _json_body(request: Request) -> tuple[dict[str, Any], bytes]:
     raw = await request.body()
     try:
         body = json.loads(raw)
@@ -198,7 +201,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
         raise APIError(400, "request body is not valid JSON", "invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object", "invalid_request")
-    return body
+    return body, raw
 
 
 def create_app(settings: ActivatorSettings, source: RouteSource | None = None) -> ASGIApp:
@@ -216,8 +219,11 @@ def create_app(settings: ActivatorSettings, source: RouteSource | None = None) -
         return endpoint
 
     async def openai(request: Request, path: str, chat: bool) -> Response:
-        body = await _json_body(request)
-        spec = act.function(body.get("model") or act.knative_function(request))
+        body, raw = await _json_body(request)
+        model = body.get("model")
+        spec = act.function(model or act.knative_function(request))
+        if model == spec.name:  # as the runtime wants it: forward the client's bytes
+            return await act.forward(spec, path, body, chat, raw)
         body["model"] = spec.name
         return await act.forward(spec, path, body, chat)
 
@@ -247,7 +253,7 @@ def create_app(settings: ActivatorSettings, source: RouteSource | None = None) -
             return await invoke_event(request, spec, mode)
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("application/json"):
-            body = await _json_body(request)
+            body, _ = await _json_body(request)
             if "messages" not in body:
                 prompt = body.pop("prompt", None)
                 if not isinstance(prompt, str) or not prompt:

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from activator.metrics import ActivatorMetrics
 from activator.routes import Endpoint, RouteView
+from activator.upstream import UpstreamClient, UpstreamError, UpstreamResponse
 from activator.waiting import WaitingRoom
 from functions import FunctionSpec
 
@@ -43,7 +43,7 @@ class DispatchTimeout(Exception):
 class Upstream:
     """An open response from a runtime instance; ``close()`` releases it exactly once."""
 
-    response: httpx.Response
+    response: UpstreamResponse
     endpoint: Endpoint
     dispatcher: Dispatcher
     function: str
@@ -59,7 +59,7 @@ class Upstream:
 
 
 class Dispatcher:
-    def __init__(self, routes: RouteView, room: WaitingRoom, client: httpx.AsyncClient,
+    def __init__(self, routes: RouteView, room: WaitingRoom, client: UpstreamClient,
                  metrics: ActivatorMetrics) -> None:
         self.routes = routes
         self.room = room
@@ -80,31 +80,32 @@ class Dispatcher:
         if finished:  # a request left the instance: one that waits may fit now
             self.room.wake(function)
 
-    async def _try(self, ep: Endpoint, path: str, body: Mapping[str, Any],
-                   headers: Mapping[str, str]) -> httpx.Response | None:
-        req = self.client.build_request("POST", ep.url + path, json=body, headers=headers)
+    async def _try(self, ep: Endpoint, path: str, content: bytes,
+                   headers: dict[str, str]) -> UpstreamResponse | None:
         try:
-            resp = await self.client.send(req, stream=True)
-        except httpx.TransportError:
+            resp = await self.client.post(ep.url + path, content, headers)
+        except UpstreamError:
             return None  # the pod is gone or restarting; the autoscaler re-places its instances
         if resp.status_code in RETRY_STATUSES or resp.status_code >= 500:
             await resp.aclose()
             return None
         return resp
 
-    async def open(self, spec: FunctionSpec, path: str, body: Mapping[str, Any],
-                   headers: Mapping[str, str] | None = None, deadline: float | None = None) -> Upstream:
-        """An open response from an instance of ``spec`` (see the module doc)."""
+    async def open(self, spec: FunctionSpec, path: str, body: Mapping[str, Any], raw: bytes | None = None,
+                   deadline: float | None = None) -> Upstream:
+        """An open response from an instance of ``spec`` (see the module doc). ``raw`` is the
+        body already serialised (the client's own bytes, when they need no change)."""
         name = spec.name
         t0 = time.monotonic()
         deadline = t0 + spec.timeout_s if deadline is None else deadline
-        hdrs = dict(headers or {})
+        content = raw if raw is not None else json.dumps(body).encode()
+        hdrs = {"content-type": "application/json"}
         async with contextlib.AsyncExitStack() as stack:
             waiting = False
             while True:
                 for ep in self.order(name):
                     self.inflight[ep.instance_id] = self.inflight.get(ep.instance_id, 0) + 1
-                    resp = await self._try(ep, path, body, hdrs)
+                    resp = await self._try(ep, path, content, hdrs)
                     if resp is not None:
                         self.room.active.add(name)
                         waited = time.monotonic() - t0

@@ -21,10 +21,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
 from activator.dispatch import Upstream
 from activator.metrics import ActivatorMetrics
+from activator.upstream import UpstreamError
 
 DONE = b"data: [DONE]\n\n"
 CONTINUE_KEYS = ("temperature", "top_p", "seed", "stop")
@@ -105,7 +104,7 @@ class StreamRelay:
         try:
             async for event in self._events():
                 yield event
-        except httpx.HTTPError as e:  # the pod died mid-stream: no continuation to resume from
+        except UpstreamError as e:  # the pod died mid-stream: no continuation to resume from
             yield _error_event(f"the instance serving this stream failed: {e!r}")
         finally:
             await self.up.close()
@@ -209,6 +208,8 @@ async def complete_moving(first: Upstream, reopen: Reopen, original: dict[str, A
             raw = await up.response.aread()
             status = up.response.status_code
             await up.close()
+            if moved is None and b'"continuation"' not in raw:
+                return status, raw  # the common case: the runtime's answer as it is, unparsed
             try:
                 body = json.loads(raw)
             except ValueError:

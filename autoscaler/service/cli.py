@@ -49,7 +49,7 @@ def _fail(message: str) -> None:
 def up(argv: list[str]) -> None:
     from autoscaler.service.controller import ControllerSettings
     from autoscaler.service.local import PodResources
-    from autoscaler.service.mesh import Mesh, MeshSettings
+    from autoscaler.service.mesh import Mesh, MeshSettings, new_event_loop
 
     ap = argparse.ArgumentParser(prog="slinfer up", description="Run the embedded mesh: the activator, "
                                  "the autoscaler and N runtime pods on this machine.")
@@ -108,7 +108,11 @@ def up(argv: list[str]) -> None:
             await mesh.stop()
 
     try:
-        asyncio.run(main())
+        loop = new_event_loop()
+        try:
+            loop.run_until_complete(main())
+        finally:
+            loop.close()
     finally:
         mesh.pods.stop()  # reaps children even if start-up failed half-way
 
