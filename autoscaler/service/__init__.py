@@ -6,4 +6,6 @@
     controller  the reconcile loop (the one owner of the autoscaler's state)
     api         the HTTP API: route table long-poll, demand, functions, status
     local       the embedded driver: runtime pods as child processes, restarted when they die
+    mesh        the embedded mesh: pods + autoscaler + activator on one event loop (`slinfer up`)
+    cli         `slinfer up | deploy | delete | list | invoke | logs`
 """
