@@ -98,6 +98,7 @@ class StreamRelay:
         self.t0 = t0
         self.moved: Moved | None = None
         self.public: dict[str, Any] = {}  # id / created / model of the client's stream
+        self.first_event: bytes | None = None
         self.want_usage = bool((original.get("stream_options") or {}).get("include_usage"))
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -118,13 +119,16 @@ class StreamRelay:
                 if cont is not None or event.startswith(DONE[:12]):
                     continue  # ours goes last, once; after a preemption the rest is moot
                 out: bytes | None = event
-                if b'"preempted"' in event or self.moved is not None or not self.public:
+                if self.first_event is None:
+                    self.first_event = event  # its id/created/model, should the stream move
+                if b'"preempted"' in event or self.moved is not None:
                     payload = _payload(event)
                     if payload is None:
                         yield event
                         continue
                     if not self.public:
-                        self.public = {k: payload.get(k) for k in ("id", "created", "model")}
+                        first = _payload(self.first_event) or {}
+                        self.public = {k: first.get(k) for k in ("id", "created", "model")}
                     choices = payload.get("choices") or []
                     cont = preempted(choices[0]) if choices else None
                     if cont is not None:

@@ -55,7 +55,7 @@ log = logging.getLogger("slinfer.autoscaler")
 @dataclass(frozen=True)
 class ControllerSettings:
     token: str
-    interval_s: float = 0.25
+    interval_s: float = 0.5  # demand and finished loads wake the loop sooner
     demand_ttl_s: float = 2.0
     load_failure_backoff_s: float = 5.0
     fresh_grace_s: float = 2.0  # a new instance is not unloaded for idleness this soon
