@@ -35,9 +35,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from functions import FunctionSpec
-from runtime.core.admission import Decision, NewRequest, admit
 from runtime.core.arbiter import DeviceKind
-from runtime.core.block_pool import blocks_for
 from runtime.core.estimator import LatencyEstimator, LatencyProfile
 from runtime.core.ids import RequestId
 from runtime.core.memory import MemoryConfig
@@ -239,20 +237,6 @@ class Static:
         self.engines.clear()
 
 
-def admit_at(dev: DeviceLoop, iid: str, prompt_tokens: int, arrival_s: float, now: float) -> Decision:
-    """DeviceLoop.admit, but with the TTFT deadline counted from the job's arrival rather than
-    from `now` (DeviceLoop.admit has no arrival parameter, so a retried job would get a fresh
-    deadline). Identical to it when now == arrival_s."""
-    inst = dev.instances[iid]
-    eng = inst.engine
-    need = blocks_for(min(prompt_tokens + dev.memory.lookahead_tokens, eng.max_model_len), eng.config.block_size)
-    slack = max(0, eng.pool.num_blocks - eng.reserved_blocks(dev.memory.lookahead_tokens))
-    free = dev.actions.free // eng.bytes_per_block + slack
-    deadline = arrival_s + inst.load_delay_s + inst.spec.slo.ttft_s(prompt_tokens)
-    return admit([i.load() for i in dev.instances.values()], iid, NewRequest(prompt_tokens, deadline, need),
-                 free, now)
-
-
 class Ours:
     name = "ours"
 
@@ -272,7 +256,8 @@ class Ours:
         self._try(job, now)
 
     def _try(self, job: Job, now: float) -> None:
-        d = admit_at(self.dev, job.function, len(job.prompt_ids), job.arrival_s, now)
+        d = self.dev.admit(job.function, len(job.prompt_ids), now, arrival_s=job.arrival_s,
+                           max_tokens=job.params.max_tokens)
         if d.admitted:
             self.dev.instances[job.function].engine.add_request(job.rid, job.prompt_ids, job.params, job.arrival_s)
             self.dev.plan_memory()  # reserve its KV now, so the next admission sees it taken

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from functions import FunctionSpec
-from runtime.core.admission import Decision, InstanceLoad, NewRequest, PendingPrefill, admit
+from runtime.core.admission import Decision, InstanceLoad, NewRequest, PendingDecode, PendingPrefill, admit
 from runtime.core.arbiter import Candidate, DeviceKind, Grant, Phase, next_token_deadline, pick
 from runtime.core.estimator import LatencyEstimator
 from runtime.core.memory import ActionKind, DeviceActions, MemoryConfig, reservation_blocks, resize_target
@@ -41,15 +41,22 @@ class Instance:
         return next_token_deadline(req.arrival_s, slo.ttft_s(len(req.prompt_token_ids)), slo.tpot_s,
                                    len(req.output_token_ids), self.load_delay_s)
 
+    def tokens_left(self, req: Request) -> int:
+        """Tokens req may still emit: max_tokens, and never past the context."""
+        return max(0, min(req.params.max_tokens - len(req.output_token_ids),
+                          self.engine.max_model_len - req.num_tokens))
+
     def load(self) -> InstanceLoad:
         decoding = [r for r in self.engine.scheduler.running if r.num_computed_tokens >= len(r.prompt_token_ids)]
         prefills = tuple(
-            PendingPrefill(r.num_tokens - r.num_computed_tokens, self.deadline(r))
+            PendingPrefill(r.num_tokens - r.num_computed_tokens, self.deadline(r), max(0, self.tokens_left(r) - 1))
             for r in self.requests() if r.num_computed_tokens < len(r.prompt_token_ids)
         )
+        decodes = tuple(PendingDecode(self.tokens_left(r), self.deadline(r)) for r in decoding)
         avg = sum(r.num_tokens for r in decoding) / len(decoding) if decoding else 0.0
+        due = min((d.deadline_s for d in decodes), default=None)
         return InstanceLoad(self.iid, self.estimator, self.spec.slo.tpot_s, len(decoding), avg, prefills,
-                            self.engine.max_model_len)
+                            self.engine.max_model_len, due, decodes)
 
 
 @dataclass
@@ -143,9 +150,11 @@ class DeviceLoop:
     def has_work(self) -> bool:
         return any(i.engine.has_work for i in self.instances.values())
 
-    def admit(self, iid: str, prompt_tokens: int, now: float, arrival_s: float | None = None) -> Decision:
+    def admit(self, iid: str, prompt_tokens: int, now: float, arrival_s: float | None = None,
+              max_tokens: int | None = None) -> Decision:
         """May a request join iid now? arrival_s (default now) anchors its TTFT deadline, so a
-        retried request keeps the deadline it arrived with."""
+        retried request keeps the deadline it arrived with; max_tokens bounds its output (None:
+        up to the context), which lets admission see when its work ends."""
         inst = self.instances[iid]
         eng = inst.engine
         la = self.memory.lookahead_tokens
@@ -158,7 +167,10 @@ class DeviceLoop:
         slack = max(0, eng.pool.num_blocks - eng.reserved_blocks(la))
         free = max(0, self.actions.free - unmet) // eng.bytes_per_block + slack
         arrival = now if arrival_s is None else arrival_s
-        req = NewRequest(prompt_tokens, arrival + inst.load_delay_s + inst.spec.slo.ttft_s(prompt_tokens), need)
+        room = eng.max_model_len - prompt_tokens
+        outputs = max(0, (room if max_tokens is None else min(max_tokens, room)) - 1)
+        req = NewRequest(prompt_tokens, arrival + inst.load_delay_s + inst.spec.slo.ttft_s(prompt_tokens), need,
+                         outputs)
         loads = [i.load() for i in self.instances.values()]
         return admit(loads, iid, req, free, now)
 

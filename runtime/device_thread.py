@@ -177,7 +177,7 @@ class AsyncDevice:
             now = time.monotonic()
             try:
                 if cmd.admission:
-                    d = dev.admit(cmd.iid, len(cmd.prompt_ids), now)
+                    d = dev.admit(cmd.iid, len(cmd.prompt_ids), now, max_tokens=cmd.params.max_tokens)
                     if not d.admitted:
                         loop.call_soon_threadsafe(self._fail, cmd.rid, AdmissionRefused(d))
                         return []

@@ -1,22 +1,36 @@
 """Admission: may a request join an instance on this device now?
 
 Yes only if, with it added,
-  compute  Σ over the device's instances of est_decode(avg context, batch) / TPOT <= 1
-           (each instance's share of the device needed to emit one token per TPOT);
-  prefill  an EDF replay of all pending prefills on the device, from now, meets every deadline
-           that it met without the newcomer (prefill gets the share decode leaves free);
+  context  the prompt leaves room for at least one output token;
   memory   the request's KV reservation fits in the device's free blocks;
-  context  the prompt leaves room for at least one output token.
-A refusal carries its reason and a Retry-After hint so the caller can go elsewhere at once.
+  deadlines an EDF replay of the device from now, as the arbiter would run it, adds no lateness
+           to any job: pending prefills (in chunks, due at their TTFT deadlines) and each
+           decoding instance (one iteration at a time, due at its earliest next-token deadline,
+           which then moves on by TPOT). The TPOT SLO is on the mean, so a request with a bounded
+           output only needs its last token on time (arrival + TTFT + TPOT x (n - 1)); a token in
+           the middle may slip if the stream catches up. Decodes ahead of schedule yield the device to a prefill,
+           so a burst of prompts may use the slack of running streams but never make one late.
+           When every request's output length is bounded (max_tokens), the replay runs until all
+           of them finish: that is the whole future of the work on the device, and admission is
+           exact up to the estimator's error. Otherwise the replay runs to the last prefill
+           deadline and the steady-state rule of the paper guards the rest:
+  compute  Σ over the device's instances of est_decode(avg context, batch) / TPOT <= 1
+           (each instance's share of the device needed to emit one token per TPOT).
+A refusal carries its reason (compute when decode work no longer fits, prefill when a first
+token would be late) and a Retry-After hint so the caller can go elsewhere at once.
 """
 
 from __future__ import annotations
 
 import enum
+import heapq
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from runtime.core.estimator import LatencyEstimator
+
+UNBOUNDED = math.inf  # an output length nobody bounded
 
 
 class RefusalReason(enum.Enum):
@@ -30,6 +44,13 @@ class RefusalReason(enum.Enum):
 class PendingPrefill:
     tokens_left: int
     deadline_s: float  # absolute time its first token is due
+    output_tokens: float = UNBOUNDED  # tokens it may still decode after its first
+
+
+@dataclass(frozen=True)
+class PendingDecode:
+    tokens_left: float  # tokens it may still emit (UNBOUNDED if unknown)
+    deadline_s: float  # absolute time its next token is due
 
 
 @dataclass(frozen=True)
@@ -41,6 +62,11 @@ class InstanceLoad:
     avg_context: float  # mean context of those requests
     prefills: tuple[PendingPrefill, ...] = ()
     max_context_tokens: int = 1 << 30
+    # Earliest next-token deadline among the decoding requests; None means "on schedule" (due
+    # one TPOT from now) when the caller does not know.
+    decode_deadline_s: float | None = None
+    # The decoding requests one by one; None: `batch` requests, unbounded, due at decode_deadline_s.
+    decodes: tuple[PendingDecode, ...] | None = None
 
     def demand(self, extra_requests: int = 0, extra_context: float = 0.0) -> float:
         batch = self.batch + extra_requests
@@ -49,12 +75,23 @@ class InstanceLoad:
         ctx = (self.avg_context * self.batch + extra_context) / batch
         return self.estimator.decode_s(ctx, batch) / self.tpot_s
 
+    def pending_decodes(self, now: float) -> tuple[PendingDecode, ...]:
+        if self.decodes is not None:
+            return self.decodes
+        due = now + self.tpot_s if self.decode_deadline_s is None else self.decode_deadline_s
+        return tuple(PendingDecode(UNBOUNDED, due) for _ in range(self.batch))
+
+    def bounded(self) -> bool:
+        return (self.decodes is not None or self.batch == 0) and all(
+            math.isfinite(p.output_tokens) for p in self.prefills)
+
 
 @dataclass(frozen=True)
 class NewRequest:
     prompt_tokens: int
     ttft_deadline_s: float  # absolute
     reserve_blocks: int
+    output_tokens: float = UNBOUNDED  # tokens it may decode after its first (max_tokens - 1)
 
 
 @dataclass(frozen=True)
@@ -72,32 +109,133 @@ def device_demand(instances: Sequence[InstanceLoad], target: str | None = None, 
     return sum(i.demand(1, new_prompt) if i.instance_id == target else i.demand() for i in instances)
 
 
-def replay_misses(instances: Sequence[InstanceLoad], extra: tuple[str, PendingPrefill] | None,
-                  decode_share: float, now: float) -> tuple[set[int], float]:
-    """Run every pending prefill in EDF order from now at the device share decode leaves free.
-    Returns the indices (in EDF order of the existing ones, newcomer = -1) that finish late, and
-    the worst lateness in seconds."""
+REPLAY_CHUNK_TOKENS = 512  # prefill granularity in the replay (the engine's default chunk)
+REPLAY_TAIL_S = 5.0  # how far past the last prefill deadline the replay follows decode streams
+REPLAY_MAX_ITERATIONS = 20_000  # a bound on the replay's work; far beyond any real horizon
+LATENESS_TOLERANCE_S = 1e-6  # float noise, not slack
+
+
+@dataclass
+class _Stream:
+    """One decoding instance in the replay: its requests as [tokens left, next deadline]."""
+
+    iid: str
+    est: LatencyEstimator
+    tpot_s: float
+    context: float
+    reqs: list[list[float]] = field(default_factory=list)
+    cost_s: float = 0.0
+
+    def add(self, tokens_left: float, deadline_s: float, context: float) -> None:
+        n = len(self.reqs)
+        self.context = (self.context * n + context) / (n + 1)
+        self.reqs.append([tokens_left, deadline_s])
+        self.cost_s = self.est.decode_s(self.context, len(self.reqs))
+
+    @property
+    def deadline_s(self) -> float:
+        return min(r[1] for r in self.reqs)
+
+    @property
+    def bounded(self) -> bool:
+        return all(math.isfinite(r[0]) for r in self.reqs)
+
+    def iterate(self, t: float, late: dict[str, float]) -> None:
+        """One decode iteration that ended at t: every request emits a token. The TPOT SLO is on
+        the mean, so a bounded request is late only if its last token is; an unbounded one has no
+        last token, so each of its tokens must be on time."""
+        key = f"d:{self.iid}"
+        for r in self.reqs:
+            if t > r[1] and (r[0] <= 1 or not math.isfinite(r[0])):
+                late[key] = max(late.get(key, 0.0), t - r[1])
+            r[0] -= 1
+            r[1] += self.tpot_s
+        n = len(self.reqs)
+        self.reqs = [r for r in self.reqs if r[0] > 0]
+        if self.reqs and len(self.reqs) != n:
+            self.cost_s = self.est.decode_s(self.context, len(self.reqs))
+
+
+@dataclass(frozen=True)
+class Replay:
+    late: dict[str, float]  # lateness (s, > 0) by job: "p<k>", "new", "d:<instance>"
+    demand_left: float  # Σ cost/TPOT of the decode streams still running when the replay ends
+
+
+def replay(instances: Sequence[InstanceLoad], extra: tuple[str, PendingPrefill] | None, now: float,
+           horizon_s: float | None = None, tail_s: float = REPLAY_TAIL_S,
+           chunk_tokens: int = REPLAY_CHUNK_TOKENS) -> Replay:
+    """Replay the device under EDF from now.
+
+    Every pending prefill runs to completion (in chunks of chunk_tokens), then joins its
+    instance's decode stream. Decode streams run while their next token is due no later than
+    horizon_s + tail_s (horizon default: the last prefill deadline), and on while they are
+    behind (for one more tail_s at most), to see how late they get; a request leaves its stream
+    after its last token. Ties go
+    to decode. Two replays with one horizon cover the same stretch of time, so their lateness
+    can be compared job by job; what still runs at the end is summed as steady-state demand."""
     est = {i.instance_id: i.estimator for i in instances}
-    jobs: list[tuple[float, int, str, int]] = []
-    k = 0
+    tpot = {i.instance_id: i.tpot_s for i in instances}
+    streams: dict[str, _Stream] = {}
+    for inst in instances:
+        for d in inst.pending_decodes(now):
+            s = streams.setdefault(inst.instance_id, _Stream(inst.instance_id, inst.estimator, inst.tpot_s, 0.0))
+            s.add(d.tokens_left, d.deadline_s, inst.avg_context)
+    jobs: list[tuple[float, int, str, int, float]] = []
     for inst in instances:
         for p in inst.prefills:
-            jobs.append((p.deadline_s, k, inst.instance_id, p.tokens_left))
-            k += 1
+            jobs.append((p.deadline_s, len(jobs), inst.instance_id, p.tokens_left, p.output_tokens))
     if extra is not None:
         iid, p = extra
-        jobs.append((p.deadline_s, -1, iid, p.tokens_left))
+        jobs.append((p.deadline_s, -1, iid, p.tokens_left, p.output_tokens))
     jobs.sort(key=lambda j: (j[0], j[1]))
-    share = max(1e-6, 1.0 - decode_share)
+    end = (max((j[0] for j in jobs), default=now) if horizon_s is None else horizon_s) + tail_s
+    late: dict[str, float] = {}
+    # Streams in a heap by (deadline, id): the top is the one EDF would run. A stream's entry is
+    # pushed again after each of its iterations; entries that no longer match are skipped.
+    heap = [(s.deadline_s, sid) for sid, s in streams.items()]
+    heapq.heapify(heap)
     t = now
-    misses: set[int] = set()
-    worst = 0.0
-    for deadline, key, iid, tokens in jobs:
-        t += est[iid].prefill_s(tokens) / share
+    i = 0  # next prefill in EDF order; prefills never reorder among themselves
+    left = jobs[0][3] if jobs else 0
+    for _ in range(REPLAY_MAX_ITERATIONS):
+        while heap and (heap[0][1] not in streams or streams[heap[0][1]].deadline_s != heap[0][0]):
+            heapq.heappop(heap)
+        urgent = streams[heap[0][1]] if heap else None
+        if i < len(jobs):
+            due = jobs[i][0]
+        elif urgent is not None and (urgent.deadline_s <= end
+                                     or (t + urgent.cost_s > urgent.deadline_s and t <= end + tail_s)):
+            due = math.inf
+        else:
+            break
+        if urgent is not None and urgent.deadline_s <= due:
+            t += urgent.cost_s
+            urgent.iterate(t, late)
+            if urgent.reqs:
+                heapq.heappush(heap, (urgent.deadline_s, urgent.iid))
+            else:
+                del streams[urgent.iid]
+            continue
+        deadline, key, iid, tokens, outputs = jobs[i]
+        chunk = min(left, chunk_tokens)
+        t += est[iid].prefill_s(chunk)
+        left -= chunk
+        if left > 0:
+            continue
         if t > deadline:
-            misses.add(key)
-            worst = max(worst, t - deadline)
-    return misses, worst
+            k = "new" if key < 0 else f"p{key}"
+            late[k] = max(late.get(k, 0.0), t - deadline)
+        if outputs > 0:
+            joined = streams.get(iid)
+            if joined is None:
+                joined = streams[iid] = _Stream(iid, est[iid], tpot[iid], 0.0)
+            # Mean TPOT is measured from the first token: one that came early buys no slack.
+            joined.add(outputs, min(t, deadline) + tpot[iid], float(tokens))
+            heapq.heappush(heap, (joined.deadline_s, iid))
+        i += 1
+        left = jobs[i][3] if i < len(jobs) else 0
+    return Replay(late, sum(s.cost_s / s.tpot_s for s in streams.values()))
 
 
 def admit(instances: Sequence[InstanceLoad], target: str, req: NewRequest, free_blocks: int, now: float) -> Decision:
@@ -111,14 +249,23 @@ def admit(instances: Sequence[InstanceLoad], target: str, req: NewRequest, free_
         return Decision(False, RefusalReason.MEMORY, 1.0,
                         f"needs {req.reserve_blocks} KV blocks, {free_blocks} free")
     demand = device_demand(instances, target, req.prompt_tokens)
-    if demand > 1.0:
+    bounded = math.isfinite(req.output_tokens) and all(i.bounded() for i in instances)
+    if demand > 1.0 and not bounded:  # nothing will end: the paper's steady-state rule decides
         return Decision(False, RefusalReason.COMPUTE, 1.0, f"decode demand would be {demand:.2f} of the device")
-    base = device_demand(instances)
-    before, _ = replay_misses(instances, None, base, now)
-    # The newcomer decodes only after its prefill, so the replay uses today's decode share.
-    after, worst = replay_misses(instances, (target, PendingPrefill(req.prompt_tokens, req.ttft_deadline_s)),
-                                 base, now)
-    if after - before:
+    newcomer = PendingPrefill(req.prompt_tokens, req.ttft_deadline_s, req.output_tokens)
+    after = replay(instances, (target, newcomer), now)
+    horizon = max([newcomer.deadline_s, *(p.deadline_s for i in instances for p in i.prefills)])
+    before = replay(instances, None, now, horizon)
+    # Work still running when the replay ends must fit in the long run.
+    if after.demand_left > 1.0 and after.demand_left > before.demand_left + LATENESS_TOLERANCE_S:
+        return Decision(False, RefusalReason.COMPUTE, 1.0,
+                        f"decode demand would be {after.demand_left:.2f} of the device")
+    # Only lateness the newcomer adds counts: a job already late is late either way.
+    hurt = {k: v for k, v in after.late.items() if v > before.late.get(k, 0.0) + LATENESS_TOLERANCE_S}
+    if hurt:
+        worst = max(hurt.values())
+        keys = sorted(hurt)
+        who = ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
         return Decision(False, RefusalReason.PREFILL, max(0.1, worst),
-                        f"pending prefills would miss their deadlines by up to {worst:.3f}s")
+                        f"deadlines would be missed by up to {worst:.3f}s ({who})")
     return ADMIT
