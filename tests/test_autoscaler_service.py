@@ -34,6 +34,7 @@ class FakePods:
         self.loaded: dict[str, dict[str, str]] = {"pod-0": {}, "pod-1": {}}
         self.batch: dict[tuple[str, str], int] = {}
         self.down: set[str] = set()
+        self.slow: set[str] = set()  # status times out (a long load holds the device thread)
         self.calls: list[tuple[str, str, str]] = []
 
     def status(self, node: str) -> dict[str, Any]:
@@ -51,6 +52,8 @@ class FakePods:
         node = request.url.host
         if node in self.down:
             raise httpx.ConnectError("down", request=request)
+        if node in self.slow and request.url.path == "/admin/status":
+            raise httpx.ReadTimeout("busy", request=request)
         assert request.headers["authorization"] == f"Bearer {TOKEN}"
         path = request.url.path
         if request.method == "GET" and path == "/admin/status":
@@ -184,5 +187,24 @@ def test_a_fresh_instance_outlives_a_zero_keep_alive_until_its_requests_arrive()
         assert await h.round() == []
         h.now = 2.6  # past the grace with no request: keep-alive 0 unloads it
         assert await h.round() == ["Unload a@pod-0"]
+        await h.client.aclose()
+    run(go())
+
+
+def test_a_slow_pod_keeps_its_instances_and_its_loading_one_counts() -> None:
+    async def go() -> None:
+        h = Harness([fn("a"), fn("b")])
+        h.pods.loaded["pod-0"] = {"a": "ready", "b": "loading"}
+        assert await h.round() == []
+        h.pods.slow.add("pod-0")  # b's load is profiling: status waits for the device thread
+        h.ctl.report_demand({"b": 2}, [], seen_version=h.ctl.table.version)
+        h.now = 1.0
+        assert await h.round() == []  # not lost, not down; b is loading there already
+        assert h.ctl.status()["lost"] == [] and all(n["up"] for n in h.ctl.status()["nodes"])
+        assert [e.instance_id for e in h.ctl.table.endpoints_of("a")] == ["a@pod-0"]
+        h.pods.slow.clear()
+        h.pods.down.add("pod-0")  # now really gone
+        h.now = 2.0
+        assert await h.round() == ["Load b@pod-1", "Load a@pod-1"]  # most waiting first
         await h.client.aclose()
     run(go())

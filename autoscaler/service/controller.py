@@ -1,8 +1,8 @@
 """The reconcile loop: observe the pods, decide with autoscaler/core, execute, publish routes.
 
 Every ``interval_s`` (sooner when demand arrives) one round:
-  1. ask every pod for ``/admin/status`` (a pod that does not answer is out of the snapshot, and
-     the instances it had are lost);
+  1. ask every pod for ``/admin/status`` (a pod that refuses the connection is out of the
+     snapshot, and the instances it had are lost; one that is only slow keeps its last answer);
   2. track idleness (a pod's batch/waiting, and the activity the activator reports) and lost
      instances (seen READY before, gone now without our asking: a pod died or restarted);
   3. publish the route table (READY instances) when it changed; demand seen before a
@@ -161,6 +161,12 @@ class Controller:
         down: set[NodeId] = set()
         for node, a in zip(nodes, answers, strict=True):
             if isinstance(a, BaseException):
+                prev = self.pods.get(node.node_id)
+                if isinstance(a, httpx.TimeoutException) and prev is not None:
+                    # Slow, not gone: a load holds the pod's device thread while it profiles,
+                    # and status waits for it. Its last answer stands (nothing is lost).
+                    pods.append(prev)
+                    continue
                 down.add(node.node_id)
                 continue
             pods.append(parse_status(node, a))
