@@ -105,7 +105,11 @@ class Dispatcher:
             while True:
                 for ep in self.order(name):
                     self.inflight[ep.instance_id] = self.inflight.get(ep.instance_id, 0) + 1
-                    resp = await self._try(ep, path, content, hdrs)
+                    if waiting:
+                        with self.room.trying(name):
+                            resp = await self._try(ep, path, content, hdrs)
+                    else:
+                        resp = await self._try(ep, path, content, hdrs)
                     if resp is not None:
                         self.room.active.add(name)
                         waited = time.monotonic() - t0

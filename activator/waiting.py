@@ -36,6 +36,7 @@ class WaitingRoom:
         self._wake: dict[str, asyncio.Event] = {}
         self.arrived = asyncio.Event()  # set when a function's count goes 0 -> 1
         self.active: set[str] = set()  # functions served since the last demand report (keep-alive)
+        self._trying: dict[str, int] = {}
 
     @contextlib.contextmanager
     def hold(self, function: str) -> Iterator[None]:
@@ -57,6 +58,22 @@ class WaitingRoom:
     def depth(self, function: str) -> int:
         return self.counts.get(function, 0)
 
+    @contextlib.contextmanager
+    def trying(self, function: str) -> Iterator[None]:
+        """A held request is being tried on an instance: it is not demand while that lasts (a
+        non-streaming request is tried for its whole generation, on the instance that was made
+        for it; counting it would scale the function out)."""
+        self._trying[function] = self._trying.get(function, 0) + 1
+        try:
+            yield
+        finally:
+            self._trying[function] -= 1
+
+    def demand(self) -> dict[str, int]:
+        """Requests per function waiting now, not counting those being tried."""
+        out = {fn: n - self._trying.get(fn, 0) for fn, n in self.counts.items()}
+        return {fn: n for fn, n in out.items() if n > 0}
+
     def wake(self, function: str) -> None:
         """Something changed for ``function`` (a request finished): waiters try again."""
         ev = self._wake.pop(function, None)
@@ -68,7 +85,7 @@ class WaitingRoom:
 
 
 class DemandReporter:
-    """Reports ``room.counts`` to the autoscaler every ``interval_s`` while non-empty, and at once
+    """Reports ``room.demand()`` to the autoscaler every ``interval_s`` while non-empty, and at once
     when a function starts waiting."""
 
     def __init__(self, room: WaitingRoom, source: RouteSource, routes: RouteView, interval_s: float = 0.5) -> None:
@@ -90,7 +107,7 @@ class DemandReporter:
             self.room.arrived.clear()
             active, self.room.active = sorted(self.room.active), set()
             try:
-                await self.source.report_demand(dict(self.room.counts), active, self.routes.table.version)
+                await self.source.report_demand(self.room.demand(), active, self.routes.table.version)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # autoscaler restarting: the next report carries the demand

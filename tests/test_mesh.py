@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from activator.app import ActivatorSettings
 from autoscaler.service.controller import ControllerSettings
 from autoscaler.service.local import PodResources
 from autoscaler.service.mesh import MeshHandle, MeshSettings, mesh_in_thread
@@ -42,7 +43,8 @@ FUNCTIONS = (
 def mesh() -> Iterator[MeshHandle]:
     settings = MeshSettings(FUNCTIONS, TOKEN, pods=2, port=0, autoscaler_port=0,
                             resources=PodResources(kv_budget_mb=32, weight_cache_mb=512, memory_mb=2048, threads=1),
-                            controller=ControllerSettings(TOKEN, profile=False))
+                            controller=ControllerSettings(TOKEN, profile=False),
+                            activator=ActivatorSettings(demand_interval_s=0.1))
     with mesh_in_thread(settings) as handle:
         yield handle
 
@@ -60,7 +62,10 @@ def placed(mesh: MeshHandle, function: str, state: str = "ready") -> list[str]:
 
 
 def hosted(mesh: MeshHandle, function: str) -> list[str]:
-    return [n["node"] for n in status(mesh)["nodes"] for i in n["instances"] if i["function"] == function]
+    """Nodes with an instance of ``function`` or a load of it under way."""
+    st = status(mesh)
+    nodes = {n["node"] for n in st["nodes"] for i in n["instances"] if i["function"] == function}
+    return sorted(nodes | {x["node"] for x in st["loads_in_flight"] if x["function"] == function})
 
 
 def wait_until(cond: Callable[[], Any], what: str, timeout_s: float = 30.0) -> Any:
@@ -86,9 +91,11 @@ def pod_admin(mesh: MeshHandle, node: str) -> dict[str, Any]:
 def test_scale_from_zero_answers_without_error(mesh: MeshHandle) -> None:
     assert hosted(mesh, "alpha") == []
     client = openai.OpenAI(base_url=f"{mesh.url}/v1", api_key="unused", max_retries=0)
-    r = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
-                                       temperature=0)
-    assert r.choices[0].finish_reason == "length" and r.usage is not None and r.usage.completion_tokens == 5
+    r = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hello"}],
+                                       max_tokens=120, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage is not None and r.usage.completion_tokens == 120
+    # One instance: while the request ran on it, it was not reported as demand again.
+    assert len(hosted(mesh, "alpha")) == 1
 
 
 def test_idle_function_is_unloaded_after_keep_alive_and_reloaded_on_demand(mesh: MeshHandle) -> None:

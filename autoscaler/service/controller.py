@@ -299,6 +299,7 @@ class Controller:
             "nodes": nodes,
             "demand": {fn: n for fn, (n, until) in sorted(self.demand.items()) if until >= now},
             "lost": sorted(self.lost),
+            "loads_in_flight": [{"function": fn, "node": node} for fn, node in sorted(self.loading)],
             "routes_version": self.table.version,
             "rounds": self.rounds,
         }
