@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 MODEL ?= bundled:smollm2-135m-instruct
 
-.PHONY: venv run test lint bench-engine bench-capacity fetch-model clean simulate
+.PHONY: venv run serve test lint bench-engine bench-capacity bench-activator fetch-model clean simulate
 
 venv: $(STAMP)
 
@@ -24,7 +24,14 @@ $(STAMP): pyproject.toml
 fetch-model: $(STAMP)
 	$(PY) -m runtime.models.bundled
 
-run: $(STAMP)
+# The embedded mesh: activator on $(PORT), autoscaler, $(PODS) runtime pods, functions/examples.
+# It prints how to call it: the OpenAI API at http://$(HOST):$(PORT)/v1 with model = function name.
+PODS ?= 2
+run: $(STAMP) fetch-model
+	$(PY) -m runtime.cli up --functions-dir functions/examples --pods $(PODS) --host $(HOST) --port $(PORT)
+
+# One runtime pod serving $(MODEL) directly (no activator or autoscaler).
+serve: $(STAMP)
 	$(PY) -m runtime.cli serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
@@ -32,13 +39,16 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy runtime functions autoscaler
+	$(VENV)/bin/mypy runtime functions autoscaler activator
 
 bench-engine: $(STAMP)
 	$(PY) bench/bench_engine.py
 
 bench-capacity: $(STAMP)
 	$(PY) bench/bench_capacity.py
+
+bench-activator: $(STAMP)
+	$(PY) bench/bench_activator.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -39,6 +39,8 @@ def parse_serve(argv: list[str], env: dict[str, str] | None = None) -> ServeSett
     ap.add_argument("--name", action="append", default=[], help="served name for the matching --model")
     ap.add_argument("--function", action="append", default=[], help="serve a FunctionSpec YAML file (repeatable)")
     ap.add_argument("--functions-dir", help="serve every FunctionSpec YAML in this folder")
+    ap.add_argument("--no-functions", action="store_true",
+                    help="start with nothing loaded (an autoscaler loads functions through /admin)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--device", choices=[k.value for k in DeviceKind], default="cpu")
@@ -62,7 +64,7 @@ def parse_serve(argv: list[str], env: dict[str, str] | None = None) -> ServeSett
             specs += load_function_dir(a.functions_dir)
     except (SpecError, OSError) as e:
         ap.error(str(e))
-    if not specs:
+    if not specs and not a.no_functions:
         specs.append(FunctionSpec(name="smollm2-135m-instruct", model="bundled:smollm2-135m-instruct",
                                   max_output_tokens=4095, max_context_tokens=4096))
     names = [s.name for s in specs]
@@ -87,7 +89,7 @@ def serve(settings: ServeSettings) -> None:
     pod = Pod(settings.pod)
     app = create_app(pod, admin_token=settings.admin_token, functions=list(settings.functions))
     base = f"http://{settings.host}:{settings.port}"
-    first = settings.functions[0].name
+    first = settings.functions[0].name if settings.functions else "<function>"
     print(f"[slinfer] loading {', '.join(s.name for s in settings.functions)}; then serving the OpenAI API at "
           f"{base}/v1 with model = function name\n"
           f"[slinfer] try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
@@ -97,11 +99,14 @@ def serve(settings: ServeSettings) -> None:
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
 
 
+MESH_COMMANDS = ("up", "deploy", "delete", "list", "invoke", "logs")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: slinfer serve|simulate [options]   (slinfer <command> --help for options)")
+        print("usage: slinfer serve|simulate|up|deploy|delete|list|invoke|logs [options]   (slinfer <command> --help)")
         sys.exit(0 if argv else 2)
     cmd, rest = argv[0], argv[1:]
     if cmd == "serve":
@@ -110,8 +115,13 @@ def main(argv: list[str] | None = None) -> None:
         from autoscaler.sim.cli import main as simulate_main
 
         sys.exit(simulate_main(rest))
+    elif cmd in MESH_COMMANDS:  # the embedded mesh and the commands that talk to it
+        from autoscaler.service.cli import run_command
+
+        run_command(cmd, rest)
     else:
-        print(f"slinfer: unknown command {cmd!r}; available: serve, simulate", file=sys.stderr)
+        print(f"slinfer: unknown command {cmd!r}; available: serve, simulate, {', '.join(MESH_COMMANDS)}",
+              file=sys.stderr)
         sys.exit(2)
 
 

@@ -51,9 +51,14 @@ def test_refuses_on_prefill_when_an_existing_deadline_would_be_missed():
     assert admit(insts, "b", req(prompt=300, deadline=1.0), 100, 0.0).admitted
 
 
-def test_newcomer_missing_its_own_deadline_is_refused():
-    d = admit([inst("a")], "a", req(prompt=1000, deadline=0.5), free_blocks=100, now=0.0)
-    assert d.reason is RefusalReason.PREFILL
+def test_newcomer_missing_its_own_deadline_is_refused_unless_the_device_is_idle():
+    busy = [inst("a"), inst("b", batch=1, due=5.0)]
+    d = admit(busy, "a", req(prompt=1000, deadline=0.5), free_blocks=100, now=0.0)
+    assert d.reason is RefusalReason.PREFILL and "new" in d.detail
+    # idle: nothing to protect, it is served as soon as it can be (and its steps correct the estimator)
+    assert admit([inst("a"), inst("b")], "a", req(prompt=1000, deadline=0.5), 100, 0.0).admitted
+    # but never past memory or context, idle or not
+    assert admit([inst("a")], "a", req(prompt=1000, deadline=0.5, blocks=101), 100, 0.0).reason is RefusalReason.MEMORY
 
 
 def test_decode_load_slows_the_prefill_replay():

@@ -65,7 +65,9 @@ def test_admission_through_the_device(tiny):
     slow = LatencyProfile.from_tables([[1, 1], [1000, 100]], [(1, [[1, 300], [64, 400]])])
     dev = DeviceLoop()
     dev.add_instance(make_instance(tiny, "a", profile=slow))
-    d = dev.admit("a", 10, now=0.0)
+    assert dev.admit("a", 10, now=0.0).admitted  # idle: nothing to protect
+    dev.instances["a"].engine.add_request(RequestId("r"), [5, 6], SamplingParams(max_tokens=3, temperature=0), 0.0)
+    d = dev.admit("a", 10, now=0.0)  # may decode to the end of its context: never at this TPOT
     assert not d.admitted and d.reason is RefusalReason.COMPUTE
     dev2 = DeviceLoop()
     dev2.add_instance(make_instance(tiny, "a", max_model_len=64))
@@ -210,6 +212,8 @@ def test_back_to_back_admissions_do_not_count_the_same_free_memory(tiny):
 def test_a_retried_request_keeps_its_arrival_deadline(tiny):
     dev = DeviceLoop()
     dev.add_instance(make_instance(tiny, "a", ttft_base_s=0.5))
+    dev.add_instance(make_instance(tiny, "b", ttft_base_s=5.0))  # some work on the device: not idle
+    dev.instances["b"].engine.add_request(RequestId("r"), [5, 6], SamplingParams(max_tokens=3, temperature=0), 0.0)
     assert dev.admit("a", 10, now=0.4, arrival_s=0.0).admitted  # 0.1 s left is plenty for 10 tokens
     late = dev.admit("a", 10, now=0.6, arrival_s=0.0)  # its TTFT deadline (0.5) has passed
     assert not late.admitted and late.reason is RefusalReason.PREFILL

@@ -17,7 +17,9 @@ Yes only if, with it added,
   compute  Σ over the device's instances of est_decode(avg context, batch) / TPOT <= 1
            (each instance's share of the device needed to emit one token per TPOT).
 A refusal carries its reason (compute when decode work no longer fits, prefill when a first
-token would be late) and a Retry-After hint so the caller can go elsewhere at once.
+token would be late) and a Retry-After hint so the caller can go elsewhere at once. An idle
+device admits whatever fits in memory and context: there is nothing to protect, and no other
+device would serve the newcomer sooner.
 """
 
 from __future__ import annotations
@@ -248,6 +250,11 @@ def admit(instances: Sequence[InstanceLoad], target: str, req: NewRequest, free_
     if req.reserve_blocks > free_blocks:
         return Decision(False, RefusalReason.MEMORY, 1.0,
                         f"needs {req.reserve_blocks} KV blocks, {free_blocks} free")
+    if all(i.batch == 0 and not i.prefills for i in instances):
+        # An idle device has no deadline to protect, and nowhere is the newcomer served sooner.
+        # Refusing it on a pessimistic estimate would also starve the estimator of the very
+        # observations that correct it (a profile taken on a busy host would refuse forever).
+        return ADMIT
     demand = device_demand(instances, target, req.prompt_tokens)
     bounded = math.isfinite(req.output_tokens) and all(i.bounded() for i in instances)
     if demand > 1.0 and not bounded:  # nothing will end: the paper's steady-state rule decides

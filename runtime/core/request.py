@@ -16,8 +16,13 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # A continued stream (recompute after preemption): the last N prompt tokens are output the
+    # client already has. They prime the detokenizer, so the text goes on exactly where it stopped.
+    resumed_tokens: int = 0
 
     def __post_init__(self) -> None:
+        if self.resumed_tokens < 0:
+            raise ValueError(f"resumed_tokens must be >= 0, got {self.resumed_tokens}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.temperature < 0:

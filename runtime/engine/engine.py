@@ -50,7 +50,9 @@ class Continuation:
 
     def resume(self) -> tuple[list[int], SamplingParams]:
         left = max(1, self.params.max_tokens - len(self.output_token_ids))
-        return [*self.prompt_token_ids, *self.output_token_ids], replace(self.params, max_tokens=left)
+        resumed = self.params.resumed_tokens + len(self.output_token_ids)
+        return [*self.prompt_token_ids, *self.output_token_ids], replace(self.params, max_tokens=left,
+                                                                          resumed_tokens=resumed)
 
 
 @dataclass(frozen=True)
@@ -125,11 +127,16 @@ class LLMEngine:
             raise ValueError("the prompt is empty")
         if len(prompt_token_ids) >= self.max_model_len:
             raise PromptTooLongError(len(prompt_token_ids), self.max_model_len)
+        if params.resumed_tokens >= len(prompt_token_ids):
+            raise ValueError(f"resumed_tokens ({params.resumed_tokens}) must be < the prompt's "
+                             f"{len(prompt_token_ids)} tokens")
         self.scheduler.add(Request(
             rid=rid, prompt_token_ids=tuple(prompt_token_ids), params=params, arrival_s=now,
             eos_token_ids=self.eos_ids,
         ))
-        self._detok[rid] = IncrementalDetokenizer(self.tokenizer, params.stop)
+        detok = self._detok[rid] = IncrementalDetokenizer(self.tokenizer, params.stop)
+        if params.resumed_tokens:  # the client has this text already: prime, do not emit
+            detok.add(prompt_token_ids[-params.resumed_tokens:])
         if params.greedy:
             self._gens[rid] = None
         else:

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -146,7 +147,10 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
         m = lookup(body.model)
         ids = prompt_ids(m.engine, body.prompt)
         check_prompt(m, ids, "prompt")
-        params = params_of(body, min(body.max_tokens or 16, m.spec.max_output_tokens))
+        if body.resumed_tokens and (isinstance(body.prompt, str) or body.resumed_tokens >= len(ids)):
+            raise APIError(400, "resumed_tokens needs a token-id prompt longer than it", param="resumed_tokens")
+        params = replace(params_of(body, min(body.max_tokens or 16, m.spec.max_output_tokens)),
+                         resumed_tokens=body.resumed_tokens)
         return await run(m, request, ids, params, body.stream, chat=False,
                          include_usage=bool(body.stream_options and body.stream_options.include_usage))
 
@@ -264,6 +268,11 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
             last: RequestOutput | None = None
             async for out in prepend(first, gen):
                 last = out
+                if out.continuation is not None:  # preempted: the held-back tail rides on the
+                    # final chunk, so a continuing client can drop it and resume exactly
+                    yield chunk(out.text, out.finish_reason.value if out.finish_reason else None,
+                                extra=continuation_of(out))
+                    continue
                 if out.text:
                     yield chunk(out.text, None)
                 if out.finish_reason is not None:
@@ -306,7 +315,12 @@ def continuation_of(out: RequestOutput) -> dict[str, Any]:
     if c is None:
         return {}
     return {"continuation": {"prompt_token_ids": list(c.prompt_token_ids),
-                             "output_token_ids": list(c.output_token_ids)}}
+                             "output_token_ids": list(c.output_token_ids),
+                             "max_tokens": c.params.max_tokens,
+                             # text held back until eviction flushed it (an incomplete character
+                             # or a possible stop-string prefix): a client continuing with
+                             # resumed_tokens drops it, the next instance emits it exactly
+                             "tail_text": out.text}}
 
 
 async def prepend(first: RequestOutput, gen: AsyncGenerator[RequestOutput, None]) -> AsyncGenerator[RequestOutput, None]:

@@ -33,6 +33,9 @@ class _SamplingFields(BaseModel):
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int]
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    # slinfer extension for continuing a preempted stream: the prompt is token ids (prompt +
+    # output so far) and its last `resumed_tokens` ids are output the client already received.
+    resumed_tokens: Annotated[int, Field(ge=0)] = 0
 
 
 class TextPart(BaseModel):

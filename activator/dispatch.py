@@ -1,0 +1,137 @@
+"""Instance choice: send a request to the function's instance that admits it, waiting if none does.
+
+Order: the function's ready instances with the most requests in flight (from this activator)
+first, ties by instance id: load piles onto few instances so idle ones reach their keep-alive.
+A runtime 429 (admission refused: compute, prefill, memory or context), 503 or 404 (the instance
+is going or gone), or a connection failure means: try the next one. When all miss, the request
+waits in the function's ``WaitingRoom`` (which drives the demand reported to the autoscaler) until
+the routes change or one of the function's requests finishes, then tries again, until the
+function's ``timeout_s`` has passed (``DispatchTimeout`` -> 504). Any other runtime answer (a
+2xx, or a 4xx about the request itself) goes back to the caller as it is.
+
+Errors raised (the app maps them to statuses): ``QueueFull`` (503), ``DispatchTimeout`` (504).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from activator.metrics import ActivatorMetrics
+from activator.routes import Endpoint, RouteView
+from activator.upstream import UpstreamClient, UpstreamError, UpstreamResponse
+from activator.waiting import WaitingRoom
+from functions import FunctionSpec
+
+RETRY_STATUSES = frozenset({404, 429, 503})  # instance refuses, is going, or is gone
+RECHECK_S = 0.25  # a waiting request re-tries at least this often (admission frees up by itself)
+
+
+class DispatchTimeout(Exception):
+    def __init__(self, function: str, waited_s: float) -> None:
+        super().__init__(f"function '{function}' found no capacity within its timeout "
+                         f"({waited_s:.1f} s); retry later")
+        self.function = function
+
+
+@dataclass
+class Upstream:
+    """An open response from a runtime instance; ``close()`` releases it exactly once."""
+
+    response: UpstreamResponse
+    endpoint: Endpoint
+    dispatcher: Dispatcher
+    function: str
+    waited_s: float
+    _closed: bool = False
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self.response.aclose()
+        self.dispatcher.release(self.function, self.endpoint)
+
+
+class Dispatcher:
+    def __init__(self, routes: RouteView, room: WaitingRoom, client: UpstreamClient,
+                 metrics: ActivatorMetrics) -> None:
+        self.routes = routes
+        self.room = room
+        self.client = client
+        self.metrics = metrics
+        self.inflight: dict[str, int] = {}  # by instance id; owned by the event loop
+
+    def order(self, function: str) -> list[Endpoint]:
+        eps = self.routes.table.endpoints_of(function)
+        return sorted(eps, key=lambda e: (-self.inflight.get(e.instance_id, 0), e.instance_id))
+
+    def release(self, function: str, ep: Endpoint, finished: bool = True) -> None:
+        n = self.inflight.get(ep.instance_id, 1) - 1
+        if n > 0:
+            self.inflight[ep.instance_id] = n
+        else:
+            self.inflight.pop(ep.instance_id, None)
+        if finished:  # a request left the instance: one that waits may fit now
+            self.room.wake(function)
+
+    async def _try(self, ep: Endpoint, path: str, content: bytes,
+                   headers: dict[str, str]) -> UpstreamResponse | None:
+        try:
+            resp = await self.client.post(ep.url + path, content, headers)
+        except UpstreamError:
+            return None  # the pod is gone or restarting; the autoscaler re-places its instances
+        if resp.status_code in RETRY_STATUSES or resp.status_code >= 500:
+            await resp.aclose()
+            return None
+        return resp
+
+    async def open(self, spec: FunctionSpec, path: str, body: Mapping[str, Any], raw: bytes | None = None,
+                   deadline: float | None = None) -> Upstream:
+        """An open response from an instance of ``spec`` (see the module doc). ``raw`` is the
+        body already serialised (the client's own bytes, when they need no change)."""
+        name = spec.name
+        t0 = time.monotonic()
+        deadline = t0 + spec.timeout_s if deadline is None else deadline
+        content = raw if raw is not None else json.dumps(body).encode()
+        hdrs = {"content-type": "application/json"}
+        async with contextlib.AsyncExitStack() as stack:
+            waiting = False
+            while True:
+                for ep in self.order(name):
+                    self.inflight[ep.instance_id] = self.inflight.get(ep.instance_id, 0) + 1
+                    if waiting:
+                        with self.room.trying(name):
+                            resp = await self._try(ep, path, content, hdrs)
+                    else:
+                        resp = await self._try(ep, path, content, hdrs)
+                    if resp is not None:
+                        self.room.active.add(name)
+                        waited = time.monotonic() - t0
+                        if waiting:
+                            self.metrics.wait.labels(name).observe(waited)
+                        return Upstream(resp, ep, self, name, waited)
+                    self.release(name, ep, finished=False)
+                if not waiting:
+                    stack.enter_context(self.room.hold(name))  # raises QueueFull
+                    waiting = True
+                    self.metrics.queue_depth.labels(name).inc()
+                    stack.callback(self.metrics.queue_depth.labels(name).dec)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DispatchTimeout(name, time.monotonic() - t0)
+                await self._wait_for_change(name, min(left, RECHECK_S))
+
+    async def _wait_for_change(self, name: str, timeout_s: float) -> None:
+        routes = asyncio.ensure_future(self.routes.changed(timeout_s))
+        woken = asyncio.ensure_future(self.room.woken(name).wait())
+        try:
+            await asyncio.wait({routes, woken}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            routes.cancel()
+            woken.cancel()

@@ -1,0 +1,261 @@
+"""Passing a runtime's answer to the client, and continuing it elsewhere when it is preempted.
+
+Streams go through event by event as they arrive (no buffering beyond one SSE event). When the
+runtime ends a stream with ``finish_reason: "preempted"`` and a ``continuation`` (prompt and output
+token ids so far, the request's max_tokens, and ``tail_text`` the runtime held back until then),
+the activator drops that final chunk and its ``[DONE]``, and re-submits to another instance as a
+token-id completion whose last ``resumed_tokens`` ids are output the client already has (the
+runtime primes its detokenizer with them, so the text continues exactly), with max_tokens reduced
+by what was produced. The new instance's chunks are rewritten into the original request's shape
+(chat or completion, same id, created and model), so the client sees one uninterrupted stream.
+Greedy decoding makes the whole text equal to an uninterrupted run.
+
+Non-streaming answers are continued the same way and joined into one response.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from activator.dispatch import Upstream
+from activator.metrics import ActivatorMetrics
+from activator.upstream import UpstreamError
+
+DONE = b"data: [DONE]\n\n"
+CONTINUE_KEYS = ("temperature", "top_p", "seed", "stop")
+
+# (path, body) -> an open upstream response: the app's dispatcher bound to one function
+Reopen = Callable[[str, dict[str, Any]], Awaitable[Upstream]]
+
+
+@dataclass
+class Moved:
+    """A request's progress across preemptions: the original prompt ids and all output ids."""
+
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+    max_tokens: int = 0
+
+    def absorb(self, cont: dict[str, Any]) -> None:
+        """Take a continuation; ``prompt_token_ids`` there include earlier moves' output."""
+        full = [*cont["prompt_token_ids"], *cont["output_token_ids"]]
+        self.output_ids = full[len(self.prompt_ids):]
+
+    def body(self, model: str, original: dict[str, Any], stream: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {k: original[k] for k in CONTINUE_KEYS if k in original}
+        body.update(model=model, prompt=[*self.prompt_ids, *self.output_ids], stream=stream,
+                    max_tokens=max(1, self.max_tokens - len(self.output_ids)),
+                    resumed_tokens=len(self.output_ids))
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+
+def preempted(choice: dict[str, Any]) -> dict[str, Any] | None:
+    if choice.get("finish_reason") == "preempted" and isinstance(choice.get("continuation"), dict):
+        c: dict[str, Any] = choice["continuation"]
+        return c
+    return None
+
+
+def start_moved(cont: dict[str, Any], moved: Moved | None) -> Moved:
+    if moved is None:
+        moved = Moved(list(cont["prompt_token_ids"]), max_tokens=int(cont.get("max_tokens", 16)))
+    moved.absorb(cont)
+    return moved
+
+
+async def sse_events(up: Upstream) -> AsyncIterator[bytes]:
+    """Whole SSE events (ending in a blank line) as they arrive."""
+    buf = b""
+    async for piece in up.response.aiter_raw():
+        buf += piece
+        while True:
+            cut = buf.find(b"\n\n")
+            if cut < 0:
+                break
+            yield buf[: cut + 2]
+            buf = buf[cut + 2:]
+    if buf.strip():
+        yield buf
+
+
+class StreamRelay:
+    """One client stream, across however many instances it takes."""
+
+    def __init__(self, first: Upstream, reopen: Reopen, original: dict[str, Any], chat: bool,
+                 metrics: ActivatorMetrics, function: str, t0: float) -> None:
+        self.up = first
+        self.reopen = reopen
+        self.original = original
+        self.chat = chat
+        self.metrics = metrics
+        self.function = function
+        self.t0 = t0
+        self.moved: Moved | None = None
+        self.public: dict[str, Any] = {}  # id / created / model of the client's stream
+        self.first_event: bytes | None = None
+        self.want_usage = bool((original.get("stream_options") or {}).get("include_usage"))
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for event in self._events():
+                yield event
+        except UpstreamError as e:  # the pod died mid-stream: no continuation to resume from
+            yield _error_event(f"the instance serving this stream failed: {e!r}")
+        finally:
+            await self.up.close()
+        yield DONE
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        first_byte = True
+        while True:  # one upstream response per instance the request visits
+            cont: dict[str, Any] | None = None
+            async for event in sse_events(self.up):
+                if cont is not None or event.startswith(DONE[:12]):
+                    continue  # ours goes last, once; after a preemption the rest is moot
+                out: bytes | None = event
+                if self.first_event is None:
+                    self.first_event = event  # its id/created/model, should the stream move
+                if b'"preempted"' in event or self.moved is not None:
+                    payload = _payload(event)
+                    if payload is None:
+                        yield event
+                        continue
+                    if not self.public:
+                        first = _payload(self.first_event) or {}
+                        self.public = {k: first.get(k) for k in ("id", "created", "model")}
+                    choices = payload.get("choices") or []
+                    cont = preempted(choices[0]) if choices else None
+                    if cont is not None:
+                        continue  # the next instance re-emits its tail exactly
+                    if self.moved is not None:
+                        out = self._rewrite(payload)
+                if first_byte:
+                    self.metrics.ttft.labels(self.function).observe(time.monotonic() - self.t0)
+                    first_byte = False
+                if out is not None:
+                    yield out
+            await self.up.close()
+            if cont is None:
+                break
+            self.moved = start_moved(cont, self.moved)
+            self.metrics.moves.labels(self.function).inc()
+            try:
+                self.up = await self.reopen("/v1/completions", self.moved.body(self.function, self.original, True))
+            except Exception as e:
+                yield _error_event(f"the request was preempted and could not be continued: {e}")
+                break
+            if self.up.response.status_code != 200:
+                body = await self.up.response.aread()
+                yield _error_event(f"continuing a preempted request failed: {body[:300]!r}")
+                break
+
+    def _rewrite(self, payload: dict[str, Any]) -> bytes | None:
+        """A continuation chunk (completion shape) in the client's shape."""
+        assert self.moved is not None
+        out: dict[str, Any] = {**payload, **self.public}
+        if self.chat:
+            out["object"] = "chat.completion.chunk"
+        if "usage" in payload and not payload.get("choices"):
+            if not self.want_usage:
+                return None
+            u = payload["usage"]
+            done = len(self.moved.output_ids) + int(u.get("completion_tokens", 0))
+            n = len(self.moved.prompt_ids)
+            out["usage"] = {"prompt_tokens": n, "completion_tokens": done, "total_tokens": n + done}
+            return _event(out)
+        choice = (payload.get("choices") or [{}])[0]
+        if self.chat:
+            text = choice.get("text") or ""
+            reason = choice.get("finish_reason")
+            if not text and reason is None:
+                return None
+            delta = {"content": text} if text or reason is None else {}
+            new = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+            out["choices"] = [new]
+        return _event(out)
+
+
+def _payload(event: bytes) -> dict[str, Any] | None:
+    if not event.startswith(b"data: {"):
+        return None
+    try:
+        value = json.loads(event[6:])
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def _error_event(message: str) -> bytes:
+    return _event({"error": {"message": message, "type": "server_error", "param": None,
+                             "code": "continuation_failed"}})
+
+
+async def complete_moving(first: Upstream, reopen: Reopen, original: dict[str, Any], chat: bool,
+                          function: str, metrics: ActivatorMetrics) -> tuple[int, dict[str, Any] | bytes]:
+    """A non-streaming answer, continued across preemptions: (status, JSON body or raw bytes)."""
+    up = first
+    moved: Moved | None = None
+    head: dict[str, Any] | None = None
+    texts: list[str] = []
+    try:
+        while True:
+            raw = await up.response.aread()
+            status = up.response.status_code
+            await up.close()
+            if moved is None and b'"continuation"' not in raw:
+                return status, raw  # the common case: the runtime's answer as it is, unparsed
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                return status, raw
+            if status != 200 or not isinstance(body, dict) or not body.get("choices"):
+                return status, body if head is None else _failed(body)
+            choice = body["choices"][0]
+            cont = preempted(choice)
+            text = (choice.get("message") or {}).get("content") if "message" in choice else choice.get("text")
+            text = text or ""
+            if cont is not None:
+                text = text[: len(text) - len(cont.get("tail_text") or "")] if cont.get("tail_text") else text
+            texts.append(text)
+            if head is None:
+                head = body
+            if cont is None:
+                return 200, _joined(head, body, texts, moved, chat)
+            moved = start_moved(cont, moved)
+            metrics.moves.labels(function).inc()
+            up = await reopen("/v1/completions", moved.body(function, original, False))
+    finally:
+        await up.close()
+
+
+def _failed(body: Any) -> dict[str, Any]:
+    return {"error": {"message": f"continuing a preempted request failed: {json.dumps(body)[:300]}",
+                      "type": "server_error", "param": None, "code": "continuation_failed"}}
+
+
+def _joined(head: dict[str, Any], last: dict[str, Any], texts: list[str], moved: Moved | None,
+            chat: bool) -> dict[str, Any]:
+    if moved is None:
+        return last
+    content = "".join(texts)
+    choice = dict(head["choices"][0])
+    choice.pop("continuation", None)
+    choice["finish_reason"] = last["choices"][0].get("finish_reason")
+    if chat:
+        choice["message"] = {"role": "assistant", "content": content}
+    else:
+        choice["text"] = content
+    n = len(moved.prompt_ids)
+    done = len(moved.output_ids) + int((last.get("usage") or {}).get("completion_tokens", 0))
+    return {**head, "choices": [choice], "usage": {"prompt_tokens": n, "completion_tokens": done,
+                                                  "total_tokens": n + done}}

@@ -1,0 +1,47 @@
+"""The runtime pods' admin API, as the autoscaler calls it (bearer token, JSON)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from autoscaler.service.nodes import NodeSpec
+from functions import FunctionSpec
+
+
+class AdminError(Exception):
+    def __init__(self, node: NodeSpec, status: int, message: str) -> None:
+        super().__init__(f"{node.node_id}: {status} {message}")
+        self.status = status
+
+
+class AdminClient:
+    def __init__(self, client: httpx.AsyncClient, token: str, status_timeout_s: float = 2.0,
+                 load_timeout_s: float = 300.0, profile: bool = True) -> None:
+        self.client = client
+        self.headers = {"Authorization": f"Bearer {token}"}
+        self.status_timeout_s = status_timeout_s
+        self.load_timeout_s = load_timeout_s
+        self.profile = profile
+
+    async def _call(self, node: NodeSpec, method: str, path: str, timeout_s: float, **kw: Any) -> dict[str, Any]:
+        r = await self.client.request(method, node.url + path, headers=self.headers, timeout=timeout_s, **kw)
+        if r.status_code >= 400:
+            raise AdminError(node, r.status_code, r.text[:300])
+        body: dict[str, Any] = r.json()
+        return body
+
+    async def status(self, node: NodeSpec) -> dict[str, Any]:
+        return await self._call(node, "GET", "/admin/status", self.status_timeout_s)
+
+    async def load(self, node: NodeSpec, spec: FunctionSpec) -> dict[str, Any]:
+        return await self._call(node, "POST", "/admin/instances", self.load_timeout_s, json=spec.to_dict(),
+                                params={"profile": str(self.profile).lower()})
+
+    async def unload(self, node: NodeSpec, name: str, drain: bool) -> dict[str, Any]:
+        return await self._call(node, "DELETE", f"/admin/instances/{name}", self.load_timeout_s,
+                                params={"drain": str(drain).lower()})
+
+    async def evict(self, node: NodeSpec, name: str) -> dict[str, Any]:
+        return await self._call(node, "POST", f"/admin/instances/{name}/evict", self.load_timeout_s)

@@ -1,0 +1,309 @@
+"""The reconcile loop: observe the pods, decide with autoscaler/core, execute, publish routes.
+
+Every ``interval_s`` (sooner when demand arrives) one round:
+  1. ask every pod for ``/admin/status`` (a pod that refuses the connection is out of the
+     snapshot, and the instances it had are lost; one that is only slow keeps its last answer);
+  2. track idleness (a pod's batch/waiting, and the activity the activator reports) and lost
+     instances (seen READY before, gone now without our asking: a pod died or restarted);
+  3. publish the route table (READY instances) when it changed; demand seen before a
+     function's newest instance was published is dropped (those requests are about to use it);
+  4. ``decide(snapshot(now), pending)`` where pending is the activator's waiting demand (kept for
+     ``demand_ttl_s``; the activator repeats it while requests wait) plus one request per function
+     that lost an instance, so lost instances are re-placed;
+  5. execute the plan through the admin API, one task per node (actions of a node in order).
+
+The controller keeps nothing durable: on start it knows only the pods' answers, so a restart
+rebuilds the same view. Its state is touched only from the event loop (the loop and the API's
+handlers run there; no threads), and the loop is its only writer of pod views and plans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from activator.routes import RouteTable
+from autoscaler.core import (
+    Action,
+    Evict,
+    FunctionId,
+    InstanceId,
+    Load,
+    NodeId,
+    PendingDemand,
+    Plan,
+    Unload,
+    decide,
+)
+from autoscaler.service.admin import AdminClient, AdminError
+from autoscaler.service.nodes import NodeSource, NodeSpec
+from autoscaler.service.observe import PodStatus, instance_id, parse_status, routes, snapshot
+from functions import FunctionSpec, load_function_dir
+
+log = logging.getLogger("slinfer.autoscaler")
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    token: str
+    interval_s: float = 0.5  # demand and finished loads wake the loop sooner
+    demand_ttl_s: float = 2.0
+    load_failure_backoff_s: float = 5.0
+    fresh_grace_s: float = 2.0  # a new instance is not unloaded for idleness this soon
+    profile: bool = True  # profile a model on first load (its latency estimates); false is faster
+
+
+class Controller:
+    def __init__(self, nodes: NodeSource, functions: Mapping[str, FunctionSpec], settings: ControllerSettings,
+                 client: httpx.AsyncClient, store_dir: Path | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.node_source = nodes
+        self.settings = settings
+        self.admin = AdminClient(client, settings.token, profile=settings.profile)
+        self.clock = clock
+        self.store_dir = store_dir
+        self.functions: dict[str, FunctionSpec] = dict(functions)
+        if store_dir is not None and store_dir.is_dir():
+            self.functions.update({s.name: s for s in load_function_dir(store_dir)})
+        self.pods: dict[NodeId, PodStatus] = {}
+        self.down: set[NodeId] = set()
+        self.idle_since: dict[InstanceId, float | None] = {}
+        self.last_busy: dict[InstanceId, float] = {}  # when each instance was last seen with requests
+        self.demand: dict[str, tuple[int, float]] = {}  # function -> (waiting requests, until)
+        self.activity: dict[str, float] = {}  # function -> last time the activator served it
+        self.loading: set[tuple[str, NodeId]] = set()
+        self.removing: set[InstanceId] = set()
+        self.ever_ready: dict[InstanceId, str] = {}
+        self.lost: set[str] = set()
+        self.grew: dict[str, int] = {}  # function -> route version that first listed its newest endpoint
+        self.failed: dict[str, float] = {}  # function -> until when its loads are not retried
+        self.last_plan = Plan()
+        # Versions grow across restarts (wall-clock ms): an activator that followed the old
+        # autoscaler sees the new one's first table as newer.
+        self.table = RouteTable(int(time.time() * 1000), dict(self.functions), {})
+        self._changed = asyncio.Event()
+        self._poke = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.rounds = 0
+
+    # -- inputs (from the API) ----------------------------------------------------------------
+    def report_demand(self, waiting: Mapping[str, int], active: list[str], seen_version: int = 0) -> None:
+        """Waiting requests per function, as seen with route table ``seen_version``. Demand seen
+        before the function's newest ready instance was published is stale (those requests are
+        about to try it) and is ignored: it would otherwise scale out a function that has room."""
+        now = self.clock()
+        for fn, n in waiting.items():
+            if n > 0 and seen_version >= self.grew.get(fn, 0):
+                self.demand[fn] = (n, now + self.settings.demand_ttl_s)
+        for fn in active:
+            self.activity[fn] = now
+        if waiting:
+            self._poke.set()
+
+    def deploy(self, spec: FunctionSpec) -> None:
+        self.functions[spec.name] = spec
+        if self.store_dir is not None:
+            self.store_dir.mkdir(parents=True, exist_ok=True)
+            (self.store_dir / f"{spec.name}.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+        self._poke.set()
+
+    def delete(self, name: str) -> bool:
+        found = self.functions.pop(name, None) is not None
+        if self.store_dir is not None:
+            with contextlib.suppress(FileNotFoundError):
+                (self.store_dir / f"{name}.yaml").unlink()
+        self._poke.set()
+        return found
+
+    async def next_table(self, after: int, wait_s: float) -> RouteTable:
+        if self.table.version <= after:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), wait_s)
+        return self.table
+
+    async def settle(self) -> None:
+        """Until the admin calls of earlier rounds have landed (tests; an orderly stop)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def close(self) -> None:
+        """Answer every pending long-poll now (the server is about to stop)."""
+        self._changed.set()
+
+    # -- the loop ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            while True:
+                try:
+                    await self.reconcile()
+                except Exception:  # one bad round must not stop the control plane
+                    log.exception("reconcile round failed")
+                self._poke.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._poke.wait(), self.settings.interval_s)
+        finally:
+            for t in list(self._tasks):
+                t.cancel()
+
+    async def observe(self) -> list[PodStatus]:
+        nodes = self.node_source.nodes()
+        answers = await asyncio.gather(*(self.admin.status(n) for n in nodes), return_exceptions=True)
+        pods: list[PodStatus] = []
+        down: set[NodeId] = set()
+        for node, a in zip(nodes, answers, strict=True):
+            if isinstance(a, BaseException):
+                prev = self.pods.get(node.node_id)
+                if isinstance(a, httpx.TimeoutException) and prev is not None:
+                    # Slow, not gone: a load holds the pod's device thread while it profiles,
+                    # and status waits for it. Its last answer stands (nothing is lost).
+                    pods.append(prev)
+                    continue
+                down.add(node.node_id)
+                continue
+            pods.append(parse_status(node, a))
+        self.down = down
+        self.pods = {p.node.node_id: p for p in pods}
+        return pods
+
+    async def reconcile(self) -> Plan:
+        pods = await self.observe()
+        now = self.clock()
+        self._track(now, pods)
+        self._publish(pods)  # first: a new endpoint makes the demand that asked for it stale
+        snap = snapshot(now, pods, self.functions, self.idle_since, self.loading)
+        pending = [PendingDemand(FunctionId(fn), n) for fn, (n, until) in sorted(self.demand.items())
+                   if until >= now and fn in self.functions and self.failed.get(fn, 0.0) <= now]
+        waiting = {p.function for p in pending}
+        pending += [PendingDemand(FunctionId(fn), 1) for fn in sorted(self.lost - waiting) if fn in self.functions]
+        self.demand = {fn: d for fn, d in self.demand.items() if d[1] >= now}
+        plan = decide(snap, pending)
+        self.last_plan = plan
+        self._execute(plan)
+        self.rounds += 1
+        return plan
+
+    def _track(self, now: float, pods: list[PodStatus]) -> None:
+        present: set[InstanceId] = set()
+        hosted: set[str] = set()
+        for p in pods:
+            for i in p.instances:
+                iid = instance_id(i.function, p.node.node_id)
+                present.add(iid)
+                hosted.add(i.function)
+                if i.busy or i.state != "ready":
+                    self.last_busy[iid] = now
+                    self.idle_since[iid] = None
+                else:  # idle since it was last seen busy, or last served by the activator
+                    since = self.last_busy.setdefault(iid, now)
+                    self.idle_since[iid] = max(since, self.activity.get(i.function, since))
+                if i.state == "ready" and iid not in self.ever_ready:
+                    # A fresh instance counts as busy for a moment: the requests that asked for it
+                    # are on their way (the activator has yet to see the new route), so even a
+                    # keep-alive of 0 must not unload it before they arrive.
+                    self.last_busy[iid] = now + self.settings.fresh_grace_s
+                    self.idle_since[iid] = None
+                    self.ever_ready[iid] = i.function
+        for iid, fn in list(self.ever_ready.items()):
+            if iid not in present:
+                del self.ever_ready[iid]
+                if iid not in self.removing and fn in self.functions:
+                    log.warning("instance %s is gone without being unloaded; re-placing it", iid)
+                    self.lost.add(fn)
+        self.lost &= set(self.functions)
+        self.lost -= hosted
+        for iid in list(self.idle_since):
+            if iid not in present:
+                del self.idle_since[iid]
+                self.last_busy.pop(iid, None)
+        self.removing &= present
+
+    def _execute(self, plan: Plan) -> None:
+        by_node: dict[NodeId, list[Action]] = {}
+        for a in plan.actions:
+            by_node.setdefault(a.node_id, []).append(a)
+            if isinstance(a, Load):
+                self.loading.add((a.function, a.node_id))
+            else:
+                self.removing.add(a.instance_id)
+        for node_id, actions in by_node.items():
+            node = self._node(node_id)
+            if node is None:
+                continue
+            t = asyncio.create_task(self._apply(node, actions), name=f"apply-{node_id}")
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    def _node(self, node_id: NodeId) -> NodeSpec | None:
+        p = self.pods.get(node_id)
+        return p.node if p is not None else None
+
+    async def _apply(self, node: NodeSpec, actions: list[Action]) -> None:
+        for a in actions:
+            try:
+                if isinstance(a, Load):
+                    spec = self.functions.get(a.function)
+                    if spec is None:
+                        continue
+                    log.info("load %s on %s", a.function, node.node_id)
+                    await self.admin.load(node, spec)
+                elif isinstance(a, Unload):
+                    log.info("unload %s (drain=%s)", a.instance_id, a.drain)
+                    await self.admin.unload(node, a.instance_id.split("@", 1)[0], a.drain)
+                elif isinstance(a, Evict):
+                    log.info("evict %s for %s", a.instance_id, a.reason.value)
+                    await self.admin.evict(node, a.instance_id.split("@", 1)[0])
+            except (AdminError, httpx.HTTPError) as e:
+                log.warning("%s on %s failed: %s", type(a).__name__, node.node_id, e)
+                if isinstance(a, Load) and isinstance(e, AdminError) and e.status < 500:
+                    self.failed[a.function] = self.clock() + self.settings.load_failure_backoff_s
+            finally:
+                if isinstance(a, Load):
+                    self.loading.discard((a.function, a.node_id))
+        self._poke.set()  # look again now: a load finished, routes change
+
+    def _publish(self, pods: list[PodStatus]) -> None:
+        table = routes(self.table.version, pods, self.functions)
+        if table.functions != self.table.functions or table.endpoints != self.table.endpoints:
+            version = max(self.table.version + 1, int(time.time() * 1000))
+            for fn, eps in table.endpoints.items():
+                if set(eps) - set(self.table.endpoints_of(fn)):
+                    self.grew[fn] = version
+                    self.demand.pop(fn, None)
+            self.table = RouteTable(version, table.functions, table.endpoints)
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    # -- views ------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        nodes = []
+        for node in self.node_source.nodes():
+            p = self.pods.get(node.node_id)
+            nodes.append({
+                "node": node.node_id, "url": node.url, "kind": node.kind.value, "up": node.node_id not in self.down,
+                "instances": [{"function": i.function, "state": i.state, "batch": i.batch, "waiting": i.waiting,
+                               "idle_s": _idle(now, self.idle_since.get(instance_id(i.function, node.node_id)))}
+                              for i in (p.instances if p else ())],
+            })
+        return {
+            "functions": [s.to_dict() for _, s in sorted(self.functions.items())],
+            "nodes": nodes,
+            "demand": {fn: n for fn, (n, until) in sorted(self.demand.items()) if until >= now},
+            "lost": sorted(self.lost),
+            "loads_in_flight": [{"function": fn, "node": node} for fn, node in sorted(self.loading)],
+            "routes_version": self.table.version,
+            "rounds": self.rounds,
+        }
+
+
+def _idle(now: float, since: float | None) -> float | None:
+    return None if since is None else round(max(0.0, now - since), 2)

@@ -1,0 +1,125 @@
+"""From what the pods report to what the policy and the activator read. Pure: no I/O, no clock.
+
+A pod's ``/admin/status`` is parsed once into ``PodStatus``; ``snapshot`` builds the
+``ClusterSnapshot`` that ``autoscaler.core.decide`` takes, and ``routes`` the table the activator
+routes by (deployed functions and their READY instances). An instance is named
+``<function>@<node>``: a pod holds at most one instance of a function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from activator.routes import Endpoint, RouteTable
+from autoscaler.core import (
+    ClusterSnapshot,
+    FunctionId,
+    FunctionView,
+    InstanceId,
+    InstanceView,
+    NodeId,
+    NodeView,
+)
+from autoscaler.service.nodes import NodeSpec
+from functions import FunctionSpec
+
+LIVE_STATES = ("loading", "ready", "draining")
+
+
+@dataclass(frozen=True)
+class PodInstance:
+    function: str
+    state: str  # loading | ready | draining (runtime InstanceState values)
+    model: str
+    batch: int = 0
+    waiting: int = 0
+    demand: float = 0.0
+    kv_bytes: int = 0
+    kv_reserved_bytes: int = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.batch + self.waiting > 0
+
+
+@dataclass(frozen=True)
+class PodStatus:
+    node: NodeSpec
+    kv_budget_bytes: int
+    instances: tuple[PodInstance, ...]
+    weight_bytes: Mapping[str, int]  # by model ref, from the pod's host weight cache
+
+
+def instance_id(function: str, node_id: str) -> InstanceId:
+    return InstanceId(f"{function}@{node_id}")
+
+
+def parse_status(node: NodeSpec, data: Mapping[str, Any]) -> PodStatus:
+    device = {i["name"]: i for i in data.get("instances", [])}
+    out: list[PodInstance] = []
+    for name, f in sorted(dict(data.get("functions", {})).items()):
+        if f.get("state") not in LIVE_STATES:
+            continue
+        d = device.get(name, {})
+        per_block = int(d.get("kv_bytes", 0)) // max(1, int(d.get("kv_blocks_total", 0)))
+        out.append(PodInstance(
+            function=name, state=str(f["state"]), model=str(f.get("model", "")),
+            batch=int(d.get("batch", 0)), waiting=int(d.get("waiting", 0)), demand=float(d.get("demand", 0.0)),
+            kv_bytes=int(d.get("kv_bytes", 0)), kv_reserved_bytes=int(d.get("kv_blocks_reserved", 0)) * per_block,
+        ))
+    cache = data.get("weights_cache", {}).get("models", [])
+    weights = {str(m["ref"]): int(m["bytes"]) for m in cache}
+    budget = int(data.get("device", {}).get("kv_budget_bytes", 0))
+    return PodStatus(node, budget, tuple(out), weights)
+
+
+def known_weight_bytes(pods: Iterable[PodStatus]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for p in pods:
+        out.update(p.weight_bytes)
+    return out
+
+
+def snapshot(now_s: float, pods: Iterable[PodStatus], functions: Mapping[str, FunctionSpec],
+             idle_since: Mapping[InstanceId, float | None],
+             loading: Iterable[tuple[str, NodeId]] = ()) -> ClusterSnapshot:
+    """The cluster for ``decide``. ``loading`` names loads sent but not yet visible in a status;
+    instances draining count as loading (they are on their way out and must not be acted on)."""
+    pods = list(pods)
+    weights = known_weight_bytes(pods)
+    pending = set(loading)
+    nodes: list[NodeView] = []
+    for p in pods:
+        insts: list[InstanceView] = []
+        seen: set[str] = set()
+        for i in p.instances:
+            iid = instance_id(i.function, p.node.node_id)
+            seen.add(i.function)
+            insts.append(InstanceView(
+                iid, FunctionId(i.function), p.node.node_id, batch=i.batch, demand=i.demand,
+                weight_bytes=weights.get(i.model, 0), kv_bytes=i.kv_bytes, kv_reserved_bytes=i.kv_reserved_bytes,
+                idle_since_s=idle_since.get(iid), loading=i.state != "ready"))
+        for fn, node_id in sorted(pending):
+            if node_id == p.node.node_id and fn not in seen:
+                model = functions[fn].model if fn in functions else ""
+                insts.append(InstanceView(instance_id(fn, node_id), FunctionId(fn), node_id, batch=0, demand=0.0,
+                                          weight_bytes=weights.get(model, 0), kv_bytes=0, kv_reserved_bytes=0,
+                                          idle_since_s=None, loading=True))
+        nodes.append(NodeView(p.node.node_id, p.node.kind, p.node.memory_bytes, p.kv_budget_bytes, tuple(insts)))
+    fns = tuple(FunctionView(FunctionId(s.name), s.device, weights.get(s.model, 0), s.keep_alive_s, s.max_instances)
+                for _, s in sorted(functions.items()))
+    return ClusterSnapshot(now_s, tuple(nodes), fns)
+
+
+def routes(version: int, pods: Iterable[PodStatus], functions: Mapping[str, FunctionSpec]) -> RouteTable:
+    """Deployed functions and their READY instances (by instance id)."""
+    eps: dict[str, list[Endpoint]] = {}
+    for p in pods:
+        for i in p.instances:
+            if i.state == "ready" and i.function in functions:
+                eps.setdefault(i.function, []).append(
+                    Endpoint(instance_id(i.function, p.node.node_id), p.node.node_id, p.node.url))
+    return RouteTable(version, dict(functions),
+                      {fn: tuple(sorted(lst, key=lambda e: e.instance_id)) for fn, lst in sorted(eps.items())})

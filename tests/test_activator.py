@@ -1,0 +1,297 @@
+"""The activator over real loopback servers: two runtime pods (in-process uvicorn, tiny random
+models) and an activator given a fixed route table (no autoscaler: its seam is the RouteSource)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from cloudevents.core.bindings.http import HTTPMessage, from_http_event, to_binary_event, to_structured_event
+from cloudevents.core.v1.event import CloudEvent
+from conftest import ADMIN_TOKEN, make_app, serve_app
+
+from activator.app import ActivatorSettings, create_app
+from activator.routes import Endpoint, RouteTable, StaticRouteSource
+from functions import FunctionSpec
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+TINY = "random:llama-tiny?seed=0"
+EVENT_FN = "summarize-tiny"
+
+
+@dataclass(frozen=True)
+class Setup:
+    url: str  # the activator
+    pods: tuple[str, ...]
+    specs: dict[str, FunctionSpec]
+    source: StaticRouteSource
+
+
+def spec(name: str, **kw: Any) -> FunctionSpec:
+    return FunctionSpec(name=name, model=TINY, **{"max_context_tokens": 256, "max_output_tokens": 255, **kw})
+
+
+@pytest.fixture(scope="module")
+def setup() -> Iterator[Setup]:
+    """Pods a and b both serve "tiny" and the event function; "cold" is deployed but has no
+    instance and a 2 s timeout; the activator queues at most 1 request per function."""
+    tiny = spec("tiny")
+    event_fn = spec(EVENT_FN, event_template="Summarize: {data}", event_type="dev.example.summary",
+                    event_source="/tests/summarize", max_output_tokens=8)
+    cold = spec("cold", timeout_s=2.0)
+    with serve_app(make_app([tiny, event_fn])) as a, serve_app(make_app([tiny])) as b:
+        eps = {"tiny": (Endpoint("tiny@a", "a", a), Endpoint("tiny@b", "b", b)),
+               EVENT_FN: (Endpoint(f"{EVENT_FN}@a", "a", a),)}
+        specs = {s.name: s for s in (tiny, event_fn, cold)}
+        source = StaticRouteSource(RouteTable(1, specs, eps))
+        settings = ActivatorSettings(queue_limit=1, first_routes_timeout_s=1.0, demand_interval_s=0.1)
+        with serve_app(create_app(settings, source)) as url:
+            yield Setup(url, (a, b), specs, source)
+
+
+def complete(url: str, model: str, prompt: str | list[int], **kw: Any) -> httpx.Response:
+    body = {"model": model, "prompt": prompt, "temperature": 0, **kw}
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+
+
+def stream_text(url: str, body: dict[str, Any], on_chunk: Any = None) -> tuple[str, list[dict[str, Any]], int]:
+    """(text, parsed chunks, [DONE] count) of a streamed completion or chat."""
+    chunks: list[dict[str, Any]] = []
+    done = 0
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    with httpx.stream("POST", url + path, json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line == "data: [DONE]":
+                done += 1
+            elif line.startswith("data: {"):
+                chunks.append(json.loads(line[6:]))
+                if on_chunk is not None:
+                    on_chunk(len(chunks))
+    text = "".join((c["choices"][0].get("text") or c["choices"][0].get("delta", {}).get("content") or "")
+                   for c in chunks if c.get("choices"))
+    return text, chunks, done
+
+
+def metric(url: str, name: str, default: float | None = None, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    if default is not None:
+        return default
+    raise AssertionError(f"no {name}{{{want}}} in /metrics")
+
+
+def still_serving(url: str) -> None:
+    r = complete(url, "tiny", "still there?", max_tokens=3)
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+
+
+# -- routing ------------------------------------------------------------------------------------
+def test_openai_client_chat_stream_and_models(setup: Setup) -> None:
+    client = openai.OpenAI(base_url=f"{setup.url}/v1", api_key="unused", max_retries=0)
+    assert {m.id for m in client.models.list()} == set(setup.specs)
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=6, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage is not None and r.usage.completion_tokens == 6
+    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=6, temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    comp = client.completions.create(model="tiny", prompt="abc", max_tokens=4, temperature=0)
+    assert comp.choices[0].text == complete(setup.pods[0], "tiny", "abc", max_tokens=4).json()["choices"][0]["text"]
+
+
+def test_unknown_function_is_404_listing_the_deployed_ones(setup: Setup) -> None:
+    r = httpx.post(f"{setup.url}/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404
+    err = r.json()["error"]
+    assert err["code"] == "function_not_found" and "deployed: cold, summarize-tiny, tiny" in err["message"]
+    assert httpx.post(f"{setup.url}/functions/nope", content=b"x").status_code == 404
+    still_serving(setup.url)
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]"])
+def test_malformed_body_is_400(setup: Setup, body: bytes) -> None:
+    r = httpx.post(f"{setup.url}/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] in ("invalid_json", "invalid_request")
+    still_serving(setup.url)
+
+
+def test_runtime_validation_errors_pass_through(setup: Setup) -> None:
+    r = httpx.post(f"{setup.url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 0})
+    assert r.status_code == 422
+    still_serving(setup.url)
+
+
+def test_knative_revision_header_and_host_name_the_function(setup: Setup) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    r = httpx.post(f"{setup.url}/v1/chat/completions", json=body,
+                   headers={"Knative-Serving-Revision": "tiny-00001", "Knative-Serving-Namespace": "default"})
+    assert r.status_code == 200 and r.json()["model"] == "tiny"
+    r = httpx.post(f"{setup.url}/", json={"prompt": "hi", "max_tokens": 3},
+                   headers={"Host": "tiny.default.svc.cluster.local"})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+    r = httpx.post(f"{setup.url}/functions/tiny", content=b"plain text prompt")
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+
+
+def test_knative_probes_health_and_metrics(setup: Setup) -> None:
+    r = httpx.get(f"{setup.url}/anything", headers={"K-Network-Probe": "probe", "K-Network-Hash": "h123"})
+    assert r.status_code == 200 and r.headers["K-Network-Hash"] == "h123"
+    r = httpx.get(f"{setup.url}/", headers={"K-Network-Probe": "activator"})
+    assert r.status_code == 200 and r.text == "activator"
+    assert httpx.get(f"{setup.url}/healthz").json()["status"] == "ok"
+    still_serving(setup.url)
+    assert metric(setup.url, "slinfer_activator_requests_total", function="tiny", status="200") >= 1
+    assert metric(setup.url, "slinfer_activator_ttft_seconds_count", function="tiny") >= 1
+
+
+# -- waiting: overflow and timeout ------------------------------------------------------------------
+def test_queue_overflow_503_and_timeout_504_then_keeps_serving(setup: Setup) -> None:
+    first: dict[str, httpx.Response] = {}
+
+    def waiter() -> None:
+        first["r"] = complete(setup.url, "cold", "wait for me", max_tokens=2)
+
+    t = threading.Thread(target=waiter)
+    t0 = time.monotonic()
+    t.start()
+    deadline = time.monotonic() + 5
+    while metric(setup.url, "slinfer_activator_queue_depth", 0.0, function="cold") < 1:
+        assert time.monotonic() < deadline, "the first request never started waiting"
+        time.sleep(0.02)
+    r = complete(setup.url, "cold", "no room", max_tokens=2)  # the queue holds 1
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+    assert r.json()["error"]["code"] == "queue_full"
+    t.join(10)
+    waited = time.monotonic() - t0
+    assert first["r"].status_code == 504 and first["r"].json()["error"]["code"] == "timeout"
+    assert 2.0 <= waited < 5.0  # the function's timeout_s
+    assert {"cold": 1} in setup.source.demand  # the autoscaler was asked for capacity
+    assert metric(setup.url, "slinfer_activator_queue_depth", function="cold") == 0
+    still_serving(setup.url)
+
+
+# -- CloudEvents ----------------------------------------------------------------------------------
+def _event(data: str) -> CloudEvent:
+    return CloudEvent({"specversion": "1.0", "id": "evt-1", "source": "/tests/source", "type": "dev.example.text"},
+                      data=data)
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_cloudevent_round_trip(setup: Setup, mode: str) -> None:
+    msg = (to_binary_event if mode == "binary" else to_structured_event)(_event("the quick brown fox"))
+    r = httpx.post(f"{setup.url}/functions/{EVENT_FN}", content=msg.body, headers=msg.headers, timeout=60)
+    assert r.status_code == 200, r.text
+    if mode == "structured":
+        assert r.headers["content-type"].startswith("application/cloudevents+json")
+    else:
+        assert r.headers["ce-specversion"] == "1.0"
+    reply = from_http_event(HTTPMessage(dict(r.headers), r.content))
+    assert reply.get_type() == "dev.example.summary" and reply.get_source() == "/tests/summarize"
+    assert reply.get_id() and reply.get_id() != "evt-1" and reply.get_time() is not None
+    assert reply.get_subject() == "evt-1"
+    # The data is the function's answer to the templated prompt (greedy, so reproducible).
+    direct = httpx.post(f"{setup.pods[0]}/v1/chat/completions", timeout=60, json={
+        "model": EVENT_FN, "temperature": 0,
+        "messages": [{"role": "user", "content": "Summarize: the quick brown fox"}]}).json()
+    data = reply.get_data()
+    text = data.decode() if isinstance(data, bytes) else data
+    assert text == direct["choices"][0]["message"]["content"]
+
+
+def test_knative_trigger_delivery_gets_a_cloudevent_reply(setup: Setup) -> None:
+    headers = {"ce-specversion": "1.0", "ce-id": "trig-7", "ce-source": "/apis/v1/namespaces/default/ping",
+               "ce-type": "dev.knative.sources.ping", "ce-knativearrivaltime": "2026-01-01T00:00:00Z",
+               "content-type": "text/plain", "Prefer": "reply",
+               "Knative-Serving-Revision": f"{EVENT_FN}-00001", "Knative-Serving-Namespace": "default"}
+    r = httpx.post(f"{setup.url}/", content=b"a ping", headers=headers, timeout=60)
+    assert r.status_code == 200
+    if r.content:  # Knative: an empty reply, or a valid CloudEvent
+        reply = from_http_event(HTTPMessage(dict(r.headers), r.content))
+        assert reply.get_type() == "dev.example.summary"
+
+
+@pytest.mark.parametrize("headers,body", [
+    ({"ce-specversion": "1.0", "ce-id": "x", "content-type": "text/plain"}, b"no source or type"),
+    ({"content-type": "application/cloudevents+json"}, b'{"specversion": "1.0", "id": "x"}'),
+    ({"content-type": "application/cloudevents+json"}, b"{broken"),
+    ({"ce-specversion": "1.0", "ce-id": "x", "ce-source": "/s", "ce-type": "t"}, b""),
+])
+def test_malformed_cloudevent_is_400(setup: Setup, headers: dict[str, str], body: bytes) -> None:
+    r = httpx.post(f"{setup.url}/functions/{EVENT_FN}", content=body, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_cloudevent", r.text
+    still_serving(setup.url)
+
+
+# -- preemption: a stream moved to another instance --------------------------------------------------
+def _evict_and_reload(pod: str, name: str) -> None:
+    ev = httpx.post(f"{pod}/admin/instances/{name}/evict", headers=AUTH, timeout=30)
+    assert ev.status_code == 200 and ev.json()["evicted_requests"] == 1, "the request finished before eviction"
+
+
+def _reload(pod: str, spec_: FunctionSpec) -> None:
+    r = httpx.post(f"{pod}/admin/instances", json=spec_.to_dict(), headers=AUTH, params={"profile": "false"},
+                   timeout=60)
+    assert r.status_code == 201
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_stream_moved_by_preemption_equals_the_uninterrupted_greedy_output(setup: Setup, chat: bool) -> None:
+    n = 150
+    base: dict[str, Any] = {"model": "tiny", "temperature": 0, "max_tokens": n}
+    base |= {"messages": [{"role": "user", "content": "hello"}]} if chat else {"prompt": "hello"}
+    full, plain, _ = stream_text(setup.pods[1], {**base, "stream_options": {"include_usage": True}})
+    want_reason = plain[-2]["choices"][0]["finish_reason"]  # uninterrupted, straight from pod b
+    assert plain[-1]["usage"]["completion_tokens"] > 20, "too short to be moved mid-stream"
+    moves = metric(setup.url, "slinfer_activator_continuations_total", 0.0, function="tiny")
+    # Through the activator: pod a is tried first (ids sort); evict it on the second chunk.
+    try:
+        text, chunks, done = stream_text(setup.url, {**base, "stream_options": {"include_usage": True}},
+                                         on_chunk=lambda i: i == 2 and _evict_and_reload(setup.pods[0], "tiny"))
+    finally:
+        _reload(setup.pods[0], setup.specs["tiny"])
+    assert text == full
+    assert done == 1 and all("error" not in c for c in chunks)
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")]
+    assert reasons[-1] == want_reason and "preempted" not in reasons
+    assert all("continuation" not in c["choices"][0] for c in chunks if c.get("choices"))
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[-1]["usage"] == plain[-1]["usage"]
+    if chat:
+        assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+        assert metric(setup.url, "slinfer_activator_continuations_total", function="tiny") == moves + 1
+
+
+def test_non_streaming_request_moved_by_preemption_is_joined(setup: Setup) -> None:
+    n = 150
+    plain = complete(setup.pods[1], "tiny", "hello", max_tokens=n).json()
+    result: dict[str, httpx.Response] = {}
+    t = threading.Thread(target=lambda: result.setdefault("r", complete(setup.url, "tiny", "hello",
+                                                                         max_tokens=n)))
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # evict once the request is running on pod a
+            st = httpx.get(f"{setup.pods[0]}/admin/status", headers=AUTH).json()
+            if any(i["name"] == "tiny" and i["batch"] > 0 for i in st["instances"]):
+                break
+            assert time.monotonic() < deadline and t.is_alive(), "the request never ran on pod a"
+            time.sleep(0.01)
+        _evict_and_reload(setup.pods[0], "tiny")
+        t.join(60)
+    finally:
+        _reload(setup.pods[0], setup.specs["tiny"])
+    body = result["r"].json()
+    assert result["r"].status_code == 200
+    assert body["choices"][0]["text"] == plain["choices"][0]["text"]
+    assert body["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert body["usage"] == plain["usage"] and "continuation" not in body["choices"][0]

@@ -1,0 +1,210 @@
+"""The autoscaler service's logic against fake pods at the HTTP seam (httpx.MockTransport): what it
+reads from /admin/status, which admin calls a round makes, and the route table it publishes.
+The clock is a variable; nothing sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from autoscaler.core import DeviceKind, Load, NodeId
+from autoscaler.service.controller import Controller, ControllerSettings
+from autoscaler.service.nodes import NodeSpec, StaticNodes
+from autoscaler.service.observe import parse_status, routes, snapshot
+from functions import FunctionSpec
+
+TOKEN = "t"
+NODES = StaticNodes((NodeSpec(NodeId("pod-0"), "http://pod-0", DeviceKind.CPU, 1 << 30),
+                     NodeSpec(NodeId("pod-1"), "http://pod-1", DeviceKind.CPU, 1 << 30)))
+
+
+def fn(name: str, **kw: Any) -> FunctionSpec:
+    return FunctionSpec(name=name, model="random:llama-tiny?seed=0", max_context_tokens=256,
+                        max_output_tokens=64, **kw)
+
+
+class FakePods:
+    """Pods answering the admin API from a dict: node -> {function: state}; records calls."""
+
+    def __init__(self) -> None:
+        self.loaded: dict[str, dict[str, str]] = {"pod-0": {}, "pod-1": {}}
+        self.batch: dict[tuple[str, str], int] = {}
+        self.down: set[str] = set()
+        self.slow: set[str] = set()  # status times out (a long load holds the device thread)
+        self.calls: list[tuple[str, str, str]] = []
+
+    def status(self, node: str) -> dict[str, Any]:
+        fns = self.loaded[node]
+        return {
+            "device": {"kind": "cpu", "kv_budget_bytes": 64 << 20},
+            "instances": [{"name": f, "batch": self.batch.get((node, f), 0), "waiting": 0, "demand": 0.01,
+                           "kv_blocks_total": 4, "kv_blocks_used": 0, "kv_blocks_reserved": 0, "kv_bytes": 4096}
+                          for f, st in fns.items() if st == "ready"],
+            "functions": {f: {"state": st, "model": "random:llama-tiny?seed=0"} for f, st in fns.items()},
+            "weights_cache": {"models": [{"ref": "random:llama-tiny?seed=0", "bytes": 1 << 20, "pins": 1}]},
+        }
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        node = request.url.host
+        if node in self.down:
+            raise httpx.ConnectError("down", request=request)
+        if node in self.slow and request.url.path == "/admin/status":
+            raise httpx.ReadTimeout("busy", request=request)
+        assert request.headers["authorization"] == f"Bearer {TOKEN}"
+        path = request.url.path
+        if request.method == "GET" and path == "/admin/status":
+            return httpx.Response(200, json=self.status(node))
+        self.calls.append((request.method, node, path))
+        if request.method == "POST" and path == "/admin/instances":
+            name = json.loads(request.content)["name"]
+            self.loaded[node][name] = "ready"
+            return httpx.Response(201, json={"name": name, "state": "ready"})
+        name = path.split("/")[3]
+        self.loaded[node].pop(name, None)
+        return httpx.Response(200, json={"name": name})
+
+
+class Harness:
+    def __init__(self, functions: list[FunctionSpec]) -> None:
+        self.pods = FakePods()
+        self.now = 0.0
+        self.client = httpx.AsyncClient(transport=httpx.MockTransport(self.pods.handler))
+        self.ctl = Controller(NODES, {f.name: f for f in functions}, ControllerSettings(TOKEN), self.client,
+                              clock=lambda: self.now)
+
+    async def round(self) -> list[str]:
+        """One reconcile round, its admin calls executed; returns the actions' kinds and targets."""
+        plan = await self.ctl.reconcile()
+        await self.ctl.settle()
+        return [f"Load {a.function}@{a.node_id}" if isinstance(a, Load) else f"{type(a).__name__} {a.instance_id}"
+                for a in plan.actions]
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_parse_status_snapshot_and_routes() -> None:
+    pods = FakePods()
+    pods.loaded["pod-0"] = {"a": "ready", "b": "loading", "c": "unloaded"}
+    pods.batch[("pod-0", "a")] = 2
+    st = parse_status(NODES.specs[0], pods.status("pod-0"))
+    assert [(i.function, i.state, i.batch) for i in st.instances] == [("a", "ready", 2), ("b", "loading", 0)]
+    funcs = {"a": fn("a"), "b": fn("b")}
+    snap = snapshot(5.0, [st], funcs, {}, loading=[("a", NodeId("pod-0"))])
+    assert [(i.instance_id, i.loading, i.weight_bytes) for i in snap.instances] == [
+        ("a@pod-0", False, 1 << 20), ("b@pod-0", True, 1 << 20)]
+    table = routes(7, [st], funcs)
+    assert table.version == 7 and [e.instance_id for e in table.endpoints_of("a")] == ["a@pod-0"]
+    assert table.endpoints_of("b") == ()
+
+
+def test_demand_loads_one_instance_and_stale_demand_does_not_scale_out() -> None:
+    async def go() -> None:
+        h = Harness([fn("a")])
+        h.ctl.report_demand({"a": 3}, [], seen_version=h.ctl.table.version)
+        assert await h.round() == ["Load a@pod-0"]
+        stale = h.ctl.table.version
+        h.now = 0.1
+        assert await h.round() == []  # the instance is published; the demand that asked for it is dropped
+        assert [e.instance_id for e in h.ctl.table.endpoints_of("a")] == ["a@pod-0"]
+        assert h.ctl.table.version > stale
+        h.ctl.report_demand({"a": 1}, [], seen_version=stale)  # sent before the activator saw it
+        assert await h.round() == []
+        h.ctl.report_demand({"a": 1}, [], seen_version=h.ctl.table.version)  # a ready instance refused
+        assert await h.round() == ["Load a@pod-1"]
+        await h.client.aclose()
+    run(go())
+
+
+def test_keep_alive_unloads_idle_instances_and_activity_keeps_them() -> None:
+    async def go() -> None:
+        h = Harness([fn("a", keep_alive_s=10.0)])
+        h.pods.loaded["pod-0"]["a"] = "ready"
+        assert await h.round() == []  # idle from now (t=0)
+        h.now = 8.0
+        h.ctl.report_demand({}, ["a"])  # the activator served it just now
+        assert await h.round() == []
+        h.now = 17.0
+        assert await h.round() == []  # idle since 8 s: 9 s < 10 s
+        h.now = 18.5
+        assert await h.round() == ["Unload a@pod-0"]
+        assert h.pods.calls == [("DELETE", "pod-0", "/admin/instances/a")]
+        await h.client.aclose()
+    run(go())
+
+
+def test_lost_instances_are_replaced_without_demand() -> None:
+    async def go() -> None:
+        h = Harness([fn("a"), fn("b")])
+        h.pods.loaded["pod-0"] = {"a": "ready", "b": "ready"}
+        assert await h.round() == []
+        h.pods.down.add("pod-0")  # the pod died: its instances are lost
+        h.pods.loaded["pod-0"] = {}
+        h.now = 1.0
+        assert await h.round() == ["Load a@pod-1", "Load b@pod-1"]
+        h.now = 2.0
+        assert await h.round() == []
+        assert [e.instance_id for fn_ in ("a", "b") for e in h.ctl.table.endpoints_of(fn_)] == ["a@pod-1", "b@pod-1"]
+        assert h.ctl.status()["lost"] == []
+        await h.client.aclose()
+    run(go())
+
+
+@pytest.mark.parametrize("body,status", [(b"{", 400), (b'{"name": "x"}', 400), (b'{"name": "x", "model": "m"}', 201)])
+def test_deploy_validates_the_spec(body: bytes, status: int) -> None:
+    from starlette.testclient import TestClient
+
+    from autoscaler.service.api import create_api
+
+    async def make() -> Controller:
+        return Controller(NODES, {}, ControllerSettings(TOKEN), httpx.AsyncClient(transport=httpx.MockTransport(
+            FakePods().handler)))
+
+    ctl = run(make())
+    with TestClient(create_api(ctl, TOKEN)) as c:
+        assert c.post("/functions", content=body).status_code == 401
+        r = c.post("/functions", content=body, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == status, r.text
+        if status == 400:
+            assert r.json()["error"]["code"] in ("invalid_json", "invalid_spec")
+        else:
+            assert "x" in ctl.functions
+
+
+def test_a_fresh_instance_outlives_a_zero_keep_alive_until_its_requests_arrive() -> None:
+    async def go() -> None:
+        h = Harness([fn("a", keep_alive_s=0.0)])
+        h.ctl.report_demand({"a": 1}, [], seen_version=h.ctl.table.version)
+        assert await h.round() == ["Load a@pod-0"]
+        h.now = 0.5
+        assert await h.round() == []  # ready and published, idle, but its request is on the way
+        h.now = 1.9
+        assert await h.round() == []
+        h.now = 2.6  # past the grace with no request: keep-alive 0 unloads it
+        assert await h.round() == ["Unload a@pod-0"]
+        await h.client.aclose()
+    run(go())
+
+
+def test_a_slow_pod_keeps_its_instances_and_its_loading_one_counts() -> None:
+    async def go() -> None:
+        h = Harness([fn("a"), fn("b")])
+        h.pods.loaded["pod-0"] = {"a": "ready", "b": "loading"}
+        assert await h.round() == []
+        h.pods.slow.add("pod-0")  # b's load is profiling: status waits for the device thread
+        h.ctl.report_demand({"b": 2}, [], seen_version=h.ctl.table.version)
+        h.now = 1.0
+        assert await h.round() == []  # not lost, not down; b is loading there already
+        assert h.ctl.status()["lost"] == [] and all(n["up"] for n in h.ctl.status()["nodes"])
+        assert [e.instance_id for e in h.ctl.table.endpoints_of("a")] == ["a@pod-0"]
+        h.pods.slow.clear()
+        h.pods.down.add("pod-0")  # now really gone
+        h.now = 2.0
+        assert await h.round() == ["Load b@pod-1", "Load a@pod-1"]  # most waiting first
+        await h.client.aclose()
+    run(go())

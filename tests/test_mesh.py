@@ -1,0 +1,183 @@
+"""The embedded mesh end to end with real processes on loopback: two runtime pods as child
+processes, the autoscaler and the activator (what `slinfer up` runs), tiny random models.
+
+The tests run in file order and share one mesh; each names its own functions, and a test that
+needs a quiet mesh waits for it by polling the autoscaler's status, never by sleeping."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from activator.app import ActivatorSettings
+from autoscaler.service.controller import ControllerSettings
+from autoscaler.service.local import PodResources
+from autoscaler.service.mesh import MeshHandle, MeshSettings, mesh_in_thread
+from functions import FunctionSpec
+
+TOKEN = "mesh-test-token"
+LLAMA = "random:llama-tiny?seed=0"
+QWEN = "random:qwen2-tiny?seed=1"
+
+
+def fn(name: str, model: str = LLAMA, **kw: Any) -> FunctionSpec:
+    return FunctionSpec(name=name, model=model, **{"max_context_tokens": 256, "max_output_tokens": 255,
+                                                   "keep_alive_s": 30.0, **kw})
+
+
+FUNCTIONS = (
+    fn("alpha", keep_alive_s=2.0),  # scale from zero, keep-alive
+    fn("beta"),  # shares a pod with gamma, then its pod is killed under load
+    fn("gamma", QWEN),
+    fn("delta", timeout_s=60.0),  # waits through an autoscaler restart
+)
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[MeshHandle]:
+    settings = MeshSettings(FUNCTIONS, TOKEN, pods=2, port=0, autoscaler_port=0,
+                            resources=PodResources(kv_budget_mb=32, weight_cache_mb=512, memory_mb=2048, threads=1),
+                            controller=ControllerSettings(TOKEN, profile=False),
+                            activator=ActivatorSettings(demand_interval_s=0.1))
+    with mesh_in_thread(settings) as handle:
+        yield handle
+
+
+def status(mesh: MeshHandle) -> dict[str, Any]:
+    r = httpx.get(f"{mesh.autoscaler_url}/status", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    r.raise_for_status()
+    return r.json()  # type: ignore[no-any-return]
+
+
+def placed(mesh: MeshHandle, function: str, state: str = "ready") -> list[str]:
+    """The nodes holding an instance of ``function`` in ``state``."""
+    return [n["node"] for n in status(mesh)["nodes"] for i in n["instances"]
+            if i["function"] == function and i["state"] == state]
+
+
+def hosted(mesh: MeshHandle, function: str) -> list[str]:
+    """Nodes with an instance of ``function`` or a load of it under way."""
+    st = status(mesh)
+    nodes = {n["node"] for n in st["nodes"] for i in n["instances"] if i["function"] == function}
+    return sorted(nodes | {x["node"] for x in st["loads_in_flight"] if x["function"] == function})
+
+
+def wait_until(cond: Callable[[], Any], what: str, timeout_s: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = cond()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting until {what}"
+        time.sleep(0.05)
+
+
+def chat(mesh: MeshHandle, function: str, content: str = "hello", **kw: Any) -> httpx.Response:
+    body = {"model": function, "messages": [{"role": "user", "content": content}], "temperature": 0, **kw}
+    return httpx.post(f"{mesh.url}/v1/chat/completions", json=body, timeout=120)
+
+
+def pod_admin(mesh: MeshHandle, node: str) -> dict[str, Any]:
+    url = next(n["url"] for n in status(mesh)["nodes"] if n["node"] == node)
+    return httpx.get(f"{url}/admin/status", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).json()  # type: ignore[no-any-return]
+
+
+def test_scale_from_zero_answers_without_error(mesh: MeshHandle) -> None:
+    assert hosted(mesh, "alpha") == []
+    client = openai.OpenAI(base_url=f"{mesh.url}/v1", api_key="unused", max_retries=0)
+    r = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hello"}],
+                                       max_tokens=120, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage is not None and r.usage.completion_tokens == 120
+    # One instance: while the request ran on it, it was not reported as demand again.
+    assert len(hosted(mesh, "alpha")) == 1
+
+
+def test_idle_function_is_unloaded_after_keep_alive_and_reloaded_on_demand(mesh: MeshHandle) -> None:
+    wait_until(lambda: hosted(mesh, "alpha") == [], "alpha is unloaded after its 2 s keep-alive")
+    r = chat(mesh, "alpha", max_tokens=3)
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+    (node,) = wait_until(lambda: hosted(mesh, "alpha"), "alpha is placed again")
+    cache = pod_admin(mesh, node)["weights_cache"]
+    assert cache["hits"] >= 1  # the second load took the weights from the pod's host cache
+
+
+def test_two_functions_share_one_pod(mesh: MeshHandle) -> None:
+    wait_until(lambda: hosted(mesh, "alpha") == [], "the mesh is empty again")
+    assert chat(mesh, "beta", max_tokens=3).status_code == 200
+    assert chat(mesh, "gamma", max_tokens=3).status_code == 200
+    (b,) = placed(mesh, "beta")
+    (g,) = placed(mesh, "gamma")
+    assert b == g  # packing: the non-empty pod first, the other stays empty
+    insts = {i["name"] for i in pod_admin(mesh, b)["instances"]}
+    assert {"beta", "gamma"} <= insts
+
+
+def test_killed_pod_requests_complete_elsewhere_and_lost_instances_are_replaced(mesh: MeshHandle) -> None:
+    (victim,) = placed(mesh, "beta")
+    assert placed(mesh, "gamma") == [victim]
+    index = int(victim.removeprefix("pod-"))
+    results: list[httpx.Response] = []
+
+    def request() -> None:
+        results.append(chat(mesh, "beta", max_tokens=150))
+
+    threads = [threading.Thread(target=request) for _ in range(4)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: any(i["name"] == "beta" and i["batch"] + i["waiting"] > 0
+                           for i in pod_admin(mesh, victim)["instances"]), "beta is serving on its pod")
+    mesh.mesh.pods.kill(index)  # SIGKILL: no drain, no goodbye
+    for t in threads:
+        t.join(120)
+    assert [r.status_code for r in results] == [200] * 4, [r.text[:200] for r in results]
+    assert all(r.json()["choices"][0]["finish_reason"] in ("length", "stop") for r in results)
+    # gamma got no request after the kill: the autoscaler re-placed it because it was lost.
+    wait_until(lambda: placed(mesh, "gamma"), "the lost gamma instance is re-placed", 60)
+    wait_until(lambda: all(n["up"] for n in status(mesh)["nodes"]), "the killed pod is restarted", 60)
+    assert mesh.mesh.pods.children[index].restarts == 1
+
+
+def test_restarting_the_autoscaler_loses_no_waiting_request(mesh: MeshHandle) -> None:
+    assert hosted(mesh, "delta") == []
+    mesh.call(mesh.mesh.stop_autoscaler())
+    result: dict[str, httpx.Response] = {}
+    t = threading.Thread(target=lambda: result.setdefault("r", chat(mesh, "delta", max_tokens=4)))
+    t.start()
+
+    def queued() -> bool:
+        text = httpx.get(f"{mesh.url}/metrics").text
+        return 'slinfer_activator_queue_depth{function="delta"} 1.0' in text
+
+    wait_until(queued, "the request waits in the activator")
+    assert t.is_alive()
+    mesh.call(mesh.mesh.start_autoscaler())
+    t.join(60)
+    r = result["r"]
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+    assert placed(mesh, "delta")
+
+
+@pytest.mark.slow
+def test_smollm2_example_function_from_zero_through_the_openai_client() -> None:
+    """The shipped example `chat` (bundled SmolLM2) in a mesh of one pod: the first request
+    loads it and the answer streams back through the official client."""
+    from autoscaler.service.cli import EXAMPLES_DIR
+    from functions import load_function_spec
+
+    chat_fn = load_function_spec(EXAMPLES_DIR / "chat.yaml")
+    settings = MeshSettings((chat_fn,), TOKEN, pods=1, port=0, autoscaler_port=0,
+                            resources=PodResources(kv_budget_mb=128, threads=2),
+                            controller=ControllerSettings(TOKEN, profile=False))
+    with mesh_in_thread(settings) as m:
+        client = openai.OpenAI(base_url=f"{m.url}/v1", api_key="unused", max_retries=0)
+        stream = client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0, max_tokens=24, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert "Paris" in text
