@@ -135,13 +135,27 @@ def test_admission_refusals_are_429_with_reason_and_retry_after():
         r = complete(base, "m", "hello")
         assert r.status_code == 429, r.text
         assert r.json()["error"]["code"] == "memory" and int(r.headers["Retry-After"]) >= 1
-    # A TTFT no prefill can meet: refused on prefill, and the pod keeps serving others.
+    # A TTFT no prefill can meet, while the device has other work (an idle device admits
+    # anything that fits): refused on prefill, and the pod keeps serving the others.
     with serve_app(make_app([tiny_spec("strict", TINY, slo=SLO(ttft_base_s=1e-6, prefill_rate_tok_s=1e9)),
                              tiny_spec("easy", TINY)], TINY_POD)) as base:
-        r = complete(base, "strict", "a prompt of some length")
-        assert r.status_code == 429 and r.json()["error"]["code"] == "prefill"
-        s = httpx.post(f"{base}/v1/completions", json={"model": "strict", "prompt": "x", "stream": True}, timeout=30)
+        body = {"model": "easy", "prompt": "hello", "max_tokens": 230, "temperature": 0, "stream": True}
+        refused: list[httpx.Response] = []
+        finish = None
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as busy:
+            for line in busy.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])["choices"][0]
+                finish = chunk["finish_reason"] or finish
+                if not refused:  # first token of the busy stream: the device is working
+                    refused.append(complete(base, "strict", "a prompt of some length"))
+                    refused.append(httpx.post(f"{base}/v1/completions", timeout=30,
+                                              json={"model": "strict", "prompt": "x", "stream": True}))
+        r, s = refused
+        assert r.status_code == 429 and r.json()["error"]["code"] == "prefill", r.text
         assert s.status_code == 429  # streaming is refused before any byte is sent
+        assert finish == "length"  # the busy stream ran to its end
         assert complete(base, "easy", "hello").status_code == 200
         metrics = httpx.get(f"{base}/metrics").text
         assert 'slinfer_admission_refusals_total{model="strict",reason="prefill"} 2.0' in metrics
