@@ -117,6 +117,9 @@ REPLAY_MAX_ITERATIONS = 20_000  # a bound on the replay's work; far beyond any r
 LATENESS_TOLERANCE_S = 1e-6  # float noise, not slack
 
 
+COST_REFRESH_TOKENS = 32  # re-estimate a stream's step cost after its context grew this much
+
+
 @dataclass
 class _Stream:
     """One decoding instance in the replay: its requests as [tokens left, next deadline]."""
@@ -127,35 +130,47 @@ class _Stream:
     context: float
     reqs: list[list[float]] = field(default_factory=list)
     cost_s: float = 0.0
+    deadline_s: float = math.inf  # the earliest next-token deadline (cached: read on every pick)
+    bounded: bool = True
+    _costed_at: float = 0.0  # context at the last cost estimate
+
+    def _refresh(self) -> None:
+        self.deadline_s = min(r[1] for r in self.reqs) if self.reqs else math.inf
+        self.bounded = all(math.isfinite(r[0]) for r in self.reqs)
+        self._cost()
+
+    def _cost(self) -> None:
+        if self.reqs:
+            self.cost_s = self.est.decode_s(self.context, len(self.reqs))
+            self._costed_at = self.context
 
     def add(self, tokens_left: float, deadline_s: float, context: float) -> None:
         n = len(self.reqs)
         self.context = (self.context * n + context) / (n + 1)
         self.reqs.append([tokens_left, deadline_s])
-        self.cost_s = self.est.decode_s(self.context, len(self.reqs))
-
-    @property
-    def deadline_s(self) -> float:
-        return min(r[1] for r in self.reqs)
-
-    @property
-    def bounded(self) -> bool:
-        return all(math.isfinite(r[0]) for r in self.reqs)
+        self._refresh()
 
     def iterate(self, t: float, late: dict[str, float]) -> None:
         """One decode iteration that ended at t: every request emits a token. The TPOT SLO is on
         the mean, so a bounded request is late only if its last token is; an unbounded one has no
         last token, so each of its tokens must be on time."""
-        key = f"d:{self.iid}"
+        if t > self.deadline_s:
+            key = f"d:{self.iid}"
+            for r in self.reqs:
+                if t > r[1] and (r[0] <= 1 or not math.isfinite(r[0])):
+                    late[key] = max(late.get(key, 0.0), t - r[1])
+        ended = False
         for r in self.reqs:
-            if t > r[1] and (r[0] <= 1 or not math.isfinite(r[0])):
-                late[key] = max(late.get(key, 0.0), t - r[1])
             r[0] -= 1
             r[1] += self.tpot_s
-        n = len(self.reqs)
-        self.reqs = [r for r in self.reqs if r[0] > 0]
-        if self.reqs and len(self.reqs) != n:
-            self.cost_s = self.est.decode_s(self.context, len(self.reqs))
+            ended = ended or r[0] <= 0
+        self.deadline_s += self.tpot_s
+        self.context += 1  # every request grew by the token it emitted
+        if ended:
+            self.reqs = [r for r in self.reqs if r[0] > 0]
+            self._refresh()
+        elif self.context - self._costed_at >= COST_REFRESH_TOKENS:
+            self._cost()
 
 
 @dataclass(frozen=True)
