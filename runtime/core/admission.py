@@ -122,52 +122,63 @@ COST_REFRESH_TOKENS = 32  # re-estimate a stream's step cost after its context g
 
 @dataclass
 class _Stream:
-    """One decoding instance in the replay: its requests as [tokens left, next deadline]."""
+    """One decoding instance in the replay. Every request emits one token per iteration, so a
+    request is kept as (iteration of its last token, its deadline at iteration 0) and nothing
+    per request changes while the stream runs: an iteration costs O(1) plus its finishers."""
 
     iid: str
     est: LatencyEstimator
     tpot_s: float
     context: float
-    reqs: list[list[float]] = field(default_factory=list)
+    k: int = 0  # iterations run
+    n: int = 0  # requests in the batch
+    ends: dict[int, list[float]] = field(default_factory=dict)  # last iteration -> base deadlines
+    unbounded: list[float] = field(default_factory=list)  # base deadlines of requests without an end
+    base_min: float = math.inf  # earliest base deadline among all requests
     cost_s: float = 0.0
-    deadline_s: float = math.inf  # the earliest next-token deadline (cached: read on every pick)
-    bounded: bool = True
     _costed_at: float = 0.0  # context at the last cost estimate
 
+    @property
+    def deadline_s(self) -> float:
+        """The earliest next-token deadline: what EDF orders streams by."""
+        return self.base_min + self.tpot_s * self.k
+
     def _refresh(self) -> None:
-        self.deadline_s = min(r[1] for r in self.reqs) if self.reqs else math.inf
-        self.bounded = all(math.isfinite(r[0]) for r in self.reqs)
+        bases = [*self.unbounded, *(d for ds in self.ends.values() for d in ds)]
+        self.base_min = min(bases, default=math.inf)
         self._cost()
 
     def _cost(self) -> None:
-        if self.reqs:
-            self.cost_s = self.est.decode_s(self.context, len(self.reqs))
+        if self.n:
+            self.cost_s = self.est.decode_s(self.context, self.n)
             self._costed_at = self.context
 
     def add(self, tokens_left: float, deadline_s: float, context: float) -> None:
-        n = len(self.reqs)
-        self.context = (self.context * n + context) / (n + 1)
-        self.reqs.append([tokens_left, deadline_s])
+        self.context = (self.context * self.n + context) / (self.n + 1)
+        self.n += 1
+        base = deadline_s - self.tpot_s * self.k
+        if math.isfinite(tokens_left):
+            self.ends.setdefault(self.k + max(1, math.ceil(tokens_left)), []).append(base)
+        else:
+            self.unbounded.append(base)
         self._refresh()
 
     def iterate(self, t: float, late: dict[str, float]) -> None:
         """One decode iteration that ended at t: every request emits a token. The TPOT SLO is on
         the mean, so a bounded request is late only if its last token is; an unbounded one has no
         last token, so each of its tokens must be on time."""
-        if t > self.deadline_s:
+        now_k = self.k
+        self.k += 1
+        finished = self.ends.pop(self.k, None)
+        if t > self.base_min + self.tpot_s * now_k:
             key = f"d:{self.iid}"
-            for r in self.reqs:
-                if t > r[1] and (r[0] <= 1 or not math.isfinite(r[0])):
-                    late[key] = max(late.get(key, 0.0), t - r[1])
-        ended = False
-        for r in self.reqs:
-            r[0] -= 1
-            r[1] += self.tpot_s
-            ended = ended or r[0] <= 0
-        self.deadline_s += self.tpot_s
+            for base in [*self.unbounded, *(finished or ())]:
+                due = base + self.tpot_s * now_k
+                if t > due:
+                    late[key] = max(late.get(key, 0.0), t - due)
         self.context += 1  # every request grew by the token it emitted
-        if ended:
-            self.reqs = [r for r in self.reqs if r[0] > 0]
+        if finished:
+            self.n -= len(finished)
             self._refresh()
         elif self.context - self._costed_at >= COST_REFRESH_TOKENS:
             self._cost()
@@ -229,7 +240,7 @@ def replay(instances: Sequence[InstanceLoad], extra: tuple[str, PendingPrefill] 
         if urgent is not None and urgent.deadline_s <= due:
             t += urgent.cost_s
             urgent.iterate(t, late)
-            if urgent.reqs:
+            if urgent.n:
                 heapq.heappush(heap, (urgent.deadline_s, urgent.iid))
             else:
                 del streams[urgent.iid]
@@ -276,6 +287,8 @@ def admit(instances: Sequence[InstanceLoad], target: str, req: NewRequest, free_
         return Decision(False, RefusalReason.COMPUTE, 1.0, f"decode demand would be {demand:.2f} of the device")
     newcomer = PendingPrefill(req.prompt_tokens, req.ttft_deadline_s, req.output_tokens)
     after = replay(instances, (target, newcomer), now)
+    if not after.late and after.demand_left <= 1.0:
+        return ADMIT  # nothing late, nothing left over: no need to compare with the device without it
     horizon = max([newcomer.deadline_s, *(p.deadline_s for i in instances for p in i.prefills)])
     before = replay(instances, None, now, horizon)
     # Work still running when the replay ends must fit in the long run.
