@@ -138,14 +138,12 @@ class _Stream:
     cost_s: float = 0.0
     _costed_at: float = 0.0  # context at the last cost estimate
 
-    @property
-    def deadline_s(self) -> float:
-        """The earliest next-token deadline: what EDF orders streams by."""
-        return self.base_min + self.tpot_s * self.k
+    deadline_s: float = math.inf  # the earliest next-token deadline, base_min + TPOT x k (cached)
 
     def _refresh(self) -> None:
         bases = [*self.unbounded, *(d for ds in self.ends.values() for d in ds)]
         self.base_min = min(bases, default=math.inf)
+        self.deadline_s = self.base_min + self.tpot_s * self.k
         self._cost()
 
     def _cost(self) -> None:
@@ -170,7 +168,9 @@ class _Stream:
         now_k = self.k
         self.k += 1
         finished = self.ends.pop(self.k, None)
-        if t > self.base_min + self.tpot_s * now_k:
+        due_now = self.deadline_s
+        self.deadline_s += self.tpot_s
+        if t > due_now:
             key = f"d:{self.iid}"
             for base in [*self.unbounded, *(finished or ())]:
                 due = base + self.tpot_s * now_k
