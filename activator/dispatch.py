@@ -103,6 +103,7 @@ class Dispatcher:
         async with contextlib.AsyncExitStack() as stack:
             waiting = False
             while True:
+                version = self.routes.table.version
                 for ep in self.order(name):
                     self.inflight[ep.instance_id] = self.inflight.get(ep.instance_id, 0) + 1
                     if waiting:
@@ -117,6 +118,7 @@ class Dispatcher:
                             self.metrics.wait.labels(name).observe(waited)
                         return Upstream(resp, ep, self, name, waited)
                     self.release(name, ep, finished=False)
+                self.room.missed(name, version)
                 if not waiting:
                     stack.enter_context(self.room.hold(name))  # raises QueueFull
                     waiting = True

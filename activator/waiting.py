@@ -37,6 +37,10 @@ class WaitingRoom:
         self.arrived = asyncio.Event()  # set when a function's count goes 0 -> 1
         self.active: set[str] = set()  # functions served since the last demand report (keep-alive)
         self._trying: dict[str, int] = {}
+        # function -> the route-table version on which its held requests last found no room. Only
+        # a function whose requests have tried the current table is demand: one still on its way
+        # to a freshly published instance would otherwise scale the function out again.
+        self.tried: dict[str, int] = {}
 
     @contextlib.contextmanager
     def hold(self, function: str) -> Iterator[None]:
@@ -54,6 +58,7 @@ class WaitingRoom:
                 self.counts[function] = left
             else:
                 del self.counts[function]
+                self.tried.pop(function, None)
 
     def depth(self, function: str) -> int:
         return self.counts.get(function, 0)
@@ -69,9 +74,15 @@ class WaitingRoom:
         finally:
             self._trying[function] -= 1
 
-    def demand(self) -> dict[str, int]:
-        """Requests per function waiting now, not counting those being tried."""
-        out = {fn: n - self._trying.get(fn, 0) for fn, n in self.counts.items()}
+    def missed(self, function: str, version: int) -> None:
+        """Every instance of ``function`` in route table ``version`` refused a request."""
+        self.tried[function] = max(self.tried.get(function, version), version)
+
+    def demand(self, version: int | None = None) -> dict[str, int]:
+        """Requests per function waiting now, not counting those being tried, nor (given the
+        current route-table version) functions whose requests have not yet tried that table."""
+        out = {fn: n - self._trying.get(fn, 0) for fn, n in self.counts.items()
+               if version is None or self.tried.get(fn, -1) >= version}
         return {fn: n for fn, n in out.items() if n > 0}
 
     def wake(self, function: str) -> None:
@@ -107,7 +118,8 @@ class DemandReporter:
             self.room.arrived.clear()
             active, self.room.active = sorted(self.room.active), set()
             try:
-                await self.source.report_demand(self.room.demand(), active, self.routes.table.version)
+                version = self.routes.table.version
+                await self.source.report_demand(self.room.demand(version), active, version)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # autoscaler restarting: the next report carries the demand

@@ -295,3 +295,20 @@ def test_non_streaming_request_moved_by_preemption_is_joined(setup: Setup) -> No
     assert body["choices"][0]["text"] == plain["choices"][0]["text"]
     assert body["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
     assert body["usage"] == plain["usage"] and "continuation" not in body["choices"][0]
+
+
+def test_held_requests_are_demand_only_once_they_have_tried_the_current_routes() -> None:
+    # A request held while routes v5 were current, then v6 published a new instance: until the
+    # request has tried v6 it is on its way there, not demand (else the function scales out twice).
+    from activator.waiting import WaitingRoom
+
+    room = WaitingRoom(limit=4)
+    room.missed("f", 5)
+    with room.hold("f"):
+        assert room.demand(5) == {"f": 1}
+        assert room.demand(6) == {}
+        room.missed("f", 6)
+        assert room.demand(6) == {"f": 1}
+        with room.trying("f"):  # being tried on an instance: not demand either
+            assert room.demand(6) == {}
+    assert room.demand() == {} and "f" not in room.tried
