@@ -16,7 +16,15 @@ from functions import FunctionSpec
 from runtime.core.admission import Decision, InstanceLoad, NewRequest, PendingDecode, PendingPrefill, admit
 from runtime.core.arbiter import Candidate, DeviceKind, Grant, Phase, next_token_deadline, pick
 from runtime.core.estimator import LatencyEstimator
-from runtime.core.memory import ActionKind, DeviceActions, MemoryConfig, reservation_blocks, resize_target
+from runtime.core.memory import (
+    ActionKind,
+    DeviceActions,
+    KVHolding,
+    MemoryConfig,
+    admissible_blocks,
+    reservation_blocks,
+    resize_target,
+)
 from runtime.core.request import Request
 from runtime.engine.engine import LLMEngine, RequestOutput
 
@@ -40,6 +48,10 @@ class Instance:
         slo = self.spec.slo
         return next_token_deadline(req.arrival_s, slo.ttft_s(len(req.prompt_token_ids)), slo.tpot_s,
                                    len(req.output_token_ids), self.load_delay_s)
+
+    def kv_holding(self, lookahead_tokens: int) -> KVHolding:
+        eng = self.engine
+        return KVHolding(eng.pool.num_blocks, eng.reserved_blocks(lookahead_tokens), eng.bytes_per_block)
 
     def tokens_left(self, req: Request) -> int:
         """Tokens req may still emit: max_tokens, and never past the context."""
@@ -159,13 +171,8 @@ class DeviceLoop:
         eng = inst.engine
         la = self.memory.lookahead_tokens
         need = reservation_blocks(prompt_tokens, la, eng.config.block_size, eng.max_model_len)
-        # Reservations already promised but not yet backed by a grow (admitted since the last
-        # plan_memory) are spoken for: without this, two admissions in a row could both count
-        # the same free memory.
-        unmet = sum(max(0, i.engine.reserved_blocks(la) - i.engine.pool.num_blocks) * i.engine.bytes_per_block
-                    for i in self.instances.values())
-        slack = max(0, eng.pool.num_blocks - eng.reserved_blocks(la))
-        free = max(0, self.actions.free - unmet) // eng.bytes_per_block + slack
+        holdings = {name: i.kv_holding(la) for name, i in self.instances.items()}
+        free = admissible_blocks(self.actions.free, holdings.values(), holdings[iid])
         arrival = now if arrival_s is None else arrival_s
         room = eng.max_model_len - prompt_tokens
         outputs = max(0, (room if max_tokens is None else min(max_tokens, room)) - 1)

@@ -74,3 +74,20 @@ def test_completing_twice_is_an_error():
     dev.complete(a.action_id)
     with pytest.raises(KeyError):
         dev.complete(a.action_id)
+
+
+@pytest.mark.parametrize("holdings, target, free_bytes, want", [
+    # nothing held, 10 blocks of 100 bytes free
+    ([(0, 0)], 0, 1000, 10),
+    # another instance admitted 3 blocks it does not hold yet: they are spoken for
+    ([(0, 0), (2, 5)], 0, 1000, 7),
+    # the target holds 4 blocks beyond its reservations: its own slack counts
+    ([(6, 2), (2, 5)], 0, 1000, 11),
+    # promised more than is free: only the slack is left
+    ([(6, 2), (0, 20)], 0, 1000, 4),
+])
+def test_admissible_blocks_discount_unbacked_reservations(holdings, target, free_bytes, want):
+    from runtime.core.memory import KVHolding, admissible_blocks
+
+    hs = [KVHolding(held, reserved, 100) for held, reserved in holdings]
+    assert admissible_blocks(free_bytes, hs, hs[target]) == want

@@ -48,7 +48,15 @@ from runtime.core.admission import (
 from runtime.core.arbiter import Candidate, DeviceKind, Phase, next_token_deadline, pick
 from runtime.core.estimator import LatencyEstimator
 from runtime.core.lifecycle import InstanceEvent, InstanceState, transition
-from runtime.core.memory import ActionKind, DeviceActions, MemoryConfig, reservation_blocks, resize_target
+from runtime.core.memory import (
+    ActionKind,
+    DeviceActions,
+    KVHolding,
+    MemoryConfig,
+    admissible_blocks,
+    reservation_blocks,
+    resize_target,
+)
 
 T = TypeVar("T")
 ADMIT = Decision(True)
@@ -279,10 +287,10 @@ class SimNode:
     def _free_blocks(self, inst: SimInstance) -> int:
         """As runtime.device.DeviceLoop.admit: memory actually free, minus reservations already
         admitted but not yet backed by a grow, plus the target's own slack."""
-        bpb = self.bytes_per_block
-        unmet = sum(max(0, self.reserved_blocks(i) - i.kv_blocks) * bpb for i in self.instances.values())
-        slack = max(0, inst.kv_blocks - self.reserved_blocks(inst))
-        return max(0, self.actions.free - unmet) // bpb + slack
+        def holding(i: SimInstance) -> KVHolding:
+            return KVHolding(i.kv_blocks, self.reserved_blocks(i), self.bytes_per_block)
+
+        return admissible_blocks(self.actions.free, map(holding, self.instances.values()), holding(inst))
 
     def consider(self, inst: SimInstance, req: SimRequest, now: float, load_delay_s: float) -> Decision:
         """May ``req`` join ``inst`` now (with ``load_delay_s`` added to its deadlines)?"""

@@ -59,6 +59,24 @@ def resize_target(cfg: MemoryConfig, current_blocks: int, reserved_blocks: int) 
     return None
 
 
+@dataclass(frozen=True)
+class KVHolding:
+    """An instance's KV as admission sees it: blocks it holds, blocks its requests reserve."""
+
+    held_blocks: int
+    reserved_blocks: int
+    bytes_per_block: int
+
+
+def admissible_blocks(free_bytes: int, holdings: Iterable[KVHolding], target: KVHolding) -> int:
+    """Blocks a new request on ``target`` may reserve: memory actually free, minus reservations
+    already admitted but not yet backed by a grow (else two admissions in a row would count the
+    same free memory), plus the target's own slack (held beyond what its requests reserve)."""
+    unmet = sum(max(0, h.reserved_blocks - h.held_blocks) * h.bytes_per_block for h in holdings)
+    slack = max(0, target.held_blocks - target.reserved_blocks)
+    return max(0, free_bytes - unmet) // target.bytes_per_block + slack
+
+
 class ActionKind(enum.Enum):
     LOAD = "load"  # weights + initial KV
     UNLOAD = "unload"
