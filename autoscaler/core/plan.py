@@ -2,7 +2,8 @@
 
 ``decide`` does, in this order:
   1. unload (drain) every instance whose keep-alive has expired, unless its function has waiting
-     demand; the memory it frees is available to the placements below;
+     demand (idle instances on ``hold_idle`` device kinds never expire: they stay until a
+     placement evicts them below); the memory it frees is available to the placements below;
   2. for each function with waiting demand (most waiting requests first, then by function id):
      - skip it if one of its instances is loading (capacity is on the way: the held requests go
        there once it is ready), or if it already runs ``max_instances`` (it waits);
@@ -25,7 +26,7 @@ room for it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from autoscaler.core.actions import Action, Evict, Load, Plan, Unload
@@ -82,16 +83,18 @@ def _planned_instance(fn: FunctionView, node_id: NodeId, want: PendingDemand) ->
 
 
 def decide(snapshot: ClusterSnapshot, pending: Sequence[PendingDemand], *,
-           pools: Sequence[DeviceKind] = DEFAULT_POOLS, balance: bool = False, preempt: bool = True) -> Plan:
+           pools: Sequence[DeviceKind] = DEFAULT_POOLS, balance: bool = False, preempt: bool = True,
+           hold_idle: Collection[DeviceKind] = ()) -> Plan:
     """The actions for this round (see the module doc). ``balance`` and ``preempt`` are ablation
-    switches: spread load instead of packing it; never evict to make room."""
+    switches: spread load instead of packing it; never evict to make room. Idle instances on
+    ``hold_idle`` kinds never expire (``keepalive.expired``); they leave only as victims."""
     wants = merge_pending(pending)
     waiting_fns = {w.function for w in wants}
     actions: list[Action] = []
     waiting: list[FunctionId] = []
     work = snapshot
 
-    for inst in expired(snapshot):
+    for inst in expired(snapshot, hold=hold_idle):
         if inst.function not in waiting_fns:
             actions.append(Unload(inst.instance_id, inst.node_id, drain=True))
             work = work.without_instance(inst.instance_id)

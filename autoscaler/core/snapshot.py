@@ -117,13 +117,16 @@ class InstanceView:
 @dataclass(frozen=True)
 class NodeView:
     """One runtime pod on one device: ``memory_bytes`` holds weights + KV, of which KV may use at
-    most ``kv_budget_bytes`` (the pod's shared KV budget)."""
+    most ``kv_budget_bytes`` (the pod's shared KV budget). ``cached`` names the functions whose
+    checkpoints the node's host memory holds (a load from there is several times faster than
+    from disk); empty when unknown."""
 
     node_id: NodeId
     kind: DeviceKind
     memory_bytes: int
     kv_budget_bytes: int
     instances: tuple[InstanceView, ...] = ()
+    cached: frozenset[FunctionId] = frozenset()
 
     def __post_init__(self) -> None:
         _check_non_negative(f"node {self.node_id!r}", memory_bytes=self.memory_bytes,

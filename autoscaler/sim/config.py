@@ -16,11 +16,16 @@ What each baseline models, after the SLINFER paper's description (../shared/PAPE
             batch cap ``sllm_share_concurrency["2"]``.
   slinfer   ours: instances share a device token by token (EDF arbiter), SLO-aware admission
             (compute, prefill replay, memory), forward-looking KV sizing with a watermark, reactive
-            bin-packing (largest batch first), CPU first / busiest node first placement, proactive
-            preemption.
+            bin-packing (GPU instances before CPU ones, then largest batch first), CPU first /
+            busiest node first placement, proactive preemption, idle CPU instances kept loaded
+            until their memory is needed (``autoscaler.core.keepalive``).
+Every system places a new instance on a node whose host memory holds the checkpoint first
+(ServerlessLLM's locality-aware placement, ``autoscaler.core.placement``).
 Ablations of slinfer (suffixes, combinable): ``-nopreempt``, ``-nocpu``, ``-nowatermark``
 (watermark 1.0: KV sized to the reservation exactly), ``-balance`` (spread instances over the least
-busy nodes instead of packing).
+busy nodes instead of packing), ``-nohold`` (idle CPU instances unload after ``keep_alive_s`` like
+GPU ones), ``-batchroute`` (route by batch only, whatever the device), ``-nocache`` (placement
+ignores the host caches).
 
 Every system shares the same front end: a request no instance takes waits in the cluster queue, is
 retried every ``retry_s`` (the artifact's 0.25 s) and dropped once its TTFT deadline (plus any
@@ -62,6 +67,9 @@ class SystemConfig:
     batch_cap: BatchCap = BatchCap.NONE
     preempt: bool = True
     balance: bool = False
+    route_device_order: tuple[DeviceKind, ...] = ()  # routing: instances on these kinds first
+    hold_idle: tuple[DeviceKind, ...] = ()  # kinds whose idle instances stay until evicted
+    cache_aware: bool = True  # placement sees which checkpoints each node's host memory holds
     watermark: float = 1.25
     lookahead_tokens: int = 512
     min_instance_tokens: int = 4096  # KV an active instance keeps (the paper's floor)
@@ -86,10 +94,10 @@ SLLM = SystemConfig("sllm", pools=(DeviceKind.GPU,), static_memory=True, admissi
                     batch_cap=BatchCap.EXCLUSIVE, preempt=False, prefill_chunk_tokens=None)
 SLLM_C = replace(SLLM, name="sllm+c", pools=(DeviceKind.CPU, DeviceKind.GPU))
 SLLM_C_S = replace(SLLM_C, name="sllm+c+s", slots_per_node=2, compute_share=0.5, batch_cap=BatchCap.SHARED2)
-SLINFER = SystemConfig("slinfer")
+SLINFER = SystemConfig("slinfer", route_device_order=(DeviceKind.GPU, DeviceKind.CPU), hold_idle=(DeviceKind.CPU,))
 
 PRESETS: dict[str, SystemConfig] = {c.name: c for c in (SLLM, SLLM_C, SLLM_C_S, SLINFER)}
-ABLATIONS = ("nopreempt", "nocpu", "nowatermark", "balance")
+ABLATIONS = ("nopreempt", "nocpu", "nowatermark", "balance", "nohold", "batchroute", "nocache")
 
 
 def system_config(name: str) -> SystemConfig:
@@ -108,6 +116,12 @@ def system_config(name: str) -> SystemConfig:
             cfg = replace(cfg, pools=(DeviceKind.GPU,))
         elif f == "nowatermark":
             cfg = replace(cfg, watermark=1.0)
+        elif f == "nohold":
+            cfg = replace(cfg, hold_idle=())
+        elif f == "batchroute":
+            cfg = replace(cfg, route_device_order=())
+        elif f == "nocache":
+            cfg = replace(cfg, cache_aware=False)
         else:
             cfg = replace(cfg, balance=True)
     return cfg

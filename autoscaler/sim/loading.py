@@ -44,9 +44,16 @@ class HostCache:
     def __init__(self, capacity_bytes: int):
         self.capacity_bytes = capacity_bytes
         self._items: OrderedDict[str, int] = OrderedDict()
+        self._keys: frozenset[str] | None = None
 
     def __contains__(self, key: str) -> bool:
         return key in self._items
+
+    def keys(self) -> frozenset[str]:
+        """The checkpoints held now (a frozen copy, rebuilt only after a change)."""
+        if self._keys is None:
+            self._keys = frozenset(self._items)
+        return self._keys
 
     def touch(self, key: str, nbytes: int) -> bool:
         """Use checkpoint ``key``: True when it was cached; it is cached (most recent) afterwards
@@ -57,6 +64,7 @@ class HostCache:
             return True
         if nbytes > self.capacity_bytes:
             return False
+        self._keys = None
         while sum(self._items.values()) + nbytes > self.capacity_bytes:
             self._items.popitem(last=False)
         self._items[key] = nbytes

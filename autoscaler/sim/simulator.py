@@ -16,9 +16,10 @@ The simulator is the adapter between a virtual clock and the real policy code:
     once their first-token (or next-token) deadline has passed, counting time spent waiting for a
     model load as part of the deadline (the runtime's ``load_delay_s``);
   - each device runs its own iteration loop (``node.SimNode``: arbiter, memory planner).
-Keep-alive: the artifact used 1 s on GPU and 0 on CPU; autoscaler/core has one keep-alive per
-function, so the simulator uses ``SystemConfig.keep_alive_s`` (1 s) on every node. Idle CPU
-instances hold no compute and CPU memory is plentiful, so the difference is small.
+Keep-alive: ``SystemConfig.keep_alive_s`` (the artifact's 1 s) on every node, except that
+slinfer keeps idle CPU instances loaded until a placement needs their memory
+(``SystemConfig.hold_idle``; see ``autoscaler.core.keepalive``). Placement sees each node's host
+cache (``NodeView.cached``) unless ``SystemConfig.cache_aware`` is off.
 
 Events run in (time, order scheduled) order (``clock.EventQueue``); nothing depends on wall time,
 so a run is a pure function of (trace, model, cluster, system, load model).
@@ -27,7 +28,7 @@ so a run is a pure function of (trace, model, cluster, system, load model).
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from autoscaler.core import (
     ClusterSnapshot,
@@ -37,6 +38,7 @@ from autoscaler.core import (
     InstanceId,
     Load,
     NodeId,
+    NodeView,
     PendingDemand,
     Unload,
     decide,
@@ -167,9 +169,19 @@ class Simulator:
 
     def snapshot(self, now: float) -> ClusterSnapshot:
         if self._snap is None or self._snap[0] != self._version or self._snap[1] != now:
-            nodes = tuple(n.view() for n in self.nodes.values())
+            nodes = tuple(self._node_view(n) for n in self.nodes.values())
             self._snap = (self._version, now, ClusterSnapshot(now, nodes, self.functions))
         return self._snap[2]
+
+    def _node_view(self, node: SimNode) -> NodeView:
+        view = node.view()
+        if not self.system.cache_aware:
+            return view
+        return replace(view, cached=self.caches[node.host].keys())
+
+    def _held(self, inst: SimInstance) -> bool:
+        """Idle and on a kind whose idle instances never expire (they only leave as victims)."""
+        return not inst.has_work and inst.node.kind in self.system.hold_idle
 
     def _kick(self, node: SimNode, now: float) -> None:
         if node.run is not None:
@@ -201,7 +213,8 @@ class Simulator:
         self._retry(now, None)
         self._autoscale(now)
         busy = any(n.run is not None for n in self.nodes.values())
-        if self._arrivals_left or self.waiting or self.instances or busy:
+        expiring = any(not self._held(i) for i in self.instances.values())
+        if self._arrivals_left or self.waiting or expiring or busy:
             self.queue.push(now + self.system.retry_s, EventKind.TICK)
 
     def _load_done(self, inst: SimInstance, now: float) -> None:
@@ -239,7 +252,7 @@ class Simulator:
     def _route(self, r: SimRequest, now: float) -> bool:
         snap = self.snapshot(now)
         refused = []
-        for view in route_order(snap, r.function):
+        for view in route_order(snap, r.function, device_order=self.system.route_device_order):
             inst = self.instances[view.instance_id]
             if inst.state is not InstanceState.READY:
                 continue
@@ -300,10 +313,10 @@ class Simulator:
     def _autoscale(self, now: float) -> None:
         ka = self.system.keep_alive_s
         if not self.waiting and not any(i.idle_since_s is not None and now - i.idle_since_s >= ka
-                                        for i in self.instances.values()):
+                                        and not self._held(i) for i in self.instances.values()):
             return  # decide() would return an empty plan: nothing waits, no keep-alive has expired
         plan = decide(self.snapshot(now), self._pending(), pools=self.pools, balance=self.system.balance,
-                      preempt=self.system.preempt)
+                      preempt=self.system.preempt, hold_idle=self.system.hold_idle)
         self._apply(plan.actions, now)
 
     def _apply(self, actions: tuple[Action, ...] | list[Action], now: float) -> None:
