@@ -47,9 +47,10 @@ def make_instance(iid: str, function: str = "g", *, batch: int = 0, demand: floa
 
 
 def make_node(node_id: str, *instances: InstanceView, kind: DeviceKind = CPU, memory: int = 16 * GB,
-              kv_budget: int = 8 * GB) -> NodeView:
+              kv_budget: int = 8 * GB, cached: tuple[str, ...] = ()) -> NodeView:
     nid = NodeId(node_id)
-    return NodeView(nid, kind, memory, kv_budget, tuple(replace(i, node_id=nid) for i in instances))
+    return NodeView(nid, kind, memory, kv_budget, tuple(replace(i, node_id=nid) for i in instances),
+                    frozenset(FunctionId(c) for c in cached))
 
 
 def make_function(name: str = "f", *, device: DevicePreference = DevicePreference.ANY, weight: int = GB,
@@ -163,6 +164,24 @@ PLACEMENT = [
      {"balance": True}, "c2"),
     ("nothing fits", [make_node("c1", memory=GB - 1), make_node("g1", kind=GPU, memory=GB - 1)],
      make_function(), {}, None),
+    # host caches: a node that holds the checkpoint loads it several times faster than disk
+    ("a cached node before a busier uncached one",
+     [make_node("c1", make_instance("a", demand=0.6)), make_node("c2", make_instance("b", demand=0.2), cached=("f",))],
+     make_function(), {}, "c2"),
+    ("a cached gpu before an uncached cpu", [make_node("c1"), make_node("g1", kind=GPU, cached=("f",))],
+     make_function(), {}, "g1"),
+    ("an empty cached node before a busy uncached one",
+     [make_node("c1", make_instance("a", demand=0.5)), make_node("c2", cached=("f",))], make_function(), {}, "c2"),
+    ("inside the cached tier: pools, then busiest first",
+     [make_node("g1", kind=GPU, cached=("f",)), make_node("c1", make_instance("a", demand=0.2), cached=("f",)),
+      make_node("c2", make_instance("b", demand=0.6), cached=("f",)), make_node("c3", make_instance("c", demand=0.9))],
+     make_function(), {}, "c2"),
+    ("another function's checkpoint does not count",
+     [make_node("c1", make_instance("a", demand=0.6)), make_node("c2", make_instance("b", demand=0.2), cached=("g",))],
+     make_function(), {}, "c1"),
+    ("a cached node that does not fit is skipped",
+     [make_node("c1", make_instance("a", demand=0.2)), make_node("c2", memory=GB - 1, cached=("f",))],
+     make_function(), {}, "c1"),
 ]
 
 
@@ -198,6 +217,24 @@ def test_route_order_largest_batch_first(instances, expected):
     node = make_node("n", *(make_instance(i, "f", batch=b) for i, b in instances),
                      make_instance("other", "g", batch=9), make_instance("new", "f", batch=0, loading=True))
     assert [i.instance_id for i in route_order(make_snapshot(node), F)] == expected
+
+
+ROUTES = [
+    # (case, instances as (id, node kind, batch), device_order, expected)
+    ("by batch only without a device order", [("c", CPU, 5), ("g", GPU, 1)], (), ["c", "g"]),
+    ("gpu first, even with the smaller batch", [("c", CPU, 5), ("g", GPU, 1)], (GPU, CPU), ["g", "c"]),
+    ("largest batch first within a kind", [("c1", CPU, 1), ("c2", CPU, 4), ("g1", GPU, 2), ("g2", GPU, 7)],
+     (GPU, CPU), ["g2", "g1", "c2", "c1"]),
+    ("kinds not listed come last", [("c", CPU, 5), ("g", GPU, 1)], (GPU,), ["g", "c"]),
+    ("the order given is the order used", [("c", CPU, 1), ("g", GPU, 5)], (CPU, GPU), ["c", "g"]),
+]
+
+
+@pytest.mark.parametrize("instances, device_order, expected", [r[1:] for r in ROUTES], ids=[r[0] for r in ROUTES])
+def test_route_order_by_device_kind(instances, device_order, expected):
+    nodes = [make_node(f"n-{iid}", make_instance(iid, "f", batch=b), kind=kind) for iid, kind, b in instances]
+    got = route_order(make_snapshot(*nodes), F, device_order=device_order)
+    assert [i.instance_id for i in got] == expected
 
 
 def test_route_order_spans_nodes():
@@ -289,6 +326,21 @@ def test_keep_alive(keep_alive, idle_since, loading, expires):
     assert [i.instance_id for i in expired(snap)] == (["a"] if expires else [])
 
 
+HOLD = [
+    # (case, node kind, hold, expires): the instance has been idle 30 s, keep-alive 10 s
+    ("gpu instance expires when only cpu is held", GPU, (CPU,), True),
+    ("cpu instance is held", CPU, (CPU,), False),
+    ("nothing held: cpu expires", CPU, (), True),
+]
+
+
+@pytest.mark.parametrize("kind, hold, expires", [r[1:] for r in HOLD], ids=[r[0] for r in HOLD])
+def test_keep_alive_hold(kind, hold, expires):
+    node = make_node("n", make_instance("a", "f", idle_since=NOW - 30.0), kind=kind)
+    snap = make_snapshot(node, functions=(make_function(keep_alive=10.0),))
+    assert [i.instance_id for i in expired(snap, hold=hold)] == (["a"] if expires else [])
+
+
 def test_keep_alive_order_and_undeployed_functions():
     node = make_node("n", make_instance("b", "f", idle_since=NOW - 50), make_instance("a", "f", idle_since=NOW - 50),
                      make_instance("c", "f", idle_since=NOW - 80), make_instance("fresh", "f", idle_since=NOW - 1),
@@ -365,6 +417,15 @@ PLANS = [
      [make_node("c1", make_instance("a", batch=2, weight=2 * GB), memory=FULL)], (),
      [pend(requests=2), pend(requests=1)], {}, [E("a", "c1"), L("f", "c1")], []),
     ("an unknown function waits", [make_node("c1")], (), [pend("nope")], {}, [], ["nope"]),
+    ("a held idle cpu instance is not unloaded",
+     [make_node("c1", make_instance("old", "g", idle_since=0.0))], (make_function("g", keep_alive=30.0),), [],
+     {"hold_idle": (CPU,)}, [], []),
+    ("a held idle cpu instance is the victim when a placement needs its memory",
+     [make_node("c1", make_instance("old", "g", idle_since=0.0, weight=2 * GB), memory=FULL)],
+     (make_function("g", keep_alive=30.0),), [pend()], {"hold_idle": (CPU,)}, [E("old", "c1"), L("f", "c1")], []),
+    ("holding cpu does not hold gpu",
+     [make_node("g1", make_instance("old", "g", idle_since=0.0), kind=GPU)], (make_function("g", keep_alive=30.0),),
+     [], {"hold_idle": (CPU,)}, [U("old", "g1")], []),
     ("balance switch spreads",
      [make_node("c1", make_instance("a", demand=0.5)), make_node("c2")], (), [pend()], {"balance": True},
      [L("f", "c2")], []),

@@ -255,3 +255,56 @@ def test_simulator_builds_slots_per_node():
                     replace(system_config("sllm+c+s")))
     assert sorted(sim.nodes) == ["cpu0.0", "cpu0.1", "gpu0.0", "gpu0.1", "gpu1.0", "gpu1.1"]
     assert {n.memory_bytes for n in sim.nodes.values() if n.kind is DeviceKind.GPU} == {30 * GIB}
+
+
+# -- slinfer's CPU keep-alive, routing and cache-aware placement ------------------------------------
+
+@pytest.mark.parametrize("system, loads", [
+    ("slinfer", 1),  # the idle CPU instance stays loaded: the second request finds it warm
+    ("slinfer-nohold", 2),  # unloaded after keep_alive_s: the second request waits for a reload
+])
+def test_idle_cpu_instances_are_held(system, loads):
+    trace = make_trace((0.0, "f", 100, 3), (20.0, "f", 100, 3))
+    res = simulate(trace, make_model(), ClusterSpec(cpus=1, gpus=0), system_config(system))
+    assert res.stats.loads == loads
+    assert all(r.finish_s is not None and r.device == "cpu" for r in res.requests)
+    assert (res.requests[1].load_delay_s == 0.0) is (loads == 1)
+
+
+@pytest.mark.parametrize("system, first_asked", [
+    ("slinfer", "gpu"),  # a GPU instance exists: requests try it first
+    ("slinfer-batchroute", "cpu"),  # by batch only: the CPU instance holds more requests
+])
+def test_routing_tries_gpu_instances_first(monkeypatch, system, first_asked):
+    """f runs on the CPU (placed first) and on the GPU (placed when the CPU refused a long
+    prompt); while both still work, which device does a later request ask first?"""
+    asked: list[tuple[float, str]] = []
+    real = SimNode.consider
+
+    def spy(self, inst, req, now, delay):
+        asked.append((req.arrival_s, self.kind.value))
+        return real(self, inst, req, now, delay)
+
+    monkeypatch.setattr(SimNode, "consider", spy)
+    arrivals = [(0.0, "f", 100, 400)] + [(0.01 * k, "f", 3000, 400) for k in range(1, 4)]
+    arrivals += [(6.0 + 0.1 * k, "f", 100, 5) for k in range(6)]  # while both instances still work
+    res = simulate(make_trace(*arrivals), make_model(), gpu_cluster(1, cpus=1), system_config(system))
+    assert {r.device for r in res.requests} == {"cpu", "gpu"}  # both instances existed
+    firsts = {}
+    for arrival, kind in asked:
+        firsts.setdefault(arrival, kind)
+    assert {firsts[t] for t in firsts if t >= 6.0} == {first_asked}
+
+
+@pytest.mark.parametrize("system, cached", [("slinfer", {"f"}), ("slinfer-nocache", set())])
+def test_placement_sees_the_host_caches(system, cached):
+    sim = Simulator(make_trace((0.0, "f", 100, 3)), make_model(), gpu_cluster(1), system_config(system))
+    sim.run()
+    assert set(sim.snapshot(sim.queue.now_s).node(sim.nodes["gpu0"].node_id).cached) == cached
+
+
+def test_new_ablations_parse():
+    assert system_config("slinfer-nohold").hold_idle == ()
+    assert system_config("slinfer-batchroute").route_device_order == ()
+    assert system_config("slinfer-nocache").cache_aware is False
+    assert system_config("sllm").hold_idle == () and system_config("sllm+c").route_device_order == ()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, replace
+from typing import cast
 
 from autoscaler.core import (
     ClusterSnapshot,
@@ -177,7 +178,8 @@ class Simulator:
         view = node.view()
         if not self.system.cache_aware:
             return view
-        return replace(view, cached=self.caches[node.host].keys())
+        # The cache is keyed by function name; FunctionId is that str, typed.
+        return replace(view, cached=cast("frozenset[FunctionId]", self.caches[node.host].keys()))
 
     def _held(self, inst: SimInstance) -> bool:
         """Idle and on a kind whose idle instances never expire (they only leave as victims)."""
