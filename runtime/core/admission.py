@@ -240,9 +240,10 @@ def replay(instances: Sequence[InstanceLoad], extra: tuple[str, PendingPrefill] 
         if urgent is not None and urgent.deadline_s <= due:
             t += urgent.cost_s
             urgent.iterate(t, late)
-            if urgent.n:
-                heapq.heappush(heap, (urgent.deadline_s, urgent.iid))
+            if urgent.n:  # its entry is the heap's top: replace it in one step
+                heapq.heapreplace(heap, (urgent.deadline_s, urgent.iid))
             else:
+                heapq.heappop(heap)
                 del streams[urgent.iid]
             continue
         deadline, key, iid, tokens, outputs = jobs[i]
@@ -289,6 +290,13 @@ def admit(instances: Sequence[InstanceLoad], target: str, req: NewRequest, free_
     after = replay(instances, (target, newcomer), now)
     if not after.late and after.demand_left <= 1.0:
         return ADMIT  # nothing late, nothing left over: no need to compare with the device without it
+    own = after.late.get("new", 0.0)
+    if own > LATENESS_TOLERANCE_S and after.demand_left <= 1.0:
+        # Its own first token would be late: refused for that whatever the device without it looks
+        # like (that replay could only name more jobs it hurts, and it is half the cost of a
+        # refusal; most refusals of requests that waited too long end here).
+        return Decision(False, RefusalReason.PREFILL, max(0.1, own),
+                        f"deadlines would be missed by at least {own:.3f}s (new)")
     horizon = max([newcomer.deadline_s, *(p.deadline_s for i in instances for p in i.prefills)])
     before = replay(instances, None, now, horizon)
     # Work still running when the replay ends must fit in the long run.

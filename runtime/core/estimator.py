@@ -10,11 +10,13 @@ profile's noise, and observed step times keep correcting the estimate (EWMA of o
 from __future__ import annotations
 
 import bisect
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 Curve = tuple[tuple[int, float], ...]  # sorted (x, ms)
+_first = operator.itemgetter(0)
 
 
 def _curve(points: Sequence[Sequence[float]]) -> Curve:
@@ -26,12 +28,11 @@ def _curve(points: Sequence[Sequence[float]]) -> Curve:
 
 def interp(curve: Curve, x: float) -> float:
     """Linear between points, proportional past the last, flat below the first."""
-    xs = [p[0] for p in curve]
-    if x <= xs[0]:
+    if x <= curve[0][0]:
         return curve[0][1]
-    if x >= xs[-1]:
-        return curve[-1][1] * x / xs[-1]
-    i = bisect.bisect_right(xs, x)
+    if x >= curve[-1][0]:
+        return curve[-1][1] * x / curve[-1][0]
+    i = bisect.bisect_right(curve, x, key=_first)  # no list of xs per call: this runs per replay step
     (x0, y0), (x1, y1) = curve[i - 1], curve[i]
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
@@ -77,15 +78,15 @@ class LatencyProfile:
         if batch <= 0:
             return 0.0
         rows = self.decode_ms
-        ctxs = [r[0] for r in rows]
-        if context <= ctxs[0] or len(rows) == 1:
+        first, last = rows[0][0], rows[-1][0]
+        if context <= first or len(rows) == 1:
             ms = interp(rows[0][1], batch)
-            if len(rows) == 1 and context > ctxs[0]:
-                ms *= context / ctxs[0]
-        elif context >= ctxs[-1]:
-            ms = interp(rows[-1][1], batch) * context / ctxs[-1]
+            if len(rows) == 1 and context > first:
+                ms *= context / first
+        elif context >= last:
+            ms = interp(rows[-1][1], batch) * context / last
         else:
-            i = bisect.bisect_right(ctxs, context)
+            i = bisect.bisect_right(rows, context, key=_first)
             (c0, r0), (c1, r1) = rows[i - 1], rows[i]
             y0, y1 = interp(r0, batch), interp(r1, batch)
             ms = y0 + (y1 - y0) * (context - c0) / (c1 - c0)
