@@ -75,7 +75,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from capacity_systems import Exclusive, Fleet, Job, Ours, OursNoAdmission, Static, System  # noqa: E402
+from capacity_systems import (  # noqa: E402
+    Exclusive,
+    Fleet,
+    Job,
+    Ours,
+    OursNoAdmission,
+    ReplayClock,
+    Static,
+    System,
+)
 
 from autoscaler.sim.trace import Trace, load_trace, synthetic_trace  # noqa: E402
 from functions import SLO, FunctionSpec  # noqa: E402
@@ -129,13 +138,10 @@ def make_jobs(t: Trace, slo: SLO, vocab: int, seed: int) -> list[Job]:
 
 
 # ------------------------------------------------------------------------------------ replay
-def replay(system: System, jobs: Sequence[Job], duration_s: float, drain_s: float) -> float:
+def replay(system: System, jobs: Sequence[Job], duration_s: float, drain_s: float, clock: ReplayClock) -> float:
     """Inject each job when its time comes, step the system, timestamp its tokens. Returns wall s."""
     by_rid = {j.rid: j for j in jobs}
-    t0 = time.perf_counter()
-
-    def clock() -> float:
-        return time.perf_counter() - t0
+    clock.start()
 
     i = 0
     while True:
@@ -385,7 +391,7 @@ def main() -> None:
             jobs = make_jobs(t_k, slo, m0.config.vocab_size, a.seed)
             system = build_system(name, fleet, functions)
             system.warm()
-            wall = replay(system, jobs, a.duration, a.drain)
+            wall = replay(system, jobs, a.duration, a.drain, fleet.clock)
             s = summarize(jobs)
             s.update(system.stats())
             s["wall_s"] = round(wall, 1)
