@@ -26,14 +26,14 @@ import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from activator import events
 from activator.dispatch import Dispatcher, DispatchTimeout, Upstream
 from activator.metrics import ActivatorMetrics
-from activator.relay import StreamRelay, complete_moving
+from activator.relay import EventStreamResponse, StreamRelay, complete_moving
 from activator.routes import HTTPRouteSource, RouteSource, RouteView
 from activator.upstream import UpstreamClient
 from activator.waiting import DemandReporter, QueueFull, WaitingRoom
@@ -176,8 +176,7 @@ class Activator:
             return Response(raw, status_code=status, media_type="application/json")
         if body.get("stream"):
             relay = StreamRelay(up, reopen, body, chat, self.metrics, spec.name, t0)
-            return StreamingResponse(relay, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return EventStreamResponse(relay.__aiter__(), {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         code, payload = await complete_moving(up, reopen, body, chat, spec.name, self.metrics)
         self.metrics.ttft.labels(spec.name).observe(time.monotonic() - t0)
         if isinstance(payload, bytes):

@@ -15,11 +15,15 @@ Non-streaming answers are continued the same way and joined into one response.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from activator.dispatch import Upstream
 from activator.metrics import ActivatorMetrics
@@ -259,3 +263,52 @@ def _joined(head: dict[str, Any], last: dict[str, Any], texts: list[str], moved:
     done = len(moved.output_ids) + int((last.get("usage") or {}).get("completion_tokens", 0))
     return {**head, "choices": [choice], "usage": {"prompt_tokens": n, "completion_tokens": done,
                                                   "total_tokens": n + done}}
+
+
+class EventStreamResponse(Response):
+    """An ASGI response that sends ``events`` as a text/event-stream, one send per event.
+
+    Why not Starlette's StreamingResponse: on servers speaking ASGI spec < 2.4 (uvicorn) it runs
+    each response in an anyio task group with a disconnect listener, which cost ~0.4 ms of the
+    activator's 2 ms budget per stream. Here one plain watcher task cancels the sending task when
+    the client leaves (the relay's ``finally`` then closes the upstream, and the runtime aborts
+    the request). The head waits for the first event, so the two leave together and the client
+    wakes once for its first token, not twice.
+    """
+
+    def __init__(self, events: AsyncIterator[bytes], headers: dict[str, str]) -> None:
+        self.events = events
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
+                            *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            task.cancel()
+
+        it = self.events.__aiter__()
+        watcher = asyncio.ensure_future(watch())
+        try:
+            first = await anext(it, None)
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            if first is not None:
+                await send({"type": "http.response.body", "body": first, "more_body": True})
+                async for event in it:
+                    await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not gone:
+                raise  # the server is shutting down, not the client leaving
+            task.uncancel()
+        finally:
+            watcher.cancel()
+            await it.aclose()  # type: ignore[attr-defined]

@@ -44,6 +44,7 @@ class _Conn:
         self.chunks: deque[bytes] = deque()
         self.head_done = False
         self.done = False
+        self.keep_alive = False
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -56,6 +57,9 @@ class _Conn:
         self.chunks.append(body)
 
     def on_message_complete(self) -> None:
+        # Asked here: llhttp answers should_keep_alive() only inside the callback (afterwards it
+        # says False, and every request would open a new connection).
+        self.keep_alive = self.parser.should_keep_alive()
         self.done = True
 
     async def feed(self) -> None:
@@ -102,7 +106,7 @@ class UpstreamResponse:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        if conn.done and not conn.chunks and conn.parser.should_keep_alive():
+        if conn.done and not conn.chunks and conn.keep_alive:
             conn.reset()
             self._client.release(self._key, conn)
         else:

@@ -13,7 +13,7 @@ Runs `slinfer up` (one runtime pod, a child process) and measures from this proc
              mesh whose pods keep no host cache (--weight-cache-mb 0), weights read from disk
 The LAST line printed is one JSON object (see the keys at the bottom).
 
-Usage: python bench/bench_activator.py [--pairs 200] [--cold-reps 5]
+Usage: python bench/bench_activator.py [--pairs 400] [--cold-reps 5]
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def cold_ttfts(client: httpx.Client, info: dict[str, Any], reps: int) -> list[fl
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pairs", type=int, default=200)
+    ap.add_argument("--pairs", type=int, default=400)
     ap.add_argument("--cold-reps", type=int, default=5)
     a = ap.parse_args()
     result: dict[str, Any] = {}
@@ -162,7 +162,7 @@ def main() -> None:
                     call(client, pod, model, stream=True)
                     call(client, act, model, stream=True)
             runs = {}
-            for model, pairs in (("echo", a.pairs), ("warm", max(20, a.pairs // 4))):
+            for model, pairs in (("echo", a.pairs), ("warm", max(20, min(50, a.pairs // 4)))):
                 for stream in (False, True):
                     r = runs[model, stream] = overhead(client, act, pod, pairs, stream, model)
                     what = "streaming TTFT" if stream else "non-streaming, 1 token"

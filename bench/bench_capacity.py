@@ -41,9 +41,10 @@ each function keeps ~6% of the device busy and an ideal sharer saturates near K 
 derives the rate from that share instead (for other machines; the profile is noisy here). The KV
 budget defaults to one instance's full batch at full context (what the exclusive system needs).
 SLO for every job: TTFT <= max(0.5 s, prompt / R) and mean TPOT (time per output token after the
-first) <= 0.25 s. R is this machine's prefill rate timed at the workload's mean prompt length
-(median of 3); the rate at 500 tokens is ~20% higher, and with it prompts of ~90-250 tokens would
-miss their TTFT even on an idle device (short prefills pay a fixed per-step cost). A dropped, refused, evicted or
+first) <= 0.25 s. R keeps the paper's room: its R = 512 tok/s is 1/2.95 of its 7B-on-CPU prefill
+rate at the trace's mean prompt, so R here is this machine's prefill rate at the workload's mean
+prompt (median of 3) / 2.95 (--slo-slack; with 1, a prompt past the 0.5 s floor has exactly its
+idle-device prefill time, and any other instance's step makes it late). A dropped, refused, evicted or
 unfinished job is a miss. Capacity = the largest K swept with at least --target attainment
 (0.95). Small K have few arrivals (4 at K = 1 by default), so one noisy job moves them by 25%.
 
@@ -74,7 +75,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from capacity_systems import Exclusive, Fleet, Job, Ours, OursNoAdmission, Static, System  # noqa: E402
+from capacity_systems import (  # noqa: E402
+    Exclusive,
+    Fleet,
+    Job,
+    Ours,
+    OursNoAdmission,
+    ReplayClock,
+    Static,
+    System,
+)
 
 from autoscaler.sim.trace import Trace, load_trace, synthetic_trace  # noqa: E402
 from functions import SLO, FunctionSpec  # noqa: E402
@@ -93,6 +103,10 @@ TRACE_S = 1800.0  # the generator's and the published trace's length, before com
 TTFT_BASE_S = 0.5
 TPOT_S = 0.25
 LOOKAHEAD_TOKENS = 512  # the paper's, scaled like the lengths
+# The paper's SLO leaves its CPU this much room: R = 512 tok/s against llama-2-7b's 1508 tok/s on
+# its AMX Xeon at the trace's mean prompt (~1k tokens: 1024 in 679 ms, data/profiles/
+# slinfer_published.json). R here keeps that ratio to this host's own rate at its mean prompt.
+PAPER_SLO_SLACK = (1024 / 0.679) / 512
 SYSTEMS = ("exclusive", "static", "ours")
 ABLATIONS = ("ours_noadmit",)  # run only when named in --systems
 
@@ -124,13 +138,10 @@ def make_jobs(t: Trace, slo: SLO, vocab: int, seed: int) -> list[Job]:
 
 
 # ------------------------------------------------------------------------------------ replay
-def replay(system: System, jobs: Sequence[Job], duration_s: float, drain_s: float) -> float:
+def replay(system: System, jobs: Sequence[Job], duration_s: float, drain_s: float, clock: ReplayClock) -> float:
     """Inject each job when its time comes, step the system, timestamp its tokens. Returns wall s."""
     by_rid = {j.rid: j for j in jobs}
-    t0 = time.perf_counter()
-
-    def clock() -> float:
-        return time.perf_counter() - t0
+    clock.start()
 
     i = 0
     while True:
@@ -290,7 +301,11 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--prefill-rate", type=float, default=None,
-                    help="R for the TTFT SLO, tokens/s (default: measured at the mean prompt length)")
+                    help="R for the TTFT SLO, tokens/s (default: this host's prefill rate at the mean "
+                         "prompt length / --slo-slack)")
+    ap.add_argument("--slo-slack", type=float, default=round(PAPER_SLO_SLACK, 2),
+                    help="this host's prefill rate / R: the room the TTFT SLO leaves (default %(default)s, "
+                         "the paper's for its 7B on CPU; 1 gives prompts past the 0.5 s floor no room at all)")
     ap.add_argument("--target", type=float, default=0.95, help="attainment that counts as served")
     ap.add_argument("--stop-below", type=float, default=0.5,
                     help="skip a system's larger K once its attainment falls below this")
@@ -334,7 +349,8 @@ def main() -> None:
     ref = (base or synthetic_trace(seed=a.seed)).scale_lengths(a.length_scale, min_output=2,
                                                                max_total=a.max_model_len).stats()
     p_len = round(ref["prompt_mean"])
-    rate = a.prefill_rate or prefill_rate(m0, engine_cfg, p_len)
+    host_rate = prefill_rate(m0, engine_cfg, p_len)
+    rate = a.prefill_rate or host_rate / a.slo_slack
     slo = SLO(ttft_base_s=TTFT_BASE_S, prefill_rate_tok_s=round(rate, 1), tpot_s=TPOT_S)
     est = LatencyEstimator(profile)
     print("profile (ms, median of 3): prefill " + ", ".join(f"{n}:{ms:.0f}" for n, ms in profile.prefill_ms)
@@ -342,8 +358,9 @@ def main() -> None:
                                      for c, row in profile.decode_ms), flush=True)
     long_len, long_ms = profile.prefill_ms[-1]
     long_rate = long_len / (long_ms / 1e3 / profile.safety)
-    how = "given" if a.prefill_rate else f"median of 3 prefills of the mean prompt, {p_len} tokens"
-    print(f"profiled in {time.perf_counter() - t:.0f} s: prefill R = {rate:.0f} tok/s ({how}; {long_rate:.0f} tok/s at {long_len}), decode batch 1 "
+    how = "given" if a.prefill_rate else f"this host's {host_rate:.0f} tok/s / slack {a.slo_slack}"
+    print(f"profiled in {time.perf_counter() - t:.0f} s: SLO R = {rate:.0f} tok/s ({how}); prefill {host_rate:.0f} tok/s "
+          f"at the mean prompt ({p_len} tokens, median of 3), {long_rate:.0f} tok/s at {long_len}; decode batch 1 "
           f"{est.decode_s(64, 1) / profile.safety * 1e3:.0f} ms/step", flush=True)
     job_s = mean_job_s(est, ref["prompt_mean"], ref["output_mean"])
     rate_per_fn = a.fn_load / job_s if a.fn_load else a.rate_per_fn
@@ -374,7 +391,7 @@ def main() -> None:
             jobs = make_jobs(t_k, slo, m0.config.vocab_size, a.seed)
             system = build_system(name, fleet, functions)
             system.warm()
-            wall = replay(system, jobs, a.duration, a.drain)
+            wall = replay(system, jobs, a.duration, a.drain, fleet.clock)
             s = summarize(jobs)
             s.update(system.stats())
             s["wall_s"] = round(wall, 1)
@@ -429,6 +446,8 @@ def main() -> None:
         "fn_load": round(rate_per_fn * job_s, 4),
         "mean_job_device_s": round(job_s, 3),
         "kv_budget_mb": round(kv_budget / 2**20, 1),
+        "prefill_rate_host_tok_s": round(host_rate, 1),
+        "slo_slack": round(host_rate / rate, 2),
         "prefill_rate_long_tok_s": round(long_rate, 1),
         "decode_b1_ms": round(est.decode_s(64, 1) / profile.safety * 1e3, 1),
         "cold_load_s": round(statistics.mean(loads), 3) if loads else None,

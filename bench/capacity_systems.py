@@ -47,6 +47,20 @@ from runtime.models.loader import LoadedModel
 RETRY_EVERY_S = 0.25
 
 
+class ReplayClock:
+    """Seconds since the replay started: the timebase of every Job's times, and of the first-token
+    stamps the device loop's deadlines count from."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.t0
+
+
 @dataclass
 class Job:
     """One arrival of the replay and what became of it (seconds since the replay started)."""
@@ -82,6 +96,7 @@ class Fleet:
     engine: EngineConfig  # kv_cache_bytes is replaced per system
     kv_budget_bytes: int
     memory: MemoryConfig
+    clock: ReplayClock = dataclasses.field(default_factory=ReplayClock)
 
     def engine_config(self, kv_bytes: int) -> EngineConfig:
         return dataclasses.replace(self.engine, kv_cache_bytes=kv_bytes)
@@ -241,7 +256,7 @@ class Ours:
     name = "ours"
 
     def __init__(self, fleet: Fleet, functions: Sequence[str]):
-        self.dev = DeviceLoop(DeviceKind.CPU, fleet.kv_budget_bytes, fleet.memory)
+        self.dev = DeviceLoop(DeviceKind.CPU, fleet.kv_budget_bytes, fleet.memory, clock=fleet.clock)
         self.profile = fleet.profile
         for fn in functions:  # engines start with no KV; the memory planner grows them
             eng = LLMEngine(fleet.models[fn], fleet.engine_config(0))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from functions import FunctionSpec
@@ -47,7 +48,7 @@ class Instance:
     def deadline(self, req: Request) -> float:
         slo = self.spec.slo
         return next_token_deadline(req.arrival_s, slo.ttft_s(len(req.prompt_token_ids)), slo.tpot_s,
-                                   len(req.output_token_ids), self.load_delay_s)
+                                   len(req.output_token_ids), self.load_delay_s, req.first_token_s)
 
     def kv_holding(self, lookahead_tokens: int) -> KVHolding:
         eng = self.engine
@@ -89,8 +90,9 @@ class DeviceLoop:
     action queue through which every KV grow/shrink and instance add/remove goes."""
 
     def __init__(self, kind: DeviceKind = DeviceKind.CPU, kv_budget_bytes: int = 1 << 30,
-                 memory: MemoryConfig | None = None):
+                 memory: MemoryConfig | None = None, clock: Callable[[], float] = time.monotonic):
         self.kind = kind
+        self.clock = clock  # the timebase of arrival_s: stamps first tokens
         self.instances: dict[str, Instance] = {}
         self.stats = ArbiterStats()
         self.memory = memory or MemoryConfig()
@@ -211,7 +213,7 @@ class DeviceLoop:
                 break
             t = time.perf_counter()
             try:
-                outs.extend(inst.engine.step())
+                outs.extend(inst.engine.step(self.clock))
             except Exception:  # one instance's failure must not take the device down
                 log.exception("instance %s failed an iteration; evicting its requests", inst.iid)
                 self.stats.failures += 1

@@ -271,6 +271,28 @@ def test_stream_moved_by_preemption_equals_the_uninterrupted_greedy_output(setup
         assert metric(setup.url, "slinfer_activator_continuations_total", function="tiny") == moves + 1
 
 
+def test_client_leaving_a_stream_aborts_the_request_on_the_runtime(setup: Setup) -> None:
+    # Uninterrupted, this request generates ~250 tokens. Pod a is tried first (ids sort).
+    before = metric(setup.pods[0], "slinfer_generation_tokens_total", 0.0, model="tiny")
+    body = {"model": "tiny", "prompt": "hello", "temperature": 0, "max_tokens": 255, "stream": True}
+    with httpx.stream("POST", setup.url + "/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= 4:
+                break  # leaving the block closes the connection
+    deadline = time.monotonic() + 10
+    last = -1.0
+    while True:  # until the pod stops generating for this function
+        time.sleep(0.3)
+        now = metric(setup.pods[0], "slinfer_generation_tokens_total", 0.0, model="tiny")
+        if now == last:
+            break
+        assert time.monotonic() < deadline, "the pod kept generating after the client left"
+        last = now
+    assert 0 < now - before < 200, now - before
+    still_serving(setup.url)
+
+
 def test_non_streaming_request_moved_by_preemption_is_joined(setup: Setup) -> None:
     n = 150
     plain = complete(setup.pods[1], "tiny", "hello", max_tokens=n).json()

@@ -8,6 +8,17 @@ def test_deadline_formula():
     assert next_token_deadline(10.0, 0.5, 0.25, 4, load_delay_s=0.3) == pytest.approx(11.8)
 
 
+@pytest.mark.parametrize(("first_token_s", "emitted", "want"), [
+    (None, 3, 11.25),  # no first token known: by arrival
+    (10.2, 0, 10.5),  # the first token itself is due by arrival + TTFT
+    (10.2, 1, 10.45),  # after it, TPOT counts from when it came (early here) ...
+    (10.2, 3, 10.95),
+    (11.0, 3, 11.75),  # ... or late (its TTFT missed, its TPOT still kept)
+])
+def test_deadline_after_the_first_token(first_token_s, emitted, want):
+    assert next_token_deadline(10.0, 0.5, 0.25, emitted, first_token_s=first_token_s) == pytest.approx(want)
+
+
 def test_earliest_deadline_runs_first():
     cands = [Candidate("a", 5.0, Phase.DECODE), Candidate("b", 3.0, Phase.DECODE), Candidate("c", 4.0, Phase.PREFILL)]
     assert pick(cands, DeviceKind.CPU) == Grant("b", 1, 3.0)

@@ -31,7 +31,7 @@ def make_instance(loaded, iid, tpot_s=0.25, ttft_base_s=0.5, profile=FLAT, **cfg
 
 
 def test_edf_order_between_instances_with_different_deadlines(tiny):
-    dev = DeviceLoop(DeviceKind.CPU)
+    dev = DeviceLoop(DeviceKind.CPU, clock=lambda: 0.0)  # every token "at once": deadlines alone decide
     dev.add_instance(make_instance(tiny, "a", tpot_s=0.05))
     dev.add_instance(make_instance(tiny, "b", tpot_s=1.0))
     sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
@@ -42,10 +42,27 @@ def test_edf_order_between_instances_with_different_deadlines(tiny):
         g, _ = dev.step()
         assert g is not None
         grants.append(g.instance_id)
-    # First tokens both due at 0.5: a wins the tie by id, then b's (0.5) precedes a's second (0.55).
-    # a's next deadlines 0.55 .. 1.5 (20 tokens) all come before b's second (1.5; tie -> a), then b.
-    assert grants[:23] == ["a", "b"] + ["a"] * 20 + ["b"]
+    # First tokens both due at 0.5: a wins the tie by id. Its first token came at 0, so its next
+    # ones are due at 0.05, 0.10, ..., 0.5 (tie -> a) before b's first; b's (at 0) then makes its
+    # second due at 1.0, after a's 0.55 .. 1.0 (tie -> a).
+    assert grants[:23] == ["a"] * 11 + ["b"] + ["a"] * 10 + ["b"]
     assert dev.stats.decisions == 24 and dev.stats.mean_us > 0
+
+
+def test_deadlines_after_the_first_token_count_from_when_it_came(tiny):
+    # a's first token is due at 0.4 and comes at 0.1. The TPOT SLO times a's later tokens from
+    # 0.1, so its second is due at 0.35, before b's first (0.5). By arrival (the paper's formula)
+    # it would be due at 0.65: b would go first, and a's stream would drift past its TPOT.
+    dev = DeviceLoop(DeviceKind.CPU, clock=lambda: 0.1)
+    dev.add_instance(make_instance(tiny, "a", ttft_base_s=0.4))
+    dev.add_instance(make_instance(tiny, "b", ttft_base_s=0.5))
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    for iid in "ab":
+        dev.instances[iid].engine.add_request(RequestId(iid), [5, 6, 7], sp, now=0.0)
+    assert dev.step()[0].instance_id == "a"  # its prefill: first token at 0.1
+    assert dev.instances["a"].engine.scheduler.get(RequestId("a")).first_token_s == 0.1
+    assert {c.instance_id: c.deadline_s for c in dev.candidates()} == pytest.approx({"a": 0.35, "b": 0.5})
+    assert [dev.step()[0].instance_id for _ in range(3)] == ["a", "b", "b"]  # a's third token: 0.6
 
 
 def test_idle_instances_are_not_candidates(tiny):

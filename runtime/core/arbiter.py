@@ -3,6 +3,8 @@
 Only one instance computes on a device at a time. Before every grant the arbiter picks the
 instance holding the request with the earliest next-token deadline (EDF):
     deadline = arrival + load_delay + TTFT_SLO(prompt) + TPOT_SLO * tokens_emitted
+until the first token; after it, the first token's actual time replaces its deadline:
+    deadline = first_token + TPOT_SLO * tokens_emitted
 Idle instances are not candidates, so they cost nothing. A grant is a quota of iterations: one
 for a prefill or on a CPU, a few for GPU decode (to amortise the hand-off). Ties break by
 instance id, so decisions are deterministic.
@@ -26,7 +28,13 @@ class Phase(enum.Enum):
 
 
 def next_token_deadline(arrival_s: float, ttft_slo_s: float, tpot_slo_s: float, tokens_emitted: int,
-                        load_delay_s: float = 0.0) -> float:
+                        load_delay_s: float = 0.0, first_token_s: float | None = None) -> float:
+    if first_token_s is not None and tokens_emitted > 0:
+        # The TPOT SLO is the mean time per token after the first: the last token is due at
+        # first + TPOT x (n - 1). The paper's formula equals this only when the first token came
+        # exactly at its deadline; an early first token would lend its TTFT slack to every later
+        # token, and EDF would let the stream drift past its TPOT.
+        return first_token_s + tpot_slo_s * tokens_emitted
     return arrival_s + load_delay_s + ttft_slo_s + tpot_slo_s * tokens_emitted
 
 

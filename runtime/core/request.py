@@ -64,6 +64,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    first_token_s: float | None = None  # when its first output token existed (the caller's clock)
 
     @property
     def num_tokens(self) -> int:

@@ -170,8 +170,9 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     # -- apply ------------------------------------------------------------------------------
-    def update(self, plan: StepPlan, sampled: dict[RequestId, int]) -> list[SeqUpdate]:
-        """Apply a step's result: advance computed counts, append sampled tokens, finish."""
+    def update(self, plan: StepPlan, sampled: dict[RequestId, int], now: float | None = None) -> list[SeqUpdate]:
+        """Apply a step's result: advance computed counts, append sampled tokens, finish. ``now``
+        (the time the tokens exist) stamps each request's first token."""
         out: list[SeqUpdate] = []
         for seq in plan.seqs:
             req = self._requests.get(seq.rid)
@@ -181,6 +182,8 @@ class Scheduler:
             if not seq.sample:
                 continue
             tok = sampled[seq.rid]
+            if not req.output_token_ids and req.first_token_s is None:
+                req.first_token_s = now
             req.output_token_ids.append(tok)
             reason = self._check_stop(req, tok)
             if reason is not None:

@@ -9,6 +9,7 @@ import contextlib
 import ctypes
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -174,7 +175,9 @@ class LLMEngine:
         return self.scheduler.has_work
 
     # -- the loop body ----------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, clock: Callable[[], float] | None = None) -> list[RequestOutput]:
+        """One iteration. ``clock``, read once the tokens exist, stamps first tokens (the device
+        loop's deadlines count from them)."""
         evicted = self.evict_oversized()
         plan = self.scheduler.schedule()  # plan
         self.last_plan = plan
@@ -185,7 +188,8 @@ class LLMEngine:
         by_id = {r.rid: r for r in reqs if r is not None}  # still readable after they finish
         params = [r.params if r else SamplingParams(temperature=0) for r in reqs]
         tokens = sample(logits, params, [self._gens.get(r) for r in rids])
-        updates = self.scheduler.update(plan, dict(zip(rids, tokens, strict=True)))  # apply
+        now = clock() if clock is not None else None
+        updates = self.scheduler.update(plan, dict(zip(rids, tokens, strict=True)), now)  # apply
         outputs: list[RequestOutput] = evicted
         for u in updates:
             req = by_id[u.rid]
