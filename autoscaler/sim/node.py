@@ -100,8 +100,10 @@ class SimRequest:
         return self.prompt_tokens + self.generated
 
     def deadline_s(self, load_delay_s: float | None = None) -> float:
+        """As runtime.device: after its first token, the next one is due TPOT x tokens after it."""
         delay = self.load_delay_s if load_delay_s is None else load_delay_s
-        return next_token_deadline(self.arrival_s, self.ttft_slo_s, self.tpot_slo_s, self.generated, delay)
+        return next_token_deadline(self.arrival_s, self.ttft_slo_s, self.tpot_slo_s, self.generated, delay,
+                                   self.first_token_s)
 
 
 @dataclass(eq=False)
