@@ -129,6 +129,7 @@ class Simulator:
         self.waiting: list[SimRequest] = []
         self._version = 0
         self._snap: tuple[int, float, ClusterSnapshot] | None = None
+        self._views: dict[NodeId, tuple[NodeView, frozenset[str], NodeView]] = {}  # device view, cache -> both
         self._next_iid = 0
         self._host_count: dict[str, int] = defaultdict(int)
         self._host_since: dict[str, float] = {}
@@ -178,8 +179,14 @@ class Simulator:
         view = node.view()
         if not self.system.cache_aware:
             return view
+        keys = self.caches[node.host].keys()
+        got = self._views.get(node.node_id)
+        if got is not None and got[0] is view and got[1] is keys:
+            return got[2]  # neither the device nor its host cache changed since
         # The cache is keyed by function name; FunctionId is that str, typed.
-        return replace(view, cached=cast("frozenset[FunctionId]", self.caches[node.host].keys()))
+        out = replace(view, cached=cast("frozenset[FunctionId]", keys))
+        self._views[node.node_id] = (view, keys, out)
+        return out
 
     def _held(self, inst: SimInstance) -> bool:
         """Idle and on a kind whose idle instances never expire (they only leave as victims)."""
