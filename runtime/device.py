@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from functions import FunctionSpec
 from runtime.core.admission import Decision, InstanceLoad, NewRequest, PendingDecode, PendingPrefill, admit
-from runtime.core.arbiter import Candidate, DeviceKind, Grant, Phase, next_token_deadline, pick
+from runtime.core.arbiter import SLO_MARGIN, Candidate, DeviceKind, Grant, Phase, next_token_deadline, pick
 from runtime.core.estimator import LatencyEstimator
 from runtime.core.memory import (
     ActionKind,
@@ -45,9 +45,15 @@ class Instance:
         s = self.engine.scheduler
         return [*s.running, *s.waiting]
 
+    @property
+    def tpot_s(self) -> float:
+        return self.spec.slo.tpot_s * (1 - SLO_MARGIN)
+
+    def ttft_s(self, prompt_tokens: int) -> float:
+        return self.spec.slo.ttft_s(prompt_tokens) * (1 - SLO_MARGIN)
+
     def deadline(self, req: Request) -> float:
-        slo = self.spec.slo
-        return next_token_deadline(req.arrival_s, slo.ttft_s(len(req.prompt_token_ids)), slo.tpot_s,
+        return next_token_deadline(req.arrival_s, self.ttft_s(len(req.prompt_token_ids)), self.tpot_s,
                                    len(req.output_token_ids), self.load_delay_s, req.first_token_s)
 
     def kv_holding(self, lookahead_tokens: int) -> KVHolding:
@@ -68,7 +74,7 @@ class Instance:
         decodes = tuple(PendingDecode(self.tokens_left(r), self.deadline(r)) for r in decoding)
         avg = sum(r.num_tokens for r in decoding) / len(decoding) if decoding else 0.0
         due = min((d.deadline_s for d in decodes), default=None)
-        return InstanceLoad(self.iid, self.estimator, self.spec.slo.tpot_s, len(decoding), avg, prefills,
+        return InstanceLoad(self.iid, self.estimator, self.tpot_s, len(decoding), avg, prefills,
                             self.engine.max_model_len, due, decodes)
 
 
@@ -178,7 +184,7 @@ class DeviceLoop:
         arrival = now if arrival_s is None else arrival_s
         room = eng.max_model_len - prompt_tokens
         outputs = max(0, (room if max_tokens is None else min(max_tokens, room)) - 1)
-        req = NewRequest(prompt_tokens, arrival + inst.load_delay_s + inst.spec.slo.ttft_s(prompt_tokens), need,
+        req = NewRequest(prompt_tokens, arrival + inst.load_delay_s + inst.ttft_s(prompt_tokens), need,
                          outputs)
         loads = [i.load() for i in self.instances.values()]
         return admit(loads, iid, req, free, now)

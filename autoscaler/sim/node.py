@@ -45,7 +45,7 @@ from runtime.core.admission import (
     admit,
     device_demand,
 )
-from runtime.core.arbiter import Candidate, DeviceKind, Phase, next_token_deadline, pick
+from runtime.core.arbiter import SLO_MARGIN, Candidate, DeviceKind, Phase, next_token_deadline, pick
 from runtime.core.estimator import LatencyEstimator
 from runtime.core.lifecycle import InstanceEvent, InstanceState, transition
 from runtime.core.memory import (
@@ -102,8 +102,9 @@ class SimRequest:
     def deadline_s(self, load_delay_s: float | None = None) -> float:
         """As runtime.device: after its first token, the next one is due TPOT x tokens after it."""
         delay = self.load_delay_s if load_delay_s is None else load_delay_s
-        return next_token_deadline(self.arrival_s, self.ttft_slo_s, self.tpot_slo_s, self.generated, delay,
-                                   self.first_token_s)
+        keep = 1 - SLO_MARGIN  # as runtime.device: plan against a 5% tighter SLO
+        return next_token_deadline(self.arrival_s, self.ttft_slo_s * keep, self.tpot_slo_s * keep, self.generated,
+                                   delay, self.first_token_s)
 
 
 @dataclass(eq=False)
@@ -251,7 +252,7 @@ class SimNode:
 
     def model_tpot(self, inst: SimInstance) -> float:
         reqs = inst.requests
-        return reqs[0].tpot_slo_s if reqs else 0.25
+        return (reqs[0].tpot_slo_s if reqs else 0.25) * (1 - SLO_MARGIN)
 
     def loads(self) -> list[InstanceLoad]:
         self._fresh()
