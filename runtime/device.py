@@ -23,6 +23,7 @@ from runtime.core.memory import (
     KVHolding,
     MemoryConfig,
     admissible_blocks,
+    context_bound,
     reservation_blocks,
     resize_target,
 )
@@ -178,7 +179,8 @@ class DeviceLoop:
         inst = self.instances[iid]
         eng = inst.engine
         la = self.memory.lookahead_tokens
-        need = reservation_blocks(prompt_tokens, la, eng.config.block_size, eng.max_model_len)
+        need = reservation_blocks(prompt_tokens, la, eng.config.block_size,
+                                  context_bound(prompt_tokens, max_tokens, eng.max_model_len))
         holdings = {name: i.kv_holding(la) for name, i in self.instances.items()}
         free = admissible_blocks(self.actions.free, holdings.values(), holdings[iid])
         arrival = now if arrival_s is None else arrival_s

@@ -223,9 +223,35 @@ def test_back_to_back_admissions_do_not_count_the_same_free_memory(tiny):
     dev = DeviceLoop(kv_budget_bytes=10 * bpb, memory=MemoryConfig(block_tokens=16, lookahead_tokens=64))
     dev.add_instance(make_instance(tiny, "a", kv_cache_bytes=0))
     assert dev.admit("a", 20, now=0.0).admitted
-    dev.instances["a"].engine.add_request(RequestId("r1"), list(range(5, 25)), GREEDY_4, 0.0)
+    long_output = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)  # the look-ahead binds
+    dev.instances["a"].engine.add_request(RequestId("r1"), list(range(5, 25)), long_output, 0.0)
     second = dev.admit("a", 20, now=0.0)  # no plan_memory in between
     assert not second.admitted and second.reason is RefusalReason.MEMORY
+
+
+def test_a_short_max_tokens_reserves_only_what_it_can_use(tiny):
+    from runtime.core.memory import MemoryConfig
+
+    bpb = LLMEngine(tiny, EngineConfig(block_size=16, kv_cache_bytes=0)).bytes_per_block
+    # 5 blocks in all. Unbounded, a 20-token prompt reserves ceil((20 + 64) / 16) = 6 blocks and
+    # cannot fit; with max_tokens 8 it can hold 28 tokens at most: 2 blocks, so two fit (4 blocks,
+    # x 1.25 watermark = 5), and a third does not.
+    dev = DeviceLoop(kv_budget_bytes=5 * bpb, memory=MemoryConfig(block_tokens=16, lookahead_tokens=64))
+    dev.add_instance(make_instance(tiny, "a", kv_cache_bytes=0))
+    refused = dev.admit("a", 20, now=0.0)
+    assert not refused.admitted and refused.reason is RefusalReason.MEMORY
+    short = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    for rid in ("r1", "r2"):
+        assert dev.admit("a", 20, now=0.0, max_tokens=8).admitted
+        dev.instances["a"].engine.add_request(RequestId(rid), list(range(5, 25)), short, 0.0)
+        dev.plan_memory()
+    assert dev.instances["a"].engine.reserved_blocks(64) == 4
+    assert not dev.admit("a", 20, now=0.0, max_tokens=8).admitted  # the budget is spent
+    done = []
+    while dev.has_work:
+        done += [o for o in dev.step()[1] if o.finished]
+    assert sorted(o.rid for o in done) == ["r1", "r2"]
+    assert all(o.completion_tokens == 8 for o in done)
 
 
 def test_a_retried_request_keeps_its_arrival_deadline(tiny):

@@ -5,8 +5,10 @@ from runtime.core.memory import (
     ActionState,
     DeviceActions,
     MemoryConfig,
+    context_bound,
     instance_reservation_blocks,
     request_reservation_blocks,
+    reservation_blocks,
     resize_target,
 )
 
@@ -17,6 +19,15 @@ def test_request_reservation_includes_lookahead():
     assert request_reservation_blocks(CFG, 100, 0) == 20  # ceil(612 / 32)
     assert request_reservation_blocks(CFG, 100, 30) == 21  # ceil(642 / 32)
     assert instance_reservation_blocks(CFG, [(100, 0), (0, 0)]) == 20 + 16
+
+
+def test_a_declared_max_tokens_caps_the_look_ahead():
+    # 100-token prompt, 20 tokens of output at most: it can never hold more than 120 tokens.
+    assert context_bound(100, 20, 4096) == 120
+    assert reservation_blocks(100, 512, 32, context_bound(100, 20, 4096)) == 4  # ceil(120 / 32), not 20
+    assert reservation_blocks(110, 512, 32, context_bound(100, 20, 4096)) == 4  # still within the bound
+    assert context_bound(100, None, 4096) == 4096  # unbounded output: only the context limits it
+    assert context_bound(4000, 500, 4096) == 4096  # nor past the context
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import runtime.core.memory as core_memory
 from autoscaler.sim.clock import EventKind, EventQueue, PastEventError
 from autoscaler.sim.config import ClusterSpec, ModelSpec, model_from_published, system_config
 from autoscaler.sim.loading import HostCache, LoadModel
-from autoscaler.sim.node import SimNode
+from autoscaler.sim.node import SimNode, SimRequest
 from autoscaler.sim.scoring import meets_slo, score, ttft_s
 from autoscaler.sim.simulator import RequestRecord, Simulator, simulate
 from autoscaler.sim.sweep import capacity
@@ -206,6 +206,17 @@ def test_the_simulator_calls_runtime_core_itself(monkeypatch):
     assert any(not d.admitted for _, d in calls)  # refusals came from the real admission too
     for args, decision in calls:  # the same decision from a direct call
         assert core_admission.admit(*args) == decision
+
+
+
+@pytest.mark.parametrize("bounded, blocks", [(True, 4), (False, 20)])  # ceil(120 / 32); ceil((100 + 512) / 32)
+def test_a_request_reserves_kv_only_up_to_its_output_bound(bounded, blocks):
+    assert sim_node.context_bound is core_memory.context_bound  # the runtime's rule, not a copy
+    cfg = replace(system_config("slinfer"), bounded_outputs=bounded)
+    sim = Simulator(make_trace((0.0, "f", 100, 20)), make_model(), gpu_cluster(0, cpus=1), cfg)
+    node = next(iter(sim.nodes.values()))
+    req = SimRequest(0, sim.functions[0].function, 0.0, 100, 20, 0.5, 0.25)
+    assert node._need_blocks(req) == blocks
 
 
 # -- scoring and capacity ---------------------------------------------------------------------------

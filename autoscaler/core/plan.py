@@ -7,7 +7,9 @@
   2. for each function with waiting demand (most waiting requests first, then by function id):
      - skip it if one of its instances is loading (capacity is on the way: the held requests go
        there once it is ready), or if it already runs ``max_instances`` (it waits);
-     - otherwise place a new instance (``placement.place``);
+     - otherwise place a new instance (``placement.place``); a function that already has an
+       instance on a CPU tries the other pools first (escalation: that CPU instance has refused
+       its waiting requests, and a second CPU would serve it no better);
      - failing that, walk the nodes in placement order and, on the first one where evicting one
        smaller instance (batch < the waiting requests; never an instance of a function that is
        itself waiting) covers everything the node lacks, evict it and load there. Strictly
@@ -110,13 +112,14 @@ def decide(snapshot: ClusterSnapshot, pending: Sequence[PendingDemand], *,
         if len(existing) >= fn.max_instances:
             waiting.append(fn.function)
             continue
-        chosen = place(work, fn.function, pools=pools, need_bytes=want.kv_bytes, need_demand=want.demand,
+        fn_pools = _escalate(work, existing, pools)
+        chosen = place(work, fn.function, pools=fn_pools, need_bytes=want.kv_bytes, need_demand=want.demand,
                        balance=balance)
         if chosen is not None:
             actions.append(Load(fn.function, chosen.node_id))
             work = work.with_instance(_planned_instance(fn, chosen.node_id, want))
             continue
-        evict = _make_room(work, fn, want, waiting_fns, pools, balance) if preempt else None
+        evict = _make_room(work, fn, want, waiting_fns, fn_pools, balance) if preempt else None
         if evict is None:
             waiting.append(fn.function)
             continue
@@ -124,6 +127,16 @@ def decide(snapshot: ClusterSnapshot, pending: Sequence[PendingDemand], *,
         work = work.without_instance(evict.instance_id).with_instance(_planned_instance(fn, evict.node_id, want))
 
     return Plan(tuple(actions), tuple(sorted(waiting)))
+
+
+def _escalate(work: ClusterSnapshot, existing: Sequence[InstanceView],
+              pools: Sequence[DeviceKind]) -> Sequence[DeviceKind]:
+    """``pools`` with CPU moved last when the function already runs on a CPU: its requests wait
+    although a CPU instance is there, so a CPU gives it too little (a CPU's decode step grows fast
+    with the batch and its prefill is ~6x a GPU's), and a second CPU instance would be as short."""
+    if DeviceKind.CPU not in pools or not any(work.node(i.node_id).kind is DeviceKind.CPU for i in existing):
+        return pools
+    return tuple(sorted(pools, key=lambda k: k is DeviceKind.CPU))  # stable: the rest keep their order
 
 
 def _make_room(work: ClusterSnapshot, fn: FunctionView, want: PendingDemand, spare: set[FunctionId],

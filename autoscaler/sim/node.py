@@ -54,6 +54,7 @@ from runtime.core.memory import (
     KVHolding,
     MemoryConfig,
     admissible_blocks,
+    context_bound,
     reservation_blocks,
     resize_target,
 )
@@ -222,9 +223,9 @@ class SimNode:
     def reserved_blocks(self, inst: SimInstance) -> int:
         if self.system.static_memory:
             return inst.kv_blocks
-        la, bt, cap = self.memory.lookahead_tokens, self.block_tokens, self.model.max_context_tokens
+        la, bt = self.memory.lookahead_tokens, self.block_tokens
         return self._memo(inst, "reserved",
-                          lambda: sum(reservation_blocks(r.context, la, bt, cap) for r in inst.requests))
+                          lambda: sum(reservation_blocks(r.context, la, bt, self.bound(r)) for r in inst.requests))
 
     def used_blocks(self, inst: SimInstance, extra_tokens: int = 0) -> int:
         bt = self.block_tokens
@@ -284,8 +285,13 @@ class SimNode:
 
     # -- admission -----------------------------------------------------------------------------
     def _need_blocks(self, req: SimRequest) -> int:
-        return reservation_blocks(req.context, self.memory.lookahead_tokens, self.block_tokens,
-                                  self.model.max_context_tokens)
+        return reservation_blocks(req.context, self.memory.lookahead_tokens, self.block_tokens, self.bound(req))
+
+    def bound(self, r: SimRequest) -> int:
+        """The most tokens ``r`` can hold (``runtime.core.memory.context_bound``): its output is
+        bounded by max_tokens (the trace's length) unless ``bounded_outputs`` is off."""
+        return context_bound(r.prompt_tokens, r.output_tokens if self.system.bounded_outputs else None,
+                             self.model.max_context_tokens)
 
     def _free_blocks(self, inst: SimInstance) -> int:
         """As runtime.device.DeviceLoop.admit: memory actually free, minus reservations already
@@ -513,8 +519,8 @@ class SimNode:
             return False
         if self.system.static_memory:
             return True
-        la, cap = self.memory.lookahead_tokens, self.model.max_context_tokens
-        reserved = sum(reservation_blocks(r.context + k, la, bt, cap) for r in inst.decoding
+        la = self.memory.lookahead_tokens
+        reserved = sum(reservation_blocks(r.context + k, la, bt, self.bound(r)) for r in inst.decoding
                        if r.output_tokens - r.generated > k)
         if resize_target(self.memory, inst.kv_blocks, reserved) is not None:
             return False

@@ -312,8 +312,9 @@ class Simulator:
             if self.system.static_memory:
                 kv, demand = STATIC_SLOT_VIEW_KV_BYTES, 0.0
             else:
+                node = next(iter(self.nodes.values()))
                 tokens = max(self.system.min_instance_tokens,
-                             min(first.context + self.system.lookahead_tokens, self.model.max_context_tokens))
+                             min(first.context + self.system.lookahead_tokens, node.bound(first)))
                 kv = tokens * self.model.kv_bytes_per_token
                 est = self.model.devices[kind].estimate
                 demand = est.decode_s(first.context, 1) / first.tpot_slo_s

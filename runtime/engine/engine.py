@@ -17,7 +17,7 @@ import torch
 
 from runtime.core.block_pool import BlockPool, KVCacheManager
 from runtime.core.ids import RequestId
-from runtime.core.memory import reservation_blocks
+from runtime.core.memory import context_bound, reservation_blocks
 from runtime.core.request import FinishReason, Request, SamplingParams
 from runtime.core.scheduler import Scheduler, SchedulerConfig, StepPlan
 from runtime.engine.detokenizer import IncrementalDetokenizer
@@ -218,9 +218,11 @@ class LLMEngine:
         self.cache.resize(num_blocks, [(int(a), int(b)) for a, b in moves])
 
     def reserved_blocks(self, lookahead_tokens: int) -> int:
-        """Forward-looking reservation: each live request's prompt + output + look-ahead."""
-        bs, cap = self.config.block_size, self.max_model_len
-        return sum(reservation_blocks(r.num_tokens, lookahead_tokens, bs, cap)
+        """Forward-looking reservation: each live request's prompt + output + look-ahead, never
+        past what its max_tokens lets it reach."""
+        bs, limit = self.config.block_size, self.max_model_len
+        return sum(reservation_blocks(r.num_tokens, lookahead_tokens, bs,
+                                      context_bound(len(r.prompt_token_ids), r.params.max_tokens, limit))
                    for r in (*self.scheduler.running, *self.scheduler.waiting))
 
     def evict_oversized(self) -> list[RequestOutput]:
