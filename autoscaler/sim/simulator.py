@@ -56,6 +56,7 @@ from autoscaler.sim.trace import Trace
 from functions import SLO, DevicePreference
 from runtime.core.arbiter import DeviceKind
 from runtime.core.lifecycle import InstanceState
+from runtime.core.memory import context_bound
 
 
 @dataclass(frozen=True)
@@ -312,9 +313,10 @@ class Simulator:
             if self.system.static_memory:
                 kv, demand = STATIC_SLOT_VIEW_KV_BYTES, 0.0
             else:
-                node = next(iter(self.nodes.values()))
-                tokens = max(self.system.min_instance_tokens,
-                             min(first.context + self.system.lookahead_tokens, node.bound(first)))
+                bound = context_bound(first.prompt_tokens,
+                                      first.output_tokens if self.system.bounded_outputs else None,
+                                      self.model.max_context_tokens)
+                tokens = max(self.system.min_instance_tokens, min(first.context + self.system.lookahead_tokens, bound))
                 kv = tokens * self.model.kv_bytes_per_token
                 est = self.model.devices[kind].estimate
                 demand = est.decode_s(first.context, 1) / first.tpot_slo_s
