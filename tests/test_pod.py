@@ -125,14 +125,14 @@ def test_unload_drains_then_reload_hits_the_weight_cache(pod_url):
 
 
 def test_admission_refusals_are_429_with_reason_and_retry_after():
-    # 12 blocks of 16 tokens in the whole pod: a request reserving prompt + 512 look-ahead
-    # (capped at the 256-token context = 16 blocks) cannot fit.
+    # 12 blocks of 16 tokens in the whole pod: a request that may generate up to 240 tokens
+    # reserves prompt + 512 look-ahead, capped at the 256-token context = 16 blocks: it cannot fit.
     bpb = 2 * 4 * 16 * 2 * 32 * 4  # llama-tiny: layers 4, kv heads 2, head dim 32, fp32
     small = PodConfig(block_size=16, kv_budget_bytes=12 * bpb)
     with serve_app(make_app([], small)) as base:
         r = httpx.post(f"{base}/admin/instances?profile=false", json=spec_body("m"), headers=AUTH, timeout=60)
         assert r.status_code == 201, r.text
-        r = complete(base, "m", "hello")
+        r = complete(base, "m", "hello", max_tokens=240)
         assert r.status_code == 429, r.text
         assert r.json()["error"]["code"] == "memory" and int(r.headers["Retry-After"]) >= 1
     # A TTFT no prefill can meet, while the device has other work (an idle device admits
