@@ -108,6 +108,13 @@ class SimRequest:
                                    delay, self.first_token_s)
 
 
+def request_bound(r: SimRequest, system: SystemConfig, model: ModelSpec) -> int:
+    """The most tokens ``r`` can hold (``runtime.core.memory.context_bound``): its output is
+    bounded by max_tokens (the trace's length) unless ``bounded_outputs`` is off."""
+    return context_bound(r.prompt_tokens, r.output_tokens if system.bounded_outputs else None,
+                         model.max_context_tokens)
+
+
 @dataclass(eq=False)
 class SimInstance:
     iid: InstanceId
@@ -288,10 +295,7 @@ class SimNode:
         return reservation_blocks(req.context, self.memory.lookahead_tokens, self.block_tokens, self.bound(req))
 
     def bound(self, r: SimRequest) -> int:
-        """The most tokens ``r`` can hold (``runtime.core.memory.context_bound``): its output is
-        bounded by max_tokens (the trace's length) unless ``bounded_outputs`` is off."""
-        return context_bound(r.prompt_tokens, r.output_tokens if self.system.bounded_outputs else None,
-                             self.model.max_context_tokens)
+        return request_bound(r, self.system, self.model)
 
     def _free_blocks(self, inst: SimInstance) -> int:
         """As runtime.device.DeviceLoop.admit: memory actually free, minus reservations already

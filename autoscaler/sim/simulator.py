@@ -51,12 +51,19 @@ from autoscaler.core.actions import Action
 from autoscaler.sim.clock import EventKind, EventQueue
 from autoscaler.sim.config import ClusterSpec, ModelSpec, SystemConfig
 from autoscaler.sim.loading import HostCache, LoadModel
-from autoscaler.sim.node import STATIC_SLOT_VIEW_KV_BYTES, RequestState, Run, SimInstance, SimNode, SimRequest
+from autoscaler.sim.node import (
+    STATIC_SLOT_VIEW_KV_BYTES,
+    RequestState,
+    Run,
+    SimInstance,
+    SimNode,
+    SimRequest,
+    request_bound,
+)
 from autoscaler.sim.trace import Trace
 from functions import SLO, DevicePreference
 from runtime.core.arbiter import DeviceKind
 from runtime.core.lifecycle import InstanceState
-from runtime.core.memory import context_bound
 
 
 @dataclass(frozen=True)
@@ -313,10 +320,8 @@ class Simulator:
             if self.system.static_memory:
                 kv, demand = STATIC_SLOT_VIEW_KV_BYTES, 0.0
             else:
-                bound = context_bound(first.prompt_tokens,
-                                      first.output_tokens if self.system.bounded_outputs else None,
-                                      self.model.max_context_tokens)
-                tokens = max(self.system.min_instance_tokens, min(first.context + self.system.lookahead_tokens, bound))
+                tokens = max(self.system.min_instance_tokens, min(first.context + self.system.lookahead_tokens,
+                                                                  request_bound(first, self.system, self.model)))
                 kv = tokens * self.model.kv_bytes_per_token
                 est = self.model.devices[kind].estimate
                 demand = est.decode_s(first.context, 1) / first.tpot_slo_s
