@@ -61,6 +61,17 @@ def test_newcomer_missing_its_own_deadline_is_refused_unless_the_device_is_idle(
     assert admit([inst("a")], "a", req(prompt=1000, deadline=0.5, blocks=101), 100, 0.0).reason is RefusalReason.MEMORY
 
 
+def test_a_newcomer_late_even_alone_is_refused_on_prefill_not_compute():
+    # The device is over on compute too, but no eviction could make a 1000-token prompt (1 s of
+    # prefill) meet a 0.5 s deadline: the reason must not invite a preemption.
+    insts = [inst("a", batch=7, tpot=0.15), inst("b", batch=8, tpot=0.25)]
+    d = admit(insts, "a", req(prompt=1000, deadline=0.5), free_blocks=100, now=0.0)
+    assert not d.admitted and d.reason is RefusalReason.PREFILL
+    assert d.retry_after_s == pytest.approx(0.5)
+    # one that could make it alone still gets the compute refusal
+    assert admit(insts, "a", req(prompt=100, deadline=0.5), 100, 0.0).reason is RefusalReason.COMPUTE
+
+
 def test_decode_load_slows_the_prefill_replay():
     # 400-token prefill = 0.4 s alone; with decode taking 0.4 of the device it takes 0.667 s.
     busy = [inst("a", batch=8, tpot=0.25), inst("b")]

@@ -282,6 +282,15 @@ def admit(instances: Sequence[InstanceLoad], target: str, req: NewRequest, free_
         # Refusing it on a pessimistic estimate would also starve the estimator of the very
         # observations that correct it (a profile taken on a busy host would refuse forever).
         return ADMIT
+    chunk = REPLAY_CHUNK_TOKENS
+    own_s = sum(inst.estimator.prefill_s(min(chunk, req.prompt_tokens - start))
+                for start in range(0, req.prompt_tokens, chunk))
+    if now + own_s > req.ttft_deadline_s + LATENESS_TOLERANCE_S:
+        # Late even if it ran alone from now: no replay can do better, and no eviction would help
+        # (a COMPUTE reason here would invite the autoscaler to preempt an instance for nothing).
+        late = now + own_s - req.ttft_deadline_s
+        return Decision(False, RefusalReason.PREFILL, max(0.1, late),
+                        f"the new request's prefill alone ends {late:.3f}s past its first-token deadline")
     demand = device_demand(instances, target, req.prompt_tokens)
     bounded = math.isfinite(req.output_tokens) and all(i.bounded() for i in instances)
     if demand > 1.0 and not bounded:  # nothing will end: the paper's steady-state rule decides
