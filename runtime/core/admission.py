@@ -151,7 +151,8 @@ class _Stream:
             self.cost_s = self.est.decode_s(self.context, self.n)
             self._costed_at = self.context
 
-    def add(self, tokens_left: float, deadline_s: float, context: float) -> None:
+    def add(self, tokens_left: float, deadline_s: float, context: float, recost: bool = True) -> None:
+        """A request joins (``recost=False`` while filling a batch: the caller costs it once)."""
         self.context = (self.context * self.n + context) / (self.n + 1)
         self.n += 1
         base = deadline_s - self.tpot_s * self.k
@@ -159,7 +160,31 @@ class _Stream:
             self.ends.setdefault(self.k + max(1, math.ceil(tokens_left)), []).append(base)
         else:
             self.unbounded.append(base)
-        self._refresh()
+        self.base_min = min(self.base_min, base)
+        self.deadline_s = self.base_min + self.tpot_s * self.k
+        if recost:
+            self._cost()
+
+    def run_ahead(self, t: float, limit_s: float, late: dict[str, float]) -> tuple[float, int]:
+        """The iterations EDF would run back to back (next-token deadline before ``limit_s``: no
+        other job is due sooner) that change nothing but the clock: none finishes a request, none
+        re-estimates the cost. Exactly what ``iterate`` would do one by one, without its
+        bookkeeping; returns the clock after them and how many ran. Most of a replay is such runs
+        of one stream while a prefill waits for its turn or after the last one."""
+        steps_free = min(self.ends, default=REPLAY_MAX_ITERATIONS + self.k) - self.k - 1
+        first_due = min(self.unbounded, default=math.inf)  # unbounded: every token must be on time
+        steps = 0
+        while (steps < steps_free and self.deadline_s < limit_s
+               and self.context + 1 - self._costed_at < COST_REFRESH_TOKENS):
+            t += self.cost_s
+            if t > self.deadline_s and t > first_due + self.tpot_s * self.k:
+                key = f"d:{self.iid}"
+                late[key] = max(late.get(key, 0.0), t - (first_due + self.tpot_s * self.k))
+            self.k += 1
+            self.deadline_s += self.tpot_s
+            self.context += 1
+            steps += 1
+        return t, steps
 
     def iterate(self, t: float, late: dict[str, float]) -> None:
         """One decode iteration that ended at t: every request emits a token. The TPOT SLO is on
@@ -208,7 +233,9 @@ def replay(instances: Sequence[InstanceLoad], extra: tuple[str, PendingPrefill] 
     for inst in instances:
         for d in inst.pending_decodes(now):
             s = streams.setdefault(inst.instance_id, _Stream(inst.instance_id, inst.estimator, inst.tpot_s, 0.0))
-            s.add(d.tokens_left, d.deadline_s, inst.avg_context)
+            s.add(d.tokens_left, d.deadline_s, inst.avg_context, recost=False)
+    for s in streams.values():
+        s._cost()
     jobs: list[tuple[float, int, str, int, float]] = []
     for inst in instances:
         for p in inst.prefills:
@@ -226,7 +253,9 @@ def replay(instances: Sequence[InstanceLoad], extra: tuple[str, PendingPrefill] 
     t = now
     i = 0  # next prefill in EDF order; prefills never reorder among themselves
     left = jobs[0][3] if jobs else 0
-    for _ in range(REPLAY_MAX_ITERATIONS):
+    iterations = 0
+    while iterations < REPLAY_MAX_ITERATIONS:
+        iterations += 1
         while heap and (heap[0][1] not in streams or streams[heap[0][1]].deadline_s != heap[0][0]):
             heapq.heappop(heap)
         urgent = streams[heap[0][1]] if heap else None
@@ -238,6 +267,13 @@ def replay(instances: Sequence[InstanceLoad], extra: tuple[str, PendingPrefill] 
         else:
             break
         if urgent is not None and urgent.deadline_s <= due:
+            limit = min([due if i < len(jobs) else end,
+                         *(s.deadline_s for s in streams.values() if s is not urgent)])
+            t, ahead = urgent.run_ahead(t, limit, late)
+            if ahead:
+                iterations += ahead - 1
+                heapq.heapreplace(heap, (urgent.deadline_s, urgent.iid))
+                continue
             t += urgent.cost_s
             urgent.iterate(t, late)
             if urgent.n:  # its entry is the heap's top: replace it in one step
