@@ -45,8 +45,11 @@ first) <= 0.25 s. R keeps the paper's room: its R = 512 tok/s is 1/2.95 of its 7
 rate at the trace's mean prompt, so R here is this machine's prefill rate at the workload's mean
 prompt (median of 3) / 2.95 (--slo-slack; with 1, a prompt past the 0.5 s floor has exactly its
 idle-device prefill time, and any other instance's step makes it late). A dropped, refused, evicted or
-unfinished job is a miss. Capacity = the largest K swept with at least --target attainment
-(0.95). Small K have few arrivals (4 at K = 1 by default), so one noisy job moves them by 25%.
+unfinished job is a miss. Capacity = the largest K swept such that every K up to it has at least
+--target attainment (0.95), as the simulator counts it (autoscaler.sim.sweep.capacity); the JSON
+also gives `capacity_any`, the largest K meeting the target even after a smaller K missed, since a
+noisy sweep can pass again (one run: static 89.7% at K = 8, 98.0% at 10). Small K have few arrivals
+(4 at K = 1 by default), so one noisy job moves them by 25%.
 
 Timings are wall-clock on a small shared host: other processes on the same cores make them noisy.
 One torch thread by default: with two on a 2-core host, any other busy process stalls every
@@ -86,6 +89,7 @@ from capacity_systems import (  # noqa: E402
     System,
 )
 
+from autoscaler.sim.sweep import capacity, capacity_any  # noqa: E402
 from autoscaler.sim.trace import Trace, load_trace, synthetic_trace  # noqa: E402
 from functions import SLO, FunctionSpec  # noqa: E402
 from runtime.core.estimator import LatencyEstimator, LatencyProfile  # noqa: E402
@@ -266,11 +270,6 @@ def build_system(name: str, fleet: Fleet, functions: Sequence[str]) -> System:
     return Ours(fleet, functions)
 
 
-def capacity(att: dict[int, float | None], target: float) -> int:
-    """The largest K with attainment >= target (0 if none)."""
-    return max((k for k, v in att.items() if v is not None and v >= target), default=0)
-
-
 def parse_ks(text: str) -> list[int]:
     try:
         ks = sorted({int(x) for x in text.split(",") if x.strip()})
@@ -416,6 +415,7 @@ def main() -> None:
                 stopped.add(name)
 
     caps = {name: capacity(attainment[name], a.target) for name in systems}
+    caps_any = {name: capacity_any(attainment[name], a.target) for name in systems}
     print(f"\nSLO attainment (met / arrivals; {a.target:.0%} counts as served)")
     print("   K  arrivals  " + "  ".join(f"{s:>9}" for s in systems))
     for k in ks:
@@ -424,10 +424,12 @@ def main() -> None:
             v = attainment[s].get(k)
             cells.append(f"{'skipped' if v is None else f'{v:.1%}':>9}")
         print(f"{k:>4}  {arrivals[k]:>8}  " + "  ".join(cells))
-    print("capacity  " + "  ".join(f"{s} {caps[s]}" for s in systems))
+    print("capacity (target met at every K up to it)  " + "  ".join(f"{s} {caps[s]}" for s in systems))
+    print("largest K meeting the target (a pass after a miss counts)  "
+          + "  ".join(f"{s} {caps_any[s]}" for s in systems))
 
-    def ratio(x: str) -> float | None:
-        return round(caps["ours"] / caps[x], 2) if "ours" in caps and caps.get(x) else None
+    def ratio(x: str, c: dict[str, int] = caps) -> float | None:
+        return round(c["ours"] / c[x], 2) if "ours" in c and c.get(x) else None
 
     arbiter = {k: d.get("arbiter_mean_us") for k, d in details.get("ours", {}).items()}
     loads = [d["cold_load_mean_s"] for d in details.get("exclusive", {}).values() if d.get("cold_loads")]
@@ -439,6 +441,8 @@ def main() -> None:
         "target": a.target,
         "ours_over_exclusive": ratio("exclusive"),
         "ours_over_static": ratio("static"),
+        "capacity_any": caps_any,
+        "ours_over_static_any": ratio("static", caps_any),
         "arrivals": arrivals,
         "duration_s": a.duration,
         "length_scale": a.length_scale,

@@ -19,7 +19,7 @@ from autoscaler.sim.loading import HostCache, LoadModel
 from autoscaler.sim.node import SimNode, SimRequest
 from autoscaler.sim.scoring import meets_slo, score, ttft_s
 from autoscaler.sim.simulator import RequestRecord, Simulator, simulate
-from autoscaler.sim.sweep import capacity
+from autoscaler.sim.sweep import capacity, capacity_any
 from autoscaler.sim.trace import Arrival, Trace, synthetic_trace
 from runtime.core.arbiter import DeviceKind, Phase
 
@@ -248,6 +248,18 @@ def test_slo_formula(r, counted, excluded):
 ])
 def test_capacity(attainment, target, expected):
     assert capacity(attainment, target) == expected
+
+
+@pytest.mark.parametrize("attainment, held, anywhere", [
+    ({1: 1.0, 2: 1.0, 4: 0.97, 8: 0.89, 10: 0.98, 12: 0.87}, 4, 10),  # a pass after a miss
+    ({1: 1.0, 2: 0.7, 4: 0.37, 8: None}, 1, 1),  # None: not run after a collapse, a miss
+    ({1: 1.0, 2: None, 4: 0.99}, 1, 4),
+    ({1: 0.5}, 0, 0),
+])
+def test_capacity_held_and_anywhere(attainment, held, anywhere):
+    # The bench and the simulator share these (bench/bench_capacity.py imports them).
+    assert capacity(attainment, 0.95) == held
+    assert capacity_any(attainment, 0.95) == anywhere
 
 
 def test_score_counts_dropped_as_misses_and_reports_nodes():

@@ -24,7 +24,7 @@ from autoscaler.sim.loading import LoadModel
 from autoscaler.sim.report import write_csv, write_json, write_plots
 from autoscaler.sim.scoring import Score, score
 from autoscaler.sim.simulator import RunResult, simulate
-from autoscaler.sim.sweep import TARGETS, capacity, levels
+from autoscaler.sim.sweep import TARGETS, capacity, capacity_any, levels
 from autoscaler.sim.trace import Trace, TraceError, load_trace, synthetic_trace
 
 DEFAULT_PROFILE = "../shared/data/profiles/slinfer_published.json"
@@ -103,6 +103,8 @@ def main(argv: list[str]) -> int:
         "model": a.model,
         "capacity": {name: capacity({n: s.attainment for n, (s, _) in by_n.items()}, 0.95)
                      for name, by_n in runs.items()},
+        "capacity_any": {name: capacity_any({n: s.attainment for n, (s, _) in by_n.items()}, 0.95)
+                         for name, by_n in runs.items()},
         "slo_met": {name: {str(n): round(s.attainment, 4) for n, (s, _) in sorted(by_n.items())}
                     for name, by_n in runs.items()},
         "slo_met_requests": {name: {str(n): s.slo_met for n, (s, _) in sorted(by_n.items())}

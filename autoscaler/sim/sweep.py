@@ -20,14 +20,23 @@ from autoscaler.sim.trace import Trace
 TARGETS = (0.90, 0.95, 0.99)
 
 
-def capacity(attainment: Mapping[int, float], target: float) -> int:
-    """Largest n (of those swept) with attainment >= target at n and at every smaller n."""
+def capacity(attainment: Mapping[int, float | None], target: float) -> int:
+    """Largest n (of those swept) with attainment >= target at n and at every smaller n: the load
+    up to which the system holds. A level not run (None: the sweep stopped after a collapse)
+    counts as a miss. The capacity figure of the simulator and of bench/bench_capacity.py."""
     best = 0
     for n in sorted(attainment):
-        if attainment[n] < target:
+        v = attainment[n]
+        if v is None or v < target:
             break
         best = n
     return best
+
+
+def capacity_any(attainment: Mapping[int, float | None], target: float) -> int:
+    """Largest n with attainment >= target whatever happened at smaller n (a lucky level counts):
+    reported beside ``capacity`` because a noisy sweep can pass again after a miss."""
+    return max((n for n, v in attainment.items() if v is not None and v >= target), default=0)
 
 
 def levels(trace: Trace, group_size: int = 8, groups: Sequence[int] | None = None) -> list[tuple[int, Trace]]:
