@@ -258,6 +258,13 @@ class SimNode:
         return InstanceLoad(inst.iid, self.estimator, self.model_tpot(inst), len(dec), avg, prefills,
                             self.model.max_context_tokens, due, decodes)
 
+    def _demand(self, inst: SimInstance) -> float:
+        """``InstanceLoad.demand`` of the instance, without building its per-request jobs (a view
+        is rebuilt after every step; admission, which needs them, is asked far less often)."""
+        dec = inst.decoding
+        avg = sum(r.context for r in dec) / len(dec) if dec else 0.0
+        return InstanceLoad(inst.iid, self.estimator, self.model_tpot(inst), len(dec), avg).demand()
+
     def model_tpot(self, inst: SimInstance) -> float:
         reqs = inst.requests
         return (reqs[0].tpot_slo_s if reqs else 0.25) * (1 - SLO_MARGIN)
@@ -278,7 +285,7 @@ class SimNode:
         static = self.system.static_memory
         kv = STATIC_SLOT_VIEW_KV_BYTES if static else i.kv_blocks * self.bytes_per_block
         reserved = kv if static else self.reserved_blocks(i) * self.bytes_per_block
-        demand = 0.0 if i.state is InstanceState.LOADING else self.load_of(i).demand()
+        demand = 0.0 if i.state is InstanceState.LOADING else self._demand(i)
         return InstanceView(i.iid, i.function, self.node_id, len(i.decoding) + len(i.prefilling), demand,
                             i.weight_bytes, kv, reserved, i.idle_since_s, i.state is InstanceState.LOADING)
 
