@@ -138,7 +138,9 @@ def test_knative_revision_header_and_host_name_the_function(setup: Setup) -> Non
     assert r.status_code == 200 and r.json()["model"] == "tiny"
     r = httpx.post(f"{setup.url}/", json={"prompt": "hi", "max_tokens": 3},
                    headers={"Host": "tiny.default.svc.cluster.local"})
-    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+    # The tiny random model samples (temperature 1 by default), so it may end early on EOS.
+    assert r.status_code == 200 and r.json()["model"] == "tiny"
+    assert r.json()["choices"][0]["finish_reason"] in ("length", "stop")
     r = httpx.post(f"{setup.url}/functions/tiny", content=b"plain text prompt")
     assert r.status_code == 200 and r.json()["object"] == "chat.completion"
 
