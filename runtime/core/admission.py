@@ -16,6 +16,8 @@ Yes only if, with it added,
            deadline and the steady-state rule of the paper guards the rest:
   compute  Σ over the device's instances of est_decode(avg context, batch) / TPOT <= 1
            (each instance's share of the device needed to emit one token per TPOT).
+A newcomer whose own prefill, alone on the device from now, would end past its deadline is
+refused on prefill at once, before any replay: nothing could serve it in time.
 A refusal carries its reason (compute when decode work no longer fits, prefill when a first
 token would be late) and a Retry-After hint so the caller can go elsewhere at once. An idle
 device admits whatever fits in memory and context: there is nothing to protect, and no other
