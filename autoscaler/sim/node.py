@@ -115,6 +115,11 @@ def request_bound(r: SimRequest, system: SystemConfig, model: ModelSpec) -> int:
                          model.max_context_tokens)
 
 
+def _mean_context(reqs: list[SimRequest]) -> float:
+    """Mean context of a batch (InstanceLoad.avg_context); 0 for none."""
+    return sum(r.context for r in reqs) / len(reqs) if reqs else 0.0
+
+
 @dataclass(eq=False)
 class SimInstance:
     iid: InstanceId
@@ -246,7 +251,7 @@ class SimNode:
         # As runtime.device.Instance.load: each request's output is bounded (its max_tokens, which
         # the artifact's client sets to the trace's output length), so admission sees when work ends.
         dec = inst.decoding
-        avg = sum(r.context for r in dec) / len(dec) if dec else 0.0
+        avg = _mean_context(dec)
         prefills = tuple(PendingPrefill(r.context - r.prefilled, r.deadline_s(),
                                         max(0, r.output_tokens - r.generated - 1)) for r in inst.prefilling)
         decodes = tuple(PendingDecode(r.output_tokens - r.generated, r.deadline_s()) for r in dec)
@@ -262,8 +267,7 @@ class SimNode:
         """``InstanceLoad.demand`` of the instance, without building its per-request jobs (a view
         is rebuilt after every step; admission, which needs them, is asked far less often)."""
         dec = inst.decoding
-        avg = sum(r.context for r in dec) / len(dec) if dec else 0.0
-        return InstanceLoad(inst.iid, self.estimator, self.model_tpot(inst), len(dec), avg).demand()
+        return InstanceLoad(inst.iid, self.estimator, self.model_tpot(inst), len(dec), _mean_context(dec)).demand()
 
     def model_tpot(self, inst: SimInstance) -> float:
         reqs = inst.requests
