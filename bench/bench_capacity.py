@@ -34,11 +34,12 @@ timer/Poisson/bursty arrivals; 30 min of K functions at a total rate K x rate_pe
 compressed into --duration), or with --trace the first K functions of the published trace, cut at
 the arrival that gives the same count and stretched onto --duration. Lengths are scaled by
 --length-scale (default 0.08: prompts ~70, outputs ~18 tokens on average; at least 2 output tokens so
-every job has a TPOT; prompt+output clamped to the context). --rate-per-fn (default 0.04/s,
-one job per function every 25 s) is fixed so every run replays the same arrivals; the run prints
-the device share it means (a mean job served alone takes ~1.5 s of this host with one thread, so
-each function keeps ~6% of the device busy and an ideal sharer saturates near K = 16). --fn-load
-derives the rate from that share instead (for other machines; the profile is noisy here). The KV
+every job has a TPOT; prompt+output clamped to the context). The rate follows the device: --fn-load
+(default 0.06) is the share of the device one function keeps busy served alone, so each function
+sends fn_load / (a mean job's profiled device time) requests/s and an ideal sharer saturates near
+K = 1 / 0.06 ~ 16 on any host. A fixed rate (--rate-per-fn, requests/s per function) made the
+sweep depend on how fast the shared host happened to be: one job per function every 25 s kept 6%
+of the device busy in a slow hour and 4% in a fast one, and the capacities moved with it. The KV
 budget defaults to one instance's full batch at full context (what the exclusive system needs).
 SLO for every job: TTFT <= max(0.5 s, prompt / R) and mean TPOT (time per output token after the
 first) <= 0.25 s. R keeps the paper's room: its R = 512 tok/s is 1/2.95 of its 7B-on-CPU prefill
@@ -49,14 +50,14 @@ unfinished job is a miss. Capacity = the largest K swept such that every K up to
 --target attainment (0.95), as the simulator counts it (autoscaler.sim.sweep.capacity); the JSON
 also gives `capacity_any`, the largest K meeting the target even after a smaller K missed, since a
 noisy sweep can pass again (one run: static 89.7% at K = 8, 98.0% at 10). Small K have few arrivals
-(4 at K = 1 by default), so one noisy job moves them by 25%.
+(about 7 at K = 1 by default), so one noisy job moves them by 25%.
 
 Timings are wall-clock on a small shared host: other processes on the same cores make them noisy.
 One torch thread by default: with two on a 2-core host, any other busy process stalls every
 parallel region and step times grow ~10x; one thread loses ~2x when idle but stays steady.
 The LAST line printed is one JSON object (keys at the bottom of main()).
 
-Usage: python bench/bench_capacity.py [--k 1,2,4,8,12,16] [--duration 90] [--quick] [--trace PATH]
+Usage: python bench/bench_capacity.py [--k 1,2,4,6,8,10,12,14,16] [--duration 120] [--seed 0] [--quick]
 """
 
 from __future__ import annotations
@@ -284,15 +285,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="See the module docstring for the systems and the workload.")
-    ap.add_argument("--k", default="1,2,4,8,12,16", help="function counts to sweep (default %(default)s)")
-    ap.add_argument("--duration", type=float, default=90.0, help="arrival window per run, s (default %(default)s)")
+    ap.add_argument("--k", default="1,2,4,6,8,10,12,14,16", help="function counts to sweep (default %(default)s)")
+    ap.add_argument("--duration", type=float, default=120.0, help="arrival window per run, s (default %(default)s)")
     ap.add_argument("--drain", type=float, default=15.0, help="extra time to finish after the window, s")
     ap.add_argument("--length-scale", type=float, default=0.08, help="factor on trace lengths (default %(default)s)")
-    ap.add_argument("--rate-per-fn", type=float, default=0.04,
-                    help="requests/s per function, total = K x this (default %(default)s)")
-    ap.add_argument("--fn-load", type=float, default=None,
-                    help="instead of --rate-per-fn: the device share one function keeps busy served alone "
-                         "(rate = share / the mean job's profiled device time; noisy on a shared host)")
+    ap.add_argument("--fn-load", type=float, default=0.06,
+                    help="the device share one function keeps busy served alone: rate per function = share / "
+                         "the mean job's profiled device time (default %(default)s)")
+    ap.add_argument("--rate-per-fn", type=float, default=None,
+                    help="instead of --fn-load: a fixed rate, requests/s per function (total = K x this)")
     ap.add_argument("--trace", default=None, help="a published trace JSON (default: the seeded generator)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kv-mb", type=float, default=None,
@@ -306,8 +307,9 @@ def main() -> None:
                     help="this host's prefill rate / R: the room the TTFT SLO leaves (default %(default)s, "
                          "the paper's for its 7B on CPU; 1 gives prompts past the 0.5 s floor no room at all)")
     ap.add_argument("--target", type=float, default=0.95, help="attainment that counts as served")
-    ap.add_argument("--stop-below", type=float, default=0.5,
-                    help="skip a system's larger K once its attainment falls below this")
+    ap.add_argument("--stop-below", type=float, default=None,
+                    help="skip a system's larger K once its attainment falls below this (default: --target, "
+                         "since capacity counts only the K before a system's first miss)")
     ap.add_argument("--systems", default=",".join(SYSTEMS),
                     help=f"subset of %(default)s, plus the ablation {', '.join(ABLATIONS)} (EDF + shared KV, "
                          "no admission)")
@@ -362,7 +364,7 @@ def main() -> None:
           f"at the mean prompt ({p_len} tokens, median of 3), {long_rate:.0f} tok/s at {long_len}; decode batch 1 "
           f"{est.decode_s(64, 1) / profile.safety * 1e3:.0f} ms/step", flush=True)
     job_s = mean_job_s(est, ref["prompt_mean"], ref["output_mean"])
-    rate_per_fn = a.fn_load / job_s if a.fn_load else a.rate_per_fn
+    rate_per_fn = a.rate_per_fn if a.rate_per_fn else a.fn_load / job_s
     memory = MemoryConfig(block_tokens=block, lookahead_tokens=max(1, round(LOOKAHEAD_TOKENS * a.length_scale)))
     print(f"workload: {'trace ' + a.trace if a.trace else f'synthetic seed {a.seed}'}, lengths x{a.length_scale} "
           f"(mean prompt {ref['prompt_mean']:.0f}, output {ref['output_mean']:.0f}); mean job alone "
@@ -411,7 +413,7 @@ def main() -> None:
                         print(f"    miss {j.rid} {j.function} t={j.arrival_s:.2f} prompt {len(j.prompt_ids)} "
                               f"out {j.output_tokens} ttft {ttft(j):.3f}/{j.ttft_slo_s:.3f} tpot {tpot(j):.3f} "
                               f"{j.dropped or ''} {j.note}")
-            if s["attainment"] < a.stop_below:
+            if s["attainment"] < (a.target if a.stop_below is None else a.stop_below):
                 stopped.add(name)
 
     caps = {name: capacity(attainment[name], a.target) for name in systems}
