@@ -50,7 +50,7 @@ unfinished job is a miss. Capacity = the largest K swept such that every K up to
 --target attainment (0.95), as the simulator counts it (autoscaler.sim.sweep.capacity); the JSON
 also gives `capacity_any`, the largest K meeting the target even after a smaller K missed, since a
 noisy sweep can pass again (one run: static 89.7% at K = 8, 98.0% at 10). Small K have few arrivals
-(about 7 at K = 1 by default), so one noisy job moves them by 25%.
+(about 7 at K = 1 and 15 at K = 2 by default), so one noisy job moves them by 7-14%.
 
 Timings are wall-clock on a small shared host: other processes on the same cores make them noisy.
 One torch thread by default: with two on a 2-core host, any other busy process stalls every
@@ -322,6 +322,8 @@ def main() -> None:
     if a.quick:
         a.k, a.duration, a.drain = "2,6", 20.0, 5.0
     ks = parse_ks(a.k)
+    if a.fn_load <= 0 or (a.rate_per_fn is not None and a.rate_per_fn <= 0):
+        raise SystemExit("--fn-load and --rate-per-fn must be > 0")
     torch.set_num_threads(a.threads)
     systems = [s for s in a.systems.split(",") if s]
     if bad := [s for s in systems if s not in SYSTEMS + ABLATIONS]:
@@ -364,7 +366,7 @@ def main() -> None:
           f"at the mean prompt ({p_len} tokens, median of 3), {long_rate:.0f} tok/s at {long_len}; decode batch 1 "
           f"{est.decode_s(64, 1) / profile.safety * 1e3:.0f} ms/step", flush=True)
     job_s = mean_job_s(est, ref["prompt_mean"], ref["output_mean"])
-    rate_per_fn = a.rate_per_fn if a.rate_per_fn else a.fn_load / job_s
+    rate_per_fn = a.rate_per_fn if a.rate_per_fn is not None else a.fn_load / job_s
     memory = MemoryConfig(block_tokens=block, lookahead_tokens=max(1, round(LOOKAHEAD_TOKENS * a.length_scale)))
     print(f"workload: {'trace ' + a.trace if a.trace else f'synthetic seed {a.seed}'}, lengths x{a.length_scale} "
           f"(mean prompt {ref['prompt_mean']:.0f}, output {ref['output_mean']:.0f}); mean job alone "
