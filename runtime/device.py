@@ -9,13 +9,23 @@ Admission (runtime.core.admission) decides whether a request may join an instanc
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from functions import FunctionSpec
 from runtime.core.admission import Decision, InstanceLoad, NewRequest, PendingDecode, PendingPrefill, admit
-from runtime.core.arbiter import SLO_MARGIN, Candidate, DeviceKind, Grant, Phase, next_token_deadline, pick
+from runtime.core.arbiter import (
+    SLO_MARGIN,
+    Candidate,
+    DeviceKind,
+    Grant,
+    Phase,
+    next_token_deadline,
+    pick,
+    prefill_chunk_budget,
+)
 from runtime.core.estimator import LatencyEstimator
 from runtime.core.memory import (
     ActionKind,
@@ -219,9 +229,11 @@ class DeviceLoop:
         for _ in range(grant.iterations):
             if not inst.engine.has_work:
                 break
+            budget = prefill_chunk_budget(inst.estimator.prefill_s, self._decode_slack_s(inst),
+                                          inst.engine.scheduler.config.max_num_batched_tokens)
             t = time.perf_counter()
             try:
-                outs.extend(inst.engine.step(self.clock))
+                outs.extend(inst.engine.step(self.clock, budget))
             except Exception:  # one instance's failure must not take the device down
                 log.exception("instance %s failed an iteration; evicting its requests", inst.iid)
                 self.stats.failures += 1
@@ -229,6 +241,17 @@ class DeviceLoop:
                 break
             self._observe(inst, time.perf_counter() - t)
         return grant, outs
+
+    def _decode_slack_s(self, inst: Instance) -> float:
+        """Time from now to the earliest next-token deadline of a decoding request on the device
+        that EDF ranks before inst's prefills (due earlier than all of them); inf when there is
+        none. Decodes due later wait for the prefill anyway, so a smaller chunk would not help them."""
+        prefill_due = min((inst.deadline(r) for r in inst.requests()
+                           if r.num_computed_tokens < len(r.prompt_token_ids)), default=-math.inf)
+        due = min((d for i in self.instances.values() for r in i.engine.scheduler.running
+                   if r.num_computed_tokens >= len(r.prompt_token_ids) and (d := i.deadline(r)) < prefill_due),
+                  default=math.inf)
+        return due - self.clock() if due < math.inf else math.inf
 
     def _observe(self, inst: Instance, seconds: float) -> None:
         plan = inst.engine.last_plan

@@ -1,6 +1,17 @@
+import math
+
 import pytest
 
-from runtime.core.arbiter import Candidate, DeviceKind, Grant, Phase, next_token_deadline, pick
+from runtime.core.arbiter import (
+    MIN_PREFILL_CHUNK,
+    Candidate,
+    DeviceKind,
+    Grant,
+    Phase,
+    next_token_deadline,
+    pick,
+    prefill_chunk_budget,
+)
 
 
 def test_deadline_formula():
@@ -51,3 +62,12 @@ def test_ties_break_by_instance_id_and_idle_device_gets_nothing():
 )
 def test_quota(device, phase, quota, expected):
     assert pick([Candidate("a", 1.0, phase, decode_quota=quota)], device).iterations == expected
+
+
+def test_prefill_chunk_budget_fits_the_decode_slack():
+    ms_per_token = lambda n: n * 0.001  # noqa: E731  (1 ms per prompt token)
+    assert prefill_chunk_budget(ms_per_token, math.inf, 512) is None  # nothing decodes: no cap
+    assert prefill_chunk_budget(ms_per_token, 0.1, 512) == 100  # the largest chunk ending in time
+    assert prefill_chunk_budget(ms_per_token, 1.0, 512) == 512  # all of it fits
+    assert prefill_chunk_budget(ms_per_token, -0.2, 512) == MIN_PREFILL_CHUNK  # late already: progress anyway
+    assert prefill_chunk_budget(ms_per_token, 0.0, 16) == 16  # the floor never exceeds the step budget

@@ -262,3 +262,27 @@ def test_a_retried_request_keeps_its_arrival_deadline(tiny):
     assert dev.admit("a", 10, now=0.4, arrival_s=0.0).admitted  # 0.1 s left is plenty for 10 tokens
     late = dev.admit("a", 10, now=0.6, arrival_s=0.0)  # its TTFT deadline (0.5) has passed
     assert not late.admitted and late.reason is RefusalReason.PREFILL
+
+
+def test_a_long_prompt_shares_steps_with_a_decode_in_chunks_that_keep_its_deadline(tiny):
+    # a decodes (next token due 0.2375 s after its first, at 0.0); a 200-token prompt arrives for
+    # the same instance at 0.2. At 1 ms per prompt token, the whole prompt in that step would end
+    # at 0.4, past a's deadline; the step carries only what fits, and a's token comes with it.
+    now = [0.0]
+    dev = DeviceLoop(DeviceKind.CPU, clock=lambda: now[0])
+    ms_per_token = LatencyProfile.from_tables([[1, 1], [1000, 1000]], [(1, [[1, 5], [64, 50]])])
+    dev.add_instance(make_instance(tiny, "a", profile=ms_per_token, max_num_batched_tokens=256))
+    eng = dev.instances["a"].engine
+    eng.add_request(RequestId("short"), [5, 6, 7, 8], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True),
+                    now=0.0)
+    dev.step()  # its prefill: first token at 0.0
+    dev.instances["a"].estimator = LatencyEstimator(ms_per_token)  # forget that step's observed time
+    now[0] = 0.2
+    eng.add_request(RequestId("long"), list(range(3, 203)), GREEDY_4, now=0.2)
+    dev.step()
+    chunk = {str(q.rid): len(q.token_ids) for q in eng.last_plan.seqs}
+    slack_tokens = int((0.25 * (1 - SLO_MARGIN) - 0.2) * 1000)  # 37
+    assert chunk == {"short": 1, "long": slack_tokens}
+    now[0] = 0.5  # past the decode's next deadline (0.475): the floor keeps the prompt moving
+    dev.step()
+    assert {str(q.rid): len(q.token_ids) for q in eng.last_plan.seqs} == {"short": 1, "long": 32}

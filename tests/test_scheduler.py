@@ -113,3 +113,20 @@ def test_waiting_prompt_prefills_in_smaller_chunks_when_blocks_are_short():
     s.add(make_req("b", 10, max_tokens=1))  # needs 3 blocks; only 1 left
     plan, _ = run_step(s)
     assert [(q.rid, len(q.token_ids)) for q in plan.seqs] == [("a", 6), ("b", 4)]
+
+
+def test_prefill_budget_caps_chunks_but_never_a_decode():
+    # a decodes; b (running, mid-prefill) sits before c in the queue order; c waits to prefill.
+    s = make_sched(budget=16, blocks=32)
+    s.add(make_req("a", 2, max_tokens=8))
+    run_step(s)  # a's prefill: a now decodes
+    s.add(make_req("b", 20))
+    s.add(make_req("c", 6))
+    plan = s.schedule(prefill_budget=4)
+    assert [(str(q.rid), len(q.token_ids)) for q in plan.seqs] == [("a", 1), ("b", 4)]
+    s.update(plan, {q.rid: 7 for q in plan.seqs if q.sample})
+    plan = s.schedule(prefill_budget=0)  # no prompt tokens at all: the decode still runs
+    assert [(str(q.rid), len(q.token_ids)) for q in plan.seqs] == [("a", 1)]
+    s.update(plan, {q.rid: 7 for q in plan.seqs if q.sample})
+    plan = s.schedule()  # uncapped: the step budget (16) alone limits the chunks
+    assert [(str(q.rid), len(q.token_ids)) for q in plan.seqs] == [("a", 1), ("b", 15)]

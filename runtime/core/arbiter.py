@@ -13,13 +13,18 @@ instance id, so decisions are deterministic.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 # Deadlines and admission plan against SLOs 5% tighter than promised (the paper's scheduler
 # margin): EDF runs each token just in time, so an estimate a little short of the real step
 # would otherwise land the last token just past its SLO. The SLO itself (scoring) is unchanged.
 SLO_MARGIN = 0.05
+
+# The smallest prefill chunk a step may carry when a decode deadline is near: the prompt must
+# still progress, and below a block or so the per-step overhead dominates.
+MIN_PREFILL_CHUNK = 32
 
 
 class DeviceKind(enum.Enum):
@@ -72,3 +77,24 @@ def pick(candidates: Iterable[Candidate], device: DeviceKind) -> Grant | None:
     if device is DeviceKind.GPU and best.phase is Phase.DECODE:
         quota = max(1, best.decode_quota)
     return Grant(best.instance_id, quota, best.deadline_s)
+
+
+def prefill_chunk_budget(prefill_s: Callable[[int], float], slack_s: float, max_tokens: int,
+                         floor: int = MIN_PREFILL_CHUNK) -> int | None:
+    """The most prompt tokens one step may prefill so that it ends within ``slack_s`` (the time to
+    the device's earliest next-token deadline of a decoding request), by the estimate
+    ``prefill_s(tokens)``; at least ``floor``, at most ``max_tokens``. None (no cap) when nothing
+    decodes. A decode waits for the whole step it shares with a chunk, and a chunk that ends past
+    the stream's deadline makes it late however the arbiter orders instances."""
+    if math.isinf(slack_s):
+        return None
+    lo, hi = min(floor, max_tokens), max_tokens
+    if prefill_s(hi) <= slack_s:
+        return hi
+    while lo < hi:  # largest n in [floor, max] with prefill_s(n) <= slack (monotone estimate)
+        mid = (lo + hi + 1) // 2
+        if prefill_s(mid) <= slack_s:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

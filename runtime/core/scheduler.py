@@ -107,8 +107,12 @@ class Scheduler:
         return len(self.waiting)
 
     # -- plan -------------------------------------------------------------------------------
-    def schedule(self) -> StepPlan:
+    def schedule(self, prefill_budget: int | None = None) -> StepPlan:
+        """Plan one step. ``prefill_budget`` caps the prompt tokens (prefill chunks) in it, on top
+        of the one token each decode takes: a long chunk in the same step as decodes delays their
+        next token by the whole chunk, so the device loop sizes it to the tightest decode deadline."""
         budget = self.config.max_num_batched_tokens
+        prefill_left = budget if prefill_budget is None else max(0, prefill_budget)
         seqs: list[ScheduledSeq] = []
         preempted: list[RequestId] = []
         scheduled: set[RequestId] = set()
@@ -116,6 +120,11 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n > 1:  # a prefill chunk (a decode computes exactly one token)
+                n = min(n, prefill_left)
+                if n <= 0:
+                    i += 1  # no prefill room this step; decodes behind it still run
+                    continue
             end = req.num_computed_tokens + n
             while not self.kv.can_allocate(req.rid, end):
                 victim = self.running[-1]  # newest first; may be req itself
@@ -129,12 +138,16 @@ class Scheduler:
             seqs.append(self._seq(req, n))
             scheduled.add(req.rid)
             budget -= n
+            if n > 1:
+                prefill_left -= n
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             if req.rid in preempted:
                 break  # just evicted for lack of blocks: do not thrash it back in this step
             n = min(req.num_tokens - req.num_computed_tokens, budget, self._fits(req))
+            if n > 1:
+                n = min(n, prefill_left)
             if n <= 0:
                 break  # FCFS: do not let later requests overtake
             end = req.num_computed_tokens + n
@@ -144,6 +157,8 @@ class Scheduler:
             self.running.append(req)
             seqs.append(self._seq(req, n))
             budget -= n
+            if n > 1:
+                prefill_left -= n
         return StepPlan(seqs=tuple(seqs), preempted=tuple(preempted))
 
     def _fits(self, req: Request) -> int:

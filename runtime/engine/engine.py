@@ -175,11 +175,12 @@ class LLMEngine:
         return self.scheduler.has_work
 
     # -- the loop body ----------------------------------------------------------------------
-    def step(self, clock: Callable[[], float] | None = None) -> list[RequestOutput]:
+    def step(self, clock: Callable[[], float] | None = None, prefill_budget: int | None = None) -> list[RequestOutput]:
         """One iteration. ``clock``, read once the tokens exist, stamps first tokens (the device
-        loop's deadlines count from them)."""
+        loop's deadlines count from them); ``prefill_budget`` caps its prompt tokens
+        (Scheduler.schedule)."""
         evicted = self.evict_oversized()
-        plan = self.scheduler.schedule()  # plan
+        plan = self.scheduler.schedule(prefill_budget)  # plan
         self.last_plan = plan
         if plan.empty:
             return evicted
