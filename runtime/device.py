@@ -229,8 +229,10 @@ class DeviceLoop:
         for _ in range(grant.iterations):
             if not inst.engine.has_work:
                 break
+            t = time.perf_counter()
             budget = prefill_chunk_budget(inst.estimator.prefill_s, self._decode_slack_s(inst),
                                           inst.engine.scheduler.config.max_num_batched_tokens)
+            self.stats.total_s += time.perf_counter() - t  # part of the per-iteration decision cost
             t = time.perf_counter()
             try:
                 outs.extend(inst.engine.step(self.clock, budget))
