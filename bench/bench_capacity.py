@@ -63,6 +63,7 @@ Usage: python bench/bench_capacity.py [--k 1,2,4,6,8,10,12,14,16] [--duration 12
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -93,6 +94,7 @@ from capacity_systems import (  # noqa: E402
 from autoscaler.sim.sweep import capacity, capacity_any  # noqa: E402
 from autoscaler.sim.trace import Trace, load_trace, synthetic_trace  # noqa: E402
 from functions import SLO, FunctionSpec  # noqa: E402
+from runtime.core.arbiter import MAX_PREFILL_STEP_S, prefill_chunk_budget  # noqa: E402
 from runtime.core.estimator import LatencyEstimator, LatencyProfile  # noqa: E402
 from runtime.core.ids import RequestId  # noqa: E402
 from runtime.core.memory import MemoryConfig  # noqa: E402
@@ -300,6 +302,9 @@ def main() -> None:
                     help="device KV budget, MB (default: one full batch at full context)")
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--max-prefill-step-ms", type=float, default=MAX_PREFILL_STEP_S * 1000,
+                    help="longest estimated step carrying a prefill chunk, for every system: it sets the "
+                         "engines' chunk size from the profile (0: whole 512-token chunks; default %(default)s)")
     ap.add_argument("--prefill-rate", type=float, default=None,
                     help="R for the TTFT SLO, tokens/s (default: this host's prefill rate at the mean "
                          "prompt length / --slo-slack)")
@@ -365,6 +370,14 @@ def main() -> None:
     print(f"profiled in {time.perf_counter() - t:.0f} s: SLO R = {rate:.0f} tok/s ({how}); prefill {host_rate:.0f} tok/s "
           f"at the mean prompt ({p_len} tokens, median of 3), {long_rate:.0f} tok/s at {long_len}; decode batch 1 "
           f"{est.decode_s(64, 1) / profile.safety * 1e3:.0f} ms/step", flush=True)
+    # One chunk size for every system (an engine setting, not a sharing policy): the most prompt
+    # tokens a step may carry within the step cap, by the profile. Ours' loop also caps by time,
+    # from its corrected estimates, and shrinks a chunk further when a decode is due sooner.
+    step_s = a.max_prefill_step_ms / 1000 if a.max_prefill_step_ms > 0 else math.inf
+    chunk = prefill_chunk_budget(est.prefill_s, step_s, engine_cfg.max_num_batched_tokens) or engine_cfg.max_num_batched_tokens
+    engine_cfg = dataclasses.replace(engine_cfg, max_num_batched_tokens=chunk)
+    print(f"prefill chunk {chunk} tokens for every system (a step within {a.max_prefill_step_ms:.0f} ms by the profile)",
+          flush=True)
     job_s = mean_job_s(est, ref["prompt_mean"], ref["output_mean"])
     rate_per_fn = a.rate_per_fn if a.rate_per_fn is not None else a.fn_load / job_s
     memory = MemoryConfig(block_tokens=block, lookahead_tokens=max(1, round(LOOKAHEAD_TOKENS * a.length_scale)))
@@ -385,7 +398,7 @@ def main() -> None:
         fleet = Fleet(
             specs={fn: FunctionSpec(name=fn, model=f"random:{PRESET}?seed={seeds[fn]}", slo=slo) for fn in functions},
             models={fn: host.get(seeds[fn]) for fn in functions},
-            profile=profile, engine=engine_cfg, kv_budget_bytes=kv_budget, memory=memory)
+            profile=profile, engine=engine_cfg, kv_budget_bytes=kv_budget, memory=memory, max_prefill_step_s=step_s)
         arrivals[k] = len(t_k.arrivals)
         for name in systems:
             if name in stopped:
@@ -458,6 +471,8 @@ def main() -> None:
         "slo_slack": round(host_rate / rate, 2),
         "prefill_rate_long_tok_s": round(long_rate, 1),
         "decode_b1_ms": round(est.decode_s(64, 1) / profile.safety * 1e3, 1),
+        "prefill_chunk_tokens": chunk,
+        "max_prefill_step_ms": a.max_prefill_step_ms,
         "cold_load_s": round(statistics.mean(loads), 3) if loads else None,
         "arbiter_mean_us": arbiter,
         "workload": a.trace or f"synthetic seed {a.seed}",

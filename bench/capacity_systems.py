@@ -96,6 +96,7 @@ class Fleet:
     engine: EngineConfig  # kv_cache_bytes is replaced per system
     kv_budget_bytes: int
     memory: MemoryConfig
+    max_prefill_step_s: float = math.inf  # ours' DeviceLoop step cap (the chunk size is in `engine`)
     clock: ReplayClock = dataclasses.field(default_factory=ReplayClock)
 
     def engine_config(self, kv_bytes: int) -> EngineConfig:
@@ -256,7 +257,8 @@ class Ours:
     name = "ours"
 
     def __init__(self, fleet: Fleet, functions: Sequence[str]):
-        self.dev = DeviceLoop(DeviceKind.CPU, fleet.kv_budget_bytes, fleet.memory, clock=fleet.clock)
+        self.dev = DeviceLoop(DeviceKind.CPU, fleet.kv_budget_bytes, fleet.memory, clock=fleet.clock,
+                              max_prefill_step_s=fleet.max_prefill_step_s)
         self.profile = fleet.profile
         for fn in functions:  # engines start with no KV; the memory planner grows them
             eng = LLMEngine(fleet.models[fn], fleet.engine_config(0))

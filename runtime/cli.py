@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import secrets
 import sys
 from dataclasses import dataclass
 
 from functions import FunctionSpec, SpecError, load_function_dir, load_function_spec
-from runtime.core.arbiter import DeviceKind
+from runtime.core.arbiter import MAX_PREFILL_STEP_S, DeviceKind
 from runtime.pod import PodConfig
 
 
@@ -50,6 +51,9 @@ def parse_serve(argv: list[str], env: dict[str, str] | None = None) -> ServeSett
     ap.add_argument("--max-num-seqs", type=int, default=32, help="requests per batch")
     ap.add_argument("--max-batched-tokens", type=int, default=512,
                     help="tokens per iteration; longer prompts are prefilled in chunks")
+    ap.add_argument("--max-prefill-step-ms", type=float, default=MAX_PREFILL_STEP_S * 1000,
+                    help="longest estimated step carrying a prefill chunk, so a new request never waits "
+                         "behind a long prompt's whole chunk (ms; 0 = no cap)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--admin-token", default=env.get("SLINFER_ADMIN_TOKEN"),
                     help="bearer token for /admin (default: $SLINFER_ADMIN_TOKEN, else a random one, printed)")
@@ -67,12 +71,15 @@ def parse_serve(argv: list[str], env: dict[str, str] | None = None) -> ServeSett
     if not specs and not a.no_functions:
         specs.append(FunctionSpec(name="smollm2-135m-instruct", model="bundled:smollm2-135m-instruct",
                                   max_output_tokens=4095, max_context_tokens=4096))
+    if not a.max_prefill_step_ms >= 0:
+        ap.error(f"--max-prefill-step-ms must be >= 0, got {a.max_prefill_step_ms}")
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         ap.error(f"function names must be unique, got {names}")
     pod = PodConfig(device=DeviceKind(a.device), kv_budget_bytes=a.kv_budget_mb << 20,
                     weight_cache_bytes=a.weight_cache_mb << 20, block_size=a.block_size,
-                    max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_batched_tokens)
+                    max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_batched_tokens,
+                    max_prefill_step_s=a.max_prefill_step_ms / 1000 if a.max_prefill_step_ms > 0 else math.inf)
     token = a.admin_token or secrets.token_urlsafe(24)
     return ServeSettings(tuple(specs), a.host, a.port, pod, a.threads, token)
 

@@ -15,8 +15,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from functions import FunctionSpec
-from runtime.core.admission import Decision, InstanceLoad, NewRequest, PendingDecode, PendingPrefill, admit
+from runtime.core.admission import (
+    REPLAY_CHUNK_TOKENS,
+    Decision,
+    InstanceLoad,
+    NewRequest,
+    PendingDecode,
+    PendingPrefill,
+    admit,
+)
 from runtime.core.arbiter import (
+    MAX_PREFILL_STEP_S,
     SLO_MARGIN,
     Candidate,
     DeviceKind,
@@ -76,7 +85,7 @@ class Instance:
         return max(0, min(req.params.max_tokens - len(req.output_token_ids),
                           self.engine.max_model_len - req.num_tokens))
 
-    def load(self) -> InstanceLoad:
+    def load(self, prefill_chunk_tokens: int = REPLAY_CHUNK_TOKENS) -> InstanceLoad:
         decoding = [r for r in self.engine.scheduler.running if r.num_computed_tokens >= len(r.prompt_token_ids)]
         prefills = tuple(
             PendingPrefill(r.num_tokens - r.num_computed_tokens, self.deadline(r), max(0, self.tokens_left(r) - 1))
@@ -86,7 +95,7 @@ class Instance:
         avg = sum(r.num_tokens for r in decoding) / len(decoding) if decoding else 0.0
         due = min((d.deadline_s for d in decodes), default=None)
         return InstanceLoad(self.iid, self.estimator, self.tpot_s, len(decoding), avg, prefills,
-                            self.engine.max_model_len, due, decodes)
+                            self.engine.max_model_len, due, decodes, prefill_chunk_tokens)
 
 
 @dataclass
@@ -107,8 +116,12 @@ class DeviceLoop:
     action queue through which every KV grow/shrink and instance add/remove goes."""
 
     def __init__(self, kind: DeviceKind = DeviceKind.CPU, kv_budget_bytes: int = 1 << 30,
-                 memory: MemoryConfig | None = None, clock: Callable[[], float] = time.monotonic):
+                 memory: MemoryConfig | None = None, clock: Callable[[], float] = time.monotonic,
+                 max_prefill_step_s: float = MAX_PREFILL_STEP_S):
+        if not max_prefill_step_s > 0:
+            raise ValueError(f"max_prefill_step_s must be > 0 (inf: no cap), got {max_prefill_step_s}")
         self.kind = kind
+        self.max_prefill_step_s = max_prefill_step_s  # how long a step with a prefill chunk may take
         self.clock = clock  # the timebase of arrival_s: stamps first tokens
         self.instances: dict[str, Instance] = {}
         self.stats = ArbiterStats()
@@ -198,8 +211,15 @@ class DeviceLoop:
         outputs = max(0, (room if max_tokens is None else min(max_tokens, room)) - 1)
         req = NewRequest(prompt_tokens, arrival + inst.load_delay_s + inst.ttft_s(prompt_tokens), need,
                          outputs)
-        loads = [i.load() for i in self.instances.values()]
+        loads = [i.load(self.prefill_chunk_tokens(i)) for i in self.instances.values()]
         return admit(loads, iid, req, free, now)
+
+    def prefill_chunk_tokens(self, inst: Instance) -> int:
+        """The prompt tokens one of inst's steps carries when nothing decodes: the step cap, by its
+        estimator. Admission replays prefills in chunks of this size, as the loop will run them."""
+        most = inst.engine.scheduler.config.max_num_batched_tokens
+        cap = prefill_chunk_budget(inst.estimator.prefill_s, self.max_prefill_step_s, most)
+        return most if cap is None else cap
 
     def candidates(self) -> list[Candidate]:
         out = []
@@ -230,7 +250,8 @@ class DeviceLoop:
             if not inst.engine.has_work:
                 break
             t = time.perf_counter()
-            budget = prefill_chunk_budget(inst.estimator.prefill_s, self._decode_slack_s(inst),
+            budget = prefill_chunk_budget(inst.estimator.prefill_s,
+                                          min(self._decode_slack_s(inst), self.max_prefill_step_s),
                                           inst.engine.scheduler.config.max_num_batched_tokens)
             self.stats.total_s += time.perf_counter() - t  # part of the per-iteration decision cost
             t = time.perf_counter()

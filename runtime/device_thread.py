@@ -52,6 +52,9 @@ class _Add:
     prompt_ids: list[int]
     params: SamplingParams
     admission: bool
+    # When the request reached the pod (time.monotonic): its deadlines count from here, so the
+    # wait for the device thread to finish its current step is not free.
+    received_s: float
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,7 @@ class AsyncDevice:
             raise EngineDeadError(f"device is not running: {self._error!r}")
         q: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[rid] = q
-        self._cmds.put(_Add(iid, rid, prompt_ids, params, admission))
+        self._cmds.put(_Add(iid, rid, prompt_ids, params, admission, time.monotonic()))
         finished = False
         try:
             while True:
@@ -177,11 +180,12 @@ class AsyncDevice:
             now = time.monotonic()
             try:
                 if cmd.admission:
-                    d = dev.admit(cmd.iid, len(cmd.prompt_ids), now, max_tokens=cmd.params.max_tokens)
+                    d = dev.admit(cmd.iid, len(cmd.prompt_ids), now, arrival_s=min(cmd.received_s, now),
+                                  max_tokens=cmd.params.max_tokens)
                     if not d.admitted:
                         loop.call_soon_threadsafe(self._fail, cmd.rid, AdmissionRefused(d))
                         return []
-                inst.engine.add_request(cmd.rid, cmd.prompt_ids, cmd.params, now)
+                inst.engine.add_request(cmd.rid, cmd.prompt_ids, cmd.params, min(cmd.received_s, now))
             except ValueError as e:  # the request's own fault (e.g. too long): a 400
                 loop.call_soon_threadsafe(self._fail, cmd.rid, e)
             except Exception as e:  # our fault: this request fails, the device goes on

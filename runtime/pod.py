@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from functions import FunctionSpec
-from runtime.core.arbiter import DeviceKind
+from runtime.core.arbiter import MAX_PREFILL_STEP_S, DeviceKind
 from runtime.core.estimator import LatencyEstimator, LatencyProfile
 from runtime.core.lifecycle import TERMINAL, InstanceEvent, InstanceState, transition
 from runtime.core.memory import ActionKind
@@ -39,6 +39,7 @@ class PodConfig:
     block_size: int = 32
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
+    max_prefill_step_s: float = MAX_PREFILL_STEP_S  # a step carrying a prefill chunk ends within this
     profile_prefill: tuple[int, ...] = (32, 128)
     profile_decode: tuple[tuple[int, tuple[int, ...]], ...] = ((128, (1, 4)),)
     drain_timeout_s: float = 60.0
@@ -63,7 +64,8 @@ class Pod:
     def __init__(self, config: PodConfig, on_tick: TickObserver | None = None):
         self.config = config
         self.weights = HostWeightCache(config.weight_cache_bytes)
-        self.device = AsyncDevice(DeviceLoop(config.device, config.kv_budget_bytes), on_tick,
+        self.device = AsyncDevice(DeviceLoop(config.device, config.kv_budget_bytes,
+                                             max_prefill_step_s=config.max_prefill_step_s), on_tick,
                                   admittable=self._admittable)
         self.served: dict[str, Served] = {}
         self._profiles: dict[str, LatencyProfile] = {}  # by model ref; device thread only

@@ -84,6 +84,27 @@ def test_decode_load_slows_the_prefill_replay():
     assert admit(busy, "b", req(prompt=400, deadline=0.5), 100, 0.0).reason is RefusalReason.PREFILL
 
 
+def test_prefills_are_replayed_in_the_instance_s_chunks():
+    # 40 ms per step plus 1 ms per token: a 512-token prompt takes 0.552 s in one chunk, but
+    # 8 x 0.104 = 0.832 s in the 64-token chunks its instance's step cap allows. Admission must
+    # count the chunks the device will really run, or it admits a request that cannot make it.
+    overhead = LatencyProfile.from_tables(prefill=[[16, 56], [512, 552]],
+                                         decode=[(100, [[1, 50], [8, 50]]), (10_000, [[1, 50], [8, 50]])])
+
+    def device(chunk):
+        a = InstanceLoad("a", LatencyEstimator(overhead), 0.25, 0, 0.0, prefill_chunk_tokens=chunk)
+        b = InstanceLoad("b", LatencyEstimator(overhead), 0.25, 1, 100.0, decode_deadline_s=5.0)
+        return [a, b]  # b decodes, so the device is not idle
+
+    assert admit(device(512), "a", req(prompt=512, deadline=0.7), 100, 0.0).admitted
+    d = admit(device(64), "a", req(prompt=512, deadline=0.7), 100, 0.0)
+    assert d.reason is RefusalReason.PREFILL and "alone" in d.detail
+    late = replay(device(64), ("a", PendingPrefill(512, 0.0, 0)), 0.0).late["new"]
+    assert late == pytest.approx(8 * 0.104, abs=1e-3)
+    with pytest.raises(ValueError, match="prefill_chunk_tokens"):
+        InstanceLoad("a", LatencyEstimator(overhead), 0.25, 0, 0.0, prefill_chunk_tokens=0)
+
+
 def test_refuses_on_memory_and_context():
     assert admit([inst("a")], "a", req(blocks=11), free_blocks=10, now=0.0).reason is RefusalReason.MEMORY
     d = admit([inst("a", max_ctx=100)], "a", req(prompt=100), free_blocks=10, now=0.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from functions import SLO, FunctionSpec
@@ -286,3 +288,29 @@ def test_a_long_prompt_shares_steps_with_a_decode_in_chunks_that_keep_its_deadli
     now[0] = 0.5  # past the decode's next deadline (0.475): the floor keeps the prompt moving
     dev.step()
     assert {str(q.rid): len(q.token_ids) for q in eng.last_plan.seqs} == {"short": 1, "long": 32}
+
+
+def test_a_long_prompt_alone_runs_in_steps_no_longer_than_the_step_cap(tiny):
+    # No decode anywhere, so only the step cap bounds the chunk: at 1 ms per prompt token a 0.2 s
+    # step carries 200 tokens, and a short prompt arriving meanwhile waits for one such step, not
+    # for the whole 400-token prompt. Admission replays the same 200-token chunks.
+    ms_per_token = LatencyProfile.from_tables([[1, 1], [1000, 1000]], [(1, [[1, 5], [64, 50]])])
+    now = [0.0]
+    capped = DeviceLoop(DeviceKind.CPU, clock=lambda: now[0], max_prefill_step_s=0.2)
+    uncapped = DeviceLoop(DeviceKind.CPU, clock=lambda: now[0], max_prefill_step_s=math.inf)
+    for dev in (capped, uncapped):
+        dev.add_instance(make_instance(tiny, "a", profile=ms_per_token, max_num_batched_tokens=512))
+        dev.add_instance(make_instance(tiny, "b", profile=ms_per_token, max_num_batched_tokens=512))
+    assert capped.prefill_chunk_tokens(capped.instances["a"]) == 200  # before any step corrects the estimate
+    assert uncapped.prefill_chunk_tokens(uncapped.instances["a"]) == 512
+    for dev in (capped, uncapped):
+        dev.instances["a"].engine.add_request(RequestId("long"), [3 + i % 300 for i in range(400)], GREEDY_4, now=0.0)
+        dev.step()
+    assert [len(q.token_ids) for q in capped.instances["a"].engine.last_plan.seqs] == [200]
+    assert [len(q.token_ids) for q in uncapped.instances["a"].engine.last_plan.seqs] == [400]
+    # the short prompt (TTFT due 0.475 s) goes before the rest of the long one (due ~4 s)
+    capped.instances["b"].engine.add_request(RequestId("short"), [5, 6, 7, 8], GREEDY_4, now=0.0)
+    grant, _ = capped.step()
+    assert grant.instance_id == "b"
+    with pytest.raises(ValueError, match="max_prefill_step_s"):
+        DeviceLoop(max_prefill_step_s=0.0)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from runtime.core.estimator import LatencyEstimator
 
 UNBOUNDED = math.inf  # an output length nobody bounded
+REPLAY_CHUNK_TOKENS = 512  # default prefill granularity in the replay (the engine's largest chunk)
 
 
 class RefusalReason(enum.Enum):
@@ -71,6 +72,11 @@ class InstanceLoad:
     decode_deadline_s: float | None = None
     # The decoding requests one by one; None: `batch` requests, unbounded, due at decode_deadline_s.
     decodes: tuple[PendingDecode, ...] | None = None
+    prefill_chunk_tokens: int = REPLAY_CHUNK_TOKENS  # prompt tokens per prefill step
+
+    def __post_init__(self) -> None:
+        if self.prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens must be >= 1, got {self.prefill_chunk_tokens}")
 
     def demand(self, extra_requests: int = 0, extra_context: float = 0.0) -> float:
         batch = self.batch + extra_requests
@@ -113,7 +119,6 @@ def device_demand(instances: Sequence[InstanceLoad], target: str | None = None, 
     return sum(i.demand(1, new_prompt) if i.instance_id == target else i.demand() for i in instances)
 
 
-REPLAY_CHUNK_TOKENS = 512  # prefill granularity in the replay (the engine's default chunk)
 REPLAY_TAIL_S = 5.0  # how far past the last prefill deadline the replay follows decode streams
 REPLAY_MAX_ITERATIONS = 20_000  # a bound on the replay's work; far beyond any real horizon
 LATENESS_TOLERANCE_S = 1e-6  # float noise, not slack
@@ -218,11 +223,10 @@ class Replay:
 
 
 def replay(instances: Sequence[InstanceLoad], extra: tuple[str, PendingPrefill] | None, now: float,
-           horizon_s: float | None = None, tail_s: float = REPLAY_TAIL_S,
-           chunk_tokens: int = REPLAY_CHUNK_TOKENS) -> Replay:
+           horizon_s: float | None = None, tail_s: float = REPLAY_TAIL_S) -> Replay:
     """Replay the device under EDF from now.
 
-    Every pending prefill runs to completion (in chunks of chunk_tokens), then joins its
+    Every pending prefill runs to completion (in its instance's prefill_chunk_tokens), then joins its
     instance's decode stream. Decode streams run while their next token is due no later than
     horizon_s + tail_s (horizon default: the last prefill deadline), and on while they are
     behind (for one more tail_s at most), to see how late they get; a request leaves its stream
@@ -231,6 +235,7 @@ def replay(instances: Sequence[InstanceLoad], extra: tuple[str, PendingPrefill] 
     can be compared job by job; what still runs at the end is summed as steady-state demand."""
     est = {i.instance_id: i.estimator for i in instances}
     tpot = {i.instance_id: i.tpot_s for i in instances}
+    chunk_tokens = {i.instance_id: i.prefill_chunk_tokens for i in instances}
     streams: dict[str, _Stream] = {}
     for inst in instances:
         for d in inst.pending_decodes(now):
@@ -285,7 +290,7 @@ def replay(instances: Sequence[InstanceLoad], extra: tuple[str, PendingPrefill] 
                 del streams[urgent.iid]
             continue
         deadline, key, iid, tokens, outputs = jobs[i]
-        chunk = min(left, chunk_tokens)
+        chunk = min(left, chunk_tokens[iid])
         t += est[iid].prefill_s(chunk)
         left -= chunk
         if left > 0:
@@ -320,7 +325,7 @@ def admit(instances: Sequence[InstanceLoad], target: str, req: NewRequest, free_
         # Refusing it on a pessimistic estimate would also starve the estimator of the very
         # observations that correct it (a profile taken on a busy host would refuse forever).
         return ADMIT
-    chunk = REPLAY_CHUNK_TOKENS
+    chunk = inst.prefill_chunk_tokens
     own_s = sum(inst.estimator.prefill_s(min(chunk, req.prompt_tokens - start))
                 for start in range(0, req.prompt_tokens, chunk))
     if now + own_s > req.ttft_deadline_s + LATENESS_TOLERANCE_S:

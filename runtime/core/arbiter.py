@@ -26,6 +26,13 @@ SLO_MARGIN = 0.05
 # still progress, and below a block or so the per-step overhead dominates.
 MIN_PREFILL_CHUNK = 32
 
+# The longest a step carrying a prefill chunk may take, by the estimate. A step cannot be
+# interrupted, so a request arriving just as it starts waits for all of it before its own prefill:
+# a whole 512-token chunk (1.5 s on a 2-core CPU) would sink any 0.5 s TTFT. 0.2 s leaves a short
+# prompt ~0.3 s for its own prefill; per-token prefill cost is flat from ~64 tokens on a CPU, so
+# long prompts lose little, and on a GPU (a 512 chunk in ~30 ms) the cap never binds.
+MAX_PREFILL_STEP_S = 0.2
+
 
 class DeviceKind(enum.Enum):
     CPU = "cpu"
@@ -82,10 +89,10 @@ def pick(candidates: Iterable[Candidate], device: DeviceKind) -> Grant | None:
 def prefill_chunk_budget(prefill_s: Callable[[int], float], slack_s: float, max_tokens: int,
                          floor: int = MIN_PREFILL_CHUNK) -> int | None:
     """The most prompt tokens one step may prefill so that it ends within ``slack_s`` (the time to
-    the device's earliest next-token deadline of a decoding request), by the estimate
-    ``prefill_s(tokens)``; at least ``floor``, at most ``max_tokens``. None (no cap) when nothing
-    decodes. A decode waits for the whole step it shares with a chunk, and a chunk that ends past
-    the stream's deadline makes it late however the arbiter orders instances."""
+    the device's earliest next-token deadline of a decoding request, or the step cap if sooner),
+    by the estimate ``prefill_s(tokens)``; at least ``floor``, at most ``max_tokens``. None (no
+    cap) when the slack is infinite. A decode waits for the whole step it shares with a chunk, and
+    a chunk that ends past the stream's deadline makes it late however the arbiter orders instances."""
     if math.isinf(slack_s):
         return None
     lo, hi = min(floor, max_tokens), max_tokens
