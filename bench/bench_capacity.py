@@ -14,8 +14,9 @@ replayed in real time (wall clock) on identical arrivals by three systems, one a
              skipped), KV split into K fixed equal partitions, no admission.
   ours       all K instances on one runtime.device.DeviceLoop: one shared KV budget sized by the
              forward-looking memory planner, the EDF arbiter (earliest next-token deadline first),
-             admission (compute, prefill replay, memory). A refused job is retried every 0.25 s
-             (the paper artifact's period) and dropped, a miss, once its TTFT deadline has passed.
+             admission (compute, prefill replay, memory). A refused job is retried as our activator
+             retries it, when a request of its function finishes and every 0.25 s (the paper
+             artifact's period), and dropped, a miss, once its TTFT deadline has passed.
 `--systems ...,ours_noadmit` adds an ablation: the same DeviceLoop with admission switched off.
 Every system drops a job that has no first token by its TTFT deadline (a miss already; serving it
 only steals time from jobs that can still make it), which helps the baselines most.
@@ -81,6 +82,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from capacity_systems import (  # noqa: E402
+    RETRY_EVERY_S,
     Exclusive,
     Fleet,
     Job,
@@ -263,14 +265,15 @@ def mean_job_s(est: LatencyEstimator, prompt: float, output: float) -> float:
     return est.prefill_s(round(prompt)) + max(0.0, output - 1) * est.decode_s(prompt + output / 2, 1)
 
 
-def build_system(name: str, fleet: Fleet, functions: Sequence[str]) -> System:
+def build_system(name: str, fleet: Fleet, functions: Sequence[str], retry_s: float = RETRY_EVERY_S,
+                 wake_on_finish: bool = True) -> System:
     if name == "exclusive":
         return Exclusive(fleet)
     if name == "static":
         return Static(fleet, functions)
     if name == "ours_noadmit":
         return OursNoAdmission(fleet, functions)
-    return Ours(fleet, functions)
+    return Ours(fleet, functions, retry_s, wake_on_finish)
 
 
 def parse_ks(text: str) -> list[int]:
@@ -311,6 +314,12 @@ def main() -> None:
     ap.add_argument("--slo-slack", type=float, default=round(PAPER_SLO_SLACK, 2),
                     help="this host's prefill rate / R: the room the TTFT SLO leaves (default %(default)s, "
                          "the paper's for its 7B on CPU; 1 gives prompts past the 0.5 s floor no room at all)")
+    ap.add_argument("--retry-ms", type=float, default=RETRY_EVERY_S * 1000,
+                    help="ours: how often a refused job is tried again until its TTFT deadline (default "
+                         "%(default)s, the paper artifact's period and our activator's RECHECK_S)")
+    ap.add_argument("--no-wake-on-finish", dest="wake_on_finish", action="store_false",
+                    help="ours: retry refused jobs only on the timer, not also when a request of their "
+                         "function finishes (as the activator does)")
     ap.add_argument("--target", type=float, default=0.95, help="attainment that counts as served")
     ap.add_argument("--stop-below", type=float, default=None,
                     help="skip a system's larger K once its attainment falls below this (default: --target, "
@@ -327,6 +336,8 @@ def main() -> None:
     if a.quick:
         a.k, a.duration, a.drain = "2,6", 20.0, 5.0
     ks = parse_ks(a.k)
+    if a.retry_ms <= 0:
+        raise SystemExit("--retry-ms must be > 0")
     if a.fn_load <= 0 or (a.rate_per_fn is not None and a.rate_per_fn <= 0):
         raise SystemExit("--fn-load and --rate-per-fn must be > 0")
     torch.set_num_threads(a.threads)
@@ -405,7 +416,7 @@ def main() -> None:
                 attainment[name][k] = None
                 continue
             jobs = make_jobs(t_k, slo, m0.config.vocab_size, a.seed)
-            system = build_system(name, fleet, functions)
+            system = build_system(name, fleet, functions, a.retry_ms / 1000, a.wake_on_finish)
             system.warm()
             wall = replay(system, jobs, a.duration, a.drain, fleet.clock)
             s = summarize(jobs)
@@ -427,7 +438,8 @@ def main() -> None:
                     if not met(j):
                         print(f"    miss {j.rid} {j.function} t={j.arrival_s:.2f} prompt {len(j.prompt_ids)} "
                               f"out {j.output_tokens} ttft {ttft(j):.3f}/{j.ttft_slo_s:.3f} tpot {tpot(j):.3f} "
-                              f"{j.dropped or ''} {j.note}")
+                              f"{j.dropped or ''} {j.note}"
+                              + (f" [first refusal {j.first_note}]" if j.first_note else ""))
             if s["attainment"] < (a.target if a.stop_below is None else a.stop_below):
                 stopped.add(name)
 
@@ -473,6 +485,8 @@ def main() -> None:
         "decode_b1_ms": round(est.decode_s(64, 1) / profile.safety * 1e3, 1),
         "prefill_chunk_tokens": chunk,
         "max_prefill_step_ms": a.max_prefill_step_ms,
+        "retry_ms": a.retry_ms,
+        "wake_on_finish": a.wake_on_finish,
         "cold_load_s": round(statistics.mean(loads), 3) if loads else None,
         "arbiter_mean_us": arbiter,
         "workload": a.trace or f"synthetic seed {a.seed}",

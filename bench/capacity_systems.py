@@ -14,8 +14,9 @@ wait before the loop picks it up counts against its TTFT.
   Static     every instance resident, KV split into K equal fixed partitions, round-robin one
              iteration per instance with work, no admission (jobs queue inside each engine).
   Ours       every instance on one DeviceLoop: shared KV budget, memory planner, EDF arbiter and
-             admission. A refused job is retried every 0.25 s (the paper artifact's period) until
-             its TTFT deadline has passed, then dropped (a miss).
+             admission. A refused job is retried as our activator retries it: when a request of
+             its function finishes, and every 0.25 s (the paper artifact's period), until its TTFT
+             deadline has passed; then it is dropped (a miss).
   OursNoAdmission  the same DeviceLoop with every job accepted (an ablation, not a system).
 
 Common to all three: a job with no first token by its TTFT deadline is dropped (it is a miss
@@ -76,6 +77,7 @@ class Job:
     tokens: int = 0
     dropped: str | None = None  # late | refused | evicted | unfinished
     note: str = ""  # the last admission refusal's detail, for --show-misses
+    first_note: str = ""  # the first one (with when it came, s after arrival)
 
     @property
     def params(self) -> SamplingParams:
@@ -256,7 +258,12 @@ class Static:
 class Ours:
     name = "ours"
 
-    def __init__(self, fleet: Fleet, functions: Sequence[str]):
+    def __init__(self, fleet: Fleet, functions: Sequence[str], retry_every_s: float = RETRY_EVERY_S,
+                 wake_on_finish: bool = True):
+        if not retry_every_s > 0:
+            raise ValueError(f"retry_every_s must be > 0, got {retry_every_s}")
+        self.retry_every_s = retry_every_s
+        self.wake_on_finish = wake_on_finish
         self.dev = DeviceLoop(DeviceKind.CPU, fleet.kv_budget_bytes, fleet.memory, clock=fleet.clock,
                               max_prefill_step_s=fleet.max_prefill_step_s)
         self.profile = fleet.profile
@@ -282,19 +289,29 @@ class Ours:
             return
         self.refusals[d.reason.value if d.reason else "?"] += 1
         job.note = f"{d.reason.value if d.reason else '?'}: {d.detail}"
-        again = now + RETRY_EVERY_S
-        if again > job.arrival_s + job.ttft_slo_s:
-            job.dropped = "refused"
-        else:
-            self.retries.append((again, job))
+        if not job.first_note:
+            job.first_note = f"at +{now - job.arrival_s:.3f}s {job.note}"
+        # It waits for its next try while its TTFT deadline has not passed: a timer retry past the
+        # deadline never comes, but a finish of its function may wake it sooner.
+        self.retries.append((now + self.retry_every_s, job))
 
     def step(self, now: float) -> list[RequestOutput] | None:
+        for _, job in self.retries:
+            if job.hopeless(now):
+                job.dropped = "refused"
+        self.retries = [(t, j) for t, j in self.retries if j.dropped is None]
         due = [j for t, j in self.retries if t <= now]
         self.retries = [(t, j) for t, j in self.retries if t > now]
         for job in due:
             self._try(job, now)
         drop_hopeless((i.engine for i in self.dev.instances.values()), self.jobs, now)
         grant, outs = self.dev.step()
+        if self.wake_on_finish and self.retries:
+            # As the activator does: a request of a function leaving its instance wakes that
+            # function's waiting requests at once (its decode time and KV are free now).
+            done = {self.jobs[o.rid].function for o in outs if o.finish_reason is not None and o.rid in self.jobs}
+            if done:
+                self.retries = [(min(t, now) if j.function in done else t, j) for t, j in self.retries]
         return None if grant is None else outs
 
     @property
@@ -302,7 +319,7 @@ class Ours:
         return bool(self.retries) or self.dev.has_work
 
     def next_wakeup_s(self) -> float:
-        return min((t for t, _ in self.retries), default=math.inf)
+        return min((min(t, j.arrival_s + j.ttft_slo_s) for t, j in self.retries), default=math.inf)
 
     def warm(self) -> None:
         for inst in self.dev.instances.values():
