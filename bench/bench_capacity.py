@@ -54,11 +54,15 @@ noisy sweep can pass again (one run: static 89.7% at K = 8, 98.0% at 10). Small 
 (about 7 at K = 1 and 15 at K = 2 by default), so one noisy job moves them by 7-14%.
 
 Timings are wall-clock on a small shared host: other processes on the same cores make them noisy.
+Even on a quiet host one seed's K at the edge moves by 2-5% between runs (seed 5, K = 10, ours:
+91.9% and 94.2% in two runs of the same arrivals and code, the profile giving 69- and 65-token
+chunks), as much as the margin at the target, so --repeats N runs each system N times per K
+(systems interleaved) and keeps the median run.
 One torch thread by default: with two on a 2-core host, any other busy process stalls every
 parallel region and step times grow ~10x; one thread loses ~2x when idle but stays steady.
 The LAST line printed is one JSON object (keys at the bottom of main()).
 
-Usage: python bench/bench_capacity.py [--k 1,2,4,6,8,10,12,14,16] [--duration 120] [--seed 0] [--quick]
+Usage: python bench/bench_capacity.py [--k 1,2,4,6,8,10,12,14,16] [--duration 120] [--seed 0] [--repeats 1] [--quick]
 """
 
 from __future__ import annotations
@@ -330,12 +334,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared 2-core host, 2 threads slow ~10x whenever "
                          "another process takes a core)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs per system and K, systems interleaved; a K's attainment is the median run's "
+                         "(default %(default)s; 3 makes one seed's capacity far less a matter of the host's mood)")
     ap.add_argument("--show-misses", action="store_true", help="print every missed job")
     ap.add_argument("--quick", action="store_true", help="smoke run: --k 2,6 --duration 20 --drain 5")
     a = ap.parse_args()
     if a.quick:
         a.k, a.duration, a.drain = "2,6", 20.0, 5.0
     ks = parse_ks(a.k)
+    if a.repeats < 1:
+        raise SystemExit("--repeats must be >= 1")
     if a.retry_ms <= 0:
         raise SystemExit("--retry-ms must be > 0")
     if a.fn_load <= 0 or (a.rate_per_fn is not None and a.rate_per_fn <= 0):
@@ -350,7 +359,7 @@ def main() -> None:
     if a.trace and not Path(a.trace).exists():
         raise SystemExit(f"--trace {a.trace}: no such file (omit --trace to use the seeded generator)")
 
-    est_s = (40 if a.quick else 70) + 3 * ks[-1] + len(systems) * sum(a.duration + 4 for _ in ks)
+    est_s = (40 if a.quick else 70) + 3 * ks[-1] + a.repeats * len(systems) * sum(a.duration + 4 for _ in ks)
     print(f"capacity sweep K={ks}, systems {systems}, {a.duration:.0f} s per run; "
           f"estimated {est_s / 60:.0f} min (less when a system collapses and its larger K are skipped)",
           flush=True)
@@ -411,35 +420,47 @@ def main() -> None:
             models={fn: host.get(seeds[fn]) for fn in functions},
             profile=profile, engine=engine_cfg, kv_budget_bytes=kv_budget, memory=memory, max_prefill_step_s=step_s)
         arrivals[k] = len(t_k.arrivals)
+        active = [name for name in systems if name not in stopped]
         for name in systems:
             if name in stopped:
                 attainment[name][k] = None
-                continue
-            jobs = make_jobs(t_k, slo, m0.config.vocab_size, a.seed)
-            system = build_system(name, fleet, functions, a.retry_ms / 1000, a.wake_on_finish)
-            system.warm()
-            wall = replay(system, jobs, a.duration, a.drain, fleet.clock)
-            s = summarize(jobs)
-            s.update(system.stats())
-            s["wall_s"] = round(wall, 1)
-            system.close()
-            del system
-            gc.collect()
-            release_memory()
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in active}
+        for rep in range(a.repeats):  # systems interleaved, so a slow spell of the host hits each alike
+            for name in active:
+                jobs = make_jobs(t_k, slo, m0.config.vocab_size, a.seed)
+                system = build_system(name, fleet, functions, a.retry_ms / 1000, a.wake_on_finish)
+                system.warm()
+                wall = replay(system, jobs, a.duration, a.drain, fleet.clock)
+                s = summarize(jobs)
+                s.update(system.stats())
+                s["wall_s"] = round(wall, 1)
+                system.close()
+                del system
+                gc.collect()
+                release_memory()
+                runs[name].append(s)
+                extra = ", ".join(f"{key} {v}" for key, v in s.items()
+                                  if key.startswith(("dropped_", "refused_", "cold_", "arbiter")))
+                label = f" run {rep + 1}/{a.repeats}" if a.repeats > 1 else ""
+                print(f"K={k:>2} {name:<9}{label} {int(s['met'])}/{int(s['n'])} met ({s['attainment']:.1%}); "
+                      f"TTFT p50/p95 {s['ttft_p50_s']}/{s['ttft_p95_s']} s, TPOT p95 {s['tpot_p95_s']} s, "
+                      f"misses ttft {s['ttft_miss']} tpot {s['tpot_miss']}; {extra}; {wall:.0f} s", flush=True)
+                if a.show_misses:
+                    for j in jobs:
+                        if not met(j):
+                            print(f"    miss {j.rid} {j.function} t={j.arrival_s:.2f} prompt {len(j.prompt_ids)} "
+                                  f"out {j.output_tokens} ttft {ttft(j):.3f}/{j.ttft_slo_s:.3f} tpot {tpot(j):.3f} "
+                                  f"{j.dropped or ''} {j.note}"
+                                  + (f" [first refusal {j.first_note}]" if j.first_note else ""))
+        for name in active:
+            # The median run by attainment (the lower middle one for an even count): one noisy
+            # run on a shared host moves a K by 3-5%, which is the whole margin at the target.
+            ordered = sorted(runs[name], key=lambda r: r["attainment"])
+            s = dict(ordered[(len(ordered) - 1) // 2])
+            if a.repeats > 1:
+                s["attainment_runs"] = [round(r["attainment"], 4) for r in runs[name]]
             attainment[name][k] = round(s["attainment"], 4)
             details[name][k] = s
-            extra = ", ".join(f"{key} {v}" for key, v in s.items()
-                              if key.startswith(("dropped_", "refused_", "cold_", "arbiter")))
-            print(f"K={k:>2} {name:<9} {int(s['met'])}/{int(s['n'])} met ({s['attainment']:.1%}); "
-                  f"TTFT p50/p95 {s['ttft_p50_s']}/{s['ttft_p95_s']} s, TPOT p95 {s['tpot_p95_s']} s, "
-                  f"misses ttft {s['ttft_miss']} tpot {s['tpot_miss']}; {extra}; {wall:.0f} s", flush=True)
-            if a.show_misses:
-                for j in jobs:
-                    if not met(j):
-                        print(f"    miss {j.rid} {j.function} t={j.arrival_s:.2f} prompt {len(j.prompt_ids)} "
-                              f"out {j.output_tokens} ttft {ttft(j):.3f}/{j.ttft_slo_s:.3f} tpot {tpot(j):.3f} "
-                              f"{j.dropped or ''} {j.note}"
-                              + (f" [first refusal {j.first_note}]" if j.first_note else ""))
             if s["attainment"] < (a.target if a.stop_below is None else a.stop_below):
                 stopped.add(name)
 
@@ -487,6 +508,7 @@ def main() -> None:
         "max_prefill_step_ms": a.max_prefill_step_ms,
         "retry_ms": a.retry_ms,
         "wake_on_finish": a.wake_on_finish,
+        "repeats": a.repeats,
         "cold_load_s": round(statistics.mean(loads), 3) if loads else None,
         "arbiter_mean_us": arbiter,
         "workload": a.trace or f"synthetic seed {a.seed}",
