@@ -453,8 +453,8 @@ def main() -> None:
                                   f"{j.dropped or ''} {j.note}"
                                   + (f" [first refusal {j.first_note}]" if j.first_note else ""))
         for name in active:
-            # The median run by attainment (the lower middle one for an even count): one noisy
-            # run on a shared host moves a K by 3-5%, which is the whole margin at the target.
+            # The median run by attainment (the lower middle one for an even count): one run can
+            # be off by several points (see the module doc), the whole margin at the target.
             ordered = sorted(runs[name], key=lambda r: r["attainment"])
             s = dict(ordered[(len(ordered) - 1) // 2])
             if a.repeats > 1:
