@@ -256,7 +256,7 @@ class DeviceLoop:
             self.stats.total_s += time.perf_counter() - t  # part of the per-iteration decision cost
             t = time.perf_counter()
             try:
-                outs.extend(inst.engine.step(self.clock, budget))
+                outs.extend(inst.engine.step(self.clock, budget, inst.deadline))  # prompts by EDF, as admission replays them
             except Exception:  # one instance's failure must not take the device down
                 log.exception("instance %s failed an iteration; evicting its requests", inst.iid)
                 self.stats.failures += 1

@@ -314,3 +314,27 @@ def test_a_long_prompt_alone_runs_in_steps_no_longer_than_the_step_cap(tiny):
     assert grant.instance_id == "b"
     with pytest.raises(ValueError, match="max_prefill_step_s"):
         DeviceLoop(max_prefill_step_s=0.0)
+
+
+def test_a_short_prompt_overtakes_a_started_long_one_on_the_same_instance(tiny):
+    # A 600-token prompt (TTFT due ~1.1 s) has run its first 200-token chunk when a 4-token prompt
+    # for the same instance arrives, due at 0.2 + 0.475. Admission's replay serves prompts by
+    # deadline and admits it; the engine must serve them in that order too. FCFS inside the
+    # instance would give the short one its first token after the long prompt's 400 tokens left,
+    # at ~0.6 s, late: admitted, then missed.
+    ms_per_token = LatencyProfile.from_tables([[1, 1], [1000, 1000]], [(1, [[1, 5], [64, 50]])])
+    now = [0.0]
+    dev = DeviceLoop(DeviceKind.CPU, clock=lambda: now[0], max_prefill_step_s=0.2)
+    dev.add_instance(make_instance(tiny, "a", profile=ms_per_token, max_num_batched_tokens=512, max_model_len=1024))
+    eng = dev.instances["a"].engine
+    eng.add_request(RequestId("long"), [3 + i % 300 for i in range(600)], GREEDY_4, now=0.0)
+    dev.step()
+    dev.instances["a"].estimator = LatencyEstimator(ms_per_token)  # forget that step's observed time
+    now[0] = 0.2
+    assert dev.admit("a", 4, now=0.2, max_tokens=4).admitted
+    eng.add_request(RequestId("short"), [5, 6, 7, 8], GREEDY_4, now=0.2)
+    dev.step()
+    plan = {str(q.rid): (len(q.token_ids), q.sample) for q in eng.last_plan.seqs}
+    assert plan["short"] == (4, True)  # its whole prompt and first token in this step
+    assert sum(n for n, _ in plan.values()) <= 200  # within the step cap, the long prompt takes the rest
+    assert eng.scheduler.get(RequestId("short")).first_token_s == 0.2

@@ -130,3 +130,61 @@ def test_prefill_budget_caps_chunks_but_never_a_decode():
     s.update(plan, {q.rid: 7 for q in plan.seqs if q.sample})
     plan = s.schedule()  # uncapped: the step budget (16) alone limits the chunks
     assert [(str(q.rid), len(q.token_ids)) for q in plan.seqs] == [("a", 1), ("b", 15)]
+
+
+def test_prefill_key_gives_the_chunk_to_the_earliest_deadline_even_past_a_started_prompt():
+    # b's long prompt has started; c arrives later with an earlier deadline. FCFS would finish b's
+    # prompt first (c's first token after all of it); by key, c's prompt goes first.
+    deadline = {"a": 0.0, "b": 9.0, "c": 1.0}
+    key = lambda r: deadline[str(r.rid)]  # noqa: E731
+    s = make_sched(budget=16, blocks=32)
+    s.add(make_req("a", 2, max_tokens=8))
+    run_step(s)  # a decodes from now on
+    s.add(make_req("b", 30))
+    plan = s.schedule(prefill_budget=8, prefill_key=key)
+    assert [(str(q.rid), len(q.token_ids)) for q in plan.seqs] == [("a", 1), ("b", 8)]
+    s.update(plan, {q.rid: 7 for q in plan.seqs if q.sample})
+    s.add(make_req("c", 6))
+    plan = s.schedule(prefill_budget=8, prefill_key=key)
+    assert [(str(q.rid), len(q.token_ids)) for q in plan.seqs] == [("a", 1), ("c", 6), ("b", 2)]
+    ups = s.update(plan, {q.rid: 7 for q in plan.seqs if q.sample})
+    assert {str(u.rid) for u in ups if u.new_token_ids} == {"a", "c"}  # c's first token, b still prefilling
+    # Without a key the same state goes FCFS: b's started prompt first.
+    s2 = make_sched(budget=16, blocks=32)
+    s2.add(make_req("b", 30))
+    run_step(s2)
+    s2.add(make_req("c", 6))
+    plan = s2.schedule(prefill_budget=8)
+    assert [(str(q.rid), len(q.token_ids)) for q in plan.seqs] == [("b", 8)]
+
+
+def test_prefill_key_orders_waiting_prompts_and_keeps_decodes_first():
+    deadline = {"x": 5.0, "y": 2.0, "z": 3.0}
+    s = make_sched(budget=8, blocks=32)
+    for rid in ("x", "y", "z"):
+        s.add(make_req(rid, 4))
+    plan = s.schedule(prefill_key=lambda r: deadline[str(r.rid)])
+    assert [str(q.rid) for q in plan.seqs] == ["y", "z"]  # x arrived first but is due last
+    s.update(plan, {q.rid: 7 for q in plan.seqs if q.sample})
+    plan = s.schedule(prefill_key=lambda r: deadline[str(r.rid)])
+    assert [(str(q.rid), len(q.token_ids)) for q in plan.seqs] == [("y", 1), ("z", 1), ("x", 4)]
+
+
+def test_prefill_key_preempts_only_requests_not_yet_in_the_step():
+    # 4 blocks of 4 tokens: a (decoding, 8 tokens: 2 blocks held) and b (started, 4 of 12 computed:
+    # 1 block). c, due first, needs 2 blocks for its prompt: only 1 is free.
+    deadline = {"a": 0.0, "b": 9.0, "c": 1.0}
+    s = make_sched(blocks=4, block_size=4, budget=16)
+    s.add(make_req("a", 7, max_tokens=8))
+    run_step(s)
+    s.add(make_req("b", 12))
+    plan = s.schedule(prefill_budget=4)
+    s.update(plan, {q.rid: 7 for q in plan.seqs if q.sample})
+    s.add(make_req("c", 8))
+    plan = s.schedule(prefill_key=lambda r: deadline[str(r.rid)])
+    rids = [str(q.rid) for q in plan.seqs]
+    assert rids[0] == "a"  # the decode is in the step and never a victim
+    assert "a" not in plan.preempted
+    for q in plan.seqs:  # every planned sequence still holds the blocks it was planned with
+        assert s.get(q.rid).status is RequestStatus.RUNNING
+        assert tuple(s.kv.block_table(q.rid)) == q.block_ids

@@ -5,11 +5,15 @@ computed count catches up with its known tokens (prompt + output), at most `chun
 When a request catches up, the step samples its next token. Requests join and leave between
 steps. Running requests are served first (FCFS); if the KV pool cannot hold a running request's
 next tokens, the most recently arrived running request is preempted and recomputed later.
+With a ``prefill_key`` (the device loop passes each request's first-token deadline), prompt chunks
+go to the requests with the smallest key first, started or not, so a short prompt due soon is not
+stuck behind a long one that arrived a moment earlier: the order admission's replay assumes.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from runtime.core.block_pool import KVCacheManager
@@ -107,59 +111,86 @@ class Scheduler:
         return len(self.waiting)
 
     # -- plan -------------------------------------------------------------------------------
-    def schedule(self, prefill_budget: int | None = None) -> StepPlan:
+    def schedule(self, prefill_budget: int | None = None,
+                 prefill_key: Callable[[Request], float] | None = None) -> StepPlan:
         """Plan one step. ``prefill_budget`` caps the prompt tokens (prefill chunks) in it, on top
         of the one token each decode takes: a long chunk in the same step as decodes delays their
-        next token by the whole chunk, so the device loop sizes it to the tightest decode deadline."""
+        next token by the whole chunk, so the device loop sizes it to the tightest decode deadline.
+        ``prefill_key`` orders the prompt chunks (smallest first, arrival order among equals);
+        without it they go FCFS, running requests before waiting ones."""
         budget = self.config.max_num_batched_tokens
         prefill_left = budget if prefill_budget is None else max(0, prefill_budget)
         seqs: list[ScheduledSeq] = []
         preempted: list[RequestId] = []
         scheduled: set[RequestId] = set()
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
+        for req in list(self.running):
+            if budget <= 0:
+                break
+            if req.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this step
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if n > 1:  # a prefill chunk (a decode computes exactly one token)
-                n = min(n, prefill_left)
+                n = 0 if prefill_key is not None else min(n, prefill_left)  # keyed: in the pass below
                 if n <= 0:
-                    i += 1  # no prefill room this step; decodes behind it still run
-                    continue
-            end = req.num_computed_tokens + n
-            while not self.kv.can_allocate(req.rid, end):
-                victim = self.running[-1]  # newest first; may be req itself
-                self._preempt(victim)
-                preempted.append(victim.rid)
-                if victim is req:
-                    break
-            if req.status is not RequestStatus.RUNNING:
-                continue  # req preempted itself; running[i] is now the next one
-            self.kv.allocate(req.rid, end)
+                    continue  # no prefill room this step; decodes behind it still run
+            if not self._allocate_running(req, n, scheduled, preempted):
+                continue  # req preempted itself
             seqs.append(self._seq(req, n))
             scheduled.add(req.rid)
             budget -= n
             if n > 1:
                 prefill_left -= n
-            i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
+        if prefill_key is None:
+            queue: list[Request] = list(self.waiting)
+        else:  # started prompts and waiting ones compete for the chunk by key
+            started = [r for r in self.running if r.rid not in scheduled]
+            queue = sorted([*started, *self.waiting], key=prefill_key)
+        for req in queue:
+            if budget <= 0:
+                break
+            if req.status is RequestStatus.RUNNING:  # a started prompt (keyed order only)
+                n = min(req.num_tokens - req.num_computed_tokens, budget, prefill_left)
+                if n > 0 and self._allocate_running(req, n, scheduled, preempted):
+                    seqs.append(self._seq(req, n))
+                    scheduled.add(req.rid)
+                    budget -= n
+                    prefill_left -= n
+                continue
             if req.rid in preempted:
-                break  # just evicted for lack of blocks: do not thrash it back in this step
+                if prefill_key is None:
+                    break  # just evicted for lack of blocks: do not thrash it back in this step
+                continue
+            if len(self.running) >= self.config.max_num_seqs:
+                break
             n = min(req.num_tokens - req.num_computed_tokens, budget, self._fits(req))
             if n > 1:
                 n = min(n, prefill_left)
             if n <= 0:
-                break  # FCFS: do not let later requests overtake
+                break  # later requests do not overtake this one (FCFS, or by key)
             end = req.num_computed_tokens + n
-            self.waiting.popleft()
+            self.waiting.remove(req)
             self.kv.allocate(req.rid, end)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             seqs.append(self._seq(req, n))
+            scheduled.add(req.rid)
             budget -= n
             if n > 1:
                 prefill_left -= n
         return StepPlan(seqs=tuple(seqs), preempted=tuple(preempted))
+
+    def _allocate_running(self, req: Request, n: int, scheduled: set[RequestId], preempted: list[RequestId]) -> bool:
+        """Blocks for n more tokens of running req, preempting the newest running requests not yet
+        in this step (possibly req itself) until they fit. False when req was preempted."""
+        end = req.num_computed_tokens + n
+        while not self.kv.can_allocate(req.rid, end):
+            victim = next(r for r in reversed(self.running) if r.rid not in scheduled)  # newest first
+            self._preempt(victim)
+            preempted.append(victim.rid)
+            if victim is req:
+                return False
+        self.kv.allocate(req.rid, end)
+        return True
 
     def _fits(self, req: Request) -> int:
         """How many more tokens of req the free blocks can hold (a smaller prefill chunk)."""

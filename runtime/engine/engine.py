@@ -175,12 +175,13 @@ class LLMEngine:
         return self.scheduler.has_work
 
     # -- the loop body ----------------------------------------------------------------------
-    def step(self, clock: Callable[[], float] | None = None, prefill_budget: int | None = None) -> list[RequestOutput]:
+    def step(self, clock: Callable[[], float] | None = None, prefill_budget: int | None = None,
+             prefill_key: Callable[[Request], float] | None = None) -> list[RequestOutput]:
         """One iteration. ``clock``, read once the tokens exist, stamps first tokens (the device
-        loop's deadlines count from them); ``prefill_budget`` caps its prompt tokens
-        (Scheduler.schedule)."""
+        loop's deadlines count from them); ``prefill_budget`` caps its prompt tokens and
+        ``prefill_key`` orders them (Scheduler.schedule)."""
         evicted = self.evict_oversized()
-        plan = self.scheduler.schedule(prefill_budget)  # plan
+        plan = self.scheduler.schedule(prefill_budget, prefill_key)  # plan
         self.last_plan = plan
         if plan.empty:
             return evicted
