@@ -135,6 +135,23 @@ def test_an_evicted_request_continues_elsewhere_by_recompute(monkeypatch):
     assert all(r.finish_s is not None for r in res.requests if r.function == "g")
 
 
+@pytest.mark.parametrize("by_deadline, short_first", [(True, True), (False, False)])
+def test_a_short_prompt_overtakes_a_started_long_one_inside_an_instance(by_deadline, short_first):
+    """One CPU (toy: ~0.3 s per 512-token chunk). f's 3000-token prompt (TTFT due ~5.9 s after
+    its load) is in its chunks when a 10-token prompt for f arrives, due 0.5 s later. Admission
+    replays prompts by deadline and admits it; slinfer's instance serves them that way too, so the
+    short one's first token comes first and in time. FCFS (the sllm baselines' vLLM order) finishes
+    the long prompt first and the admitted short one misses."""
+    trace = make_trace((0.1, "f", 3000, 3), (2.5, "f", 10, 3))
+    system = replace(system_config("slinfer"), prefill_by_deadline=by_deadline)
+    res = simulate(trace, make_model(10.0), ClusterSpec(cpus=1, gpus=0), system)
+    long, short = sorted(res.requests, key=lambda r: r.arrival_s)
+    assert long.first_token_s is not None and short.first_token_s is not None  # both admitted, none dropped
+    assert (short.first_token_s < long.first_token_s) is short_first
+    assert meets_slo(short) is short_first
+    assert meets_slo(long)
+
+
 # -- baselines ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("system, max_per_node, devices, cap, share", [

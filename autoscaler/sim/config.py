@@ -18,7 +18,10 @@ What each baseline models, after the SLINFER paper's description (../shared/PAPE
             (compute, prefill replay, memory), forward-looking KV sizing with a watermark, reactive
             bin-packing (GPU instances before CPU ones, then largest batch first), CPU first /
             busiest node first placement, proactive preemption, idle CPU instances kept loaded
-            until their memory is needed (``autoscaler.core.keepalive``).
+            until their memory is needed (``autoscaler.core.keepalive``); inside an instance
+            the earliest deadline first too (a prompt before an earlier-started one, a prompt
+            before the batch's next token only when it is due sooner), as our engine and the
+            admission replay order them.
 Every system places a new instance on a node whose host memory holds the checkpoint first
 (ServerlessLLM's locality-aware placement, ``autoscaler.core.placement``).
 Ablations of slinfer (suffixes, combinable): ``-nopreempt``, ``-nocpu``, ``-nowatermark``
@@ -82,6 +85,9 @@ class SystemConfig:
     # Prefill chunk per iteration: our runtime's engine chunks at 512 tokens (and admission replays
     # that way); None = a whole prompt per iteration, as the artifact's vLLM 0.5.2 baselines.
     prefill_chunk_tokens: int | None = 512
+    # Inside an instance, prompts by first-token deadline, a started one overtaken by one due sooner
+    # (our engine, and the order admission replays); False: FCFS, as vLLM 0.5's scheduler.
+    prefill_by_deadline: bool = True
 
     def __post_init__(self) -> None:
         if self.slots_per_node < 1 or not 0 < self.compute_share <= 1 or self.retry_s <= 0:
@@ -91,7 +97,8 @@ class SystemConfig:
 
 
 SLLM = SystemConfig("sllm", pools=(DeviceKind.GPU,), static_memory=True, admission=Admission.BATCH_CAP,
-                    batch_cap=BatchCap.EXCLUSIVE, preempt=False, prefill_chunk_tokens=None)
+                    batch_cap=BatchCap.EXCLUSIVE, preempt=False, prefill_chunk_tokens=None,
+                    prefill_by_deadline=False)
 SLLM_C = replace(SLLM, name="sllm+c", pools=(DeviceKind.CPU, DeviceKind.GPU))
 SLLM_C_S = replace(SLLM_C, name="sllm+c+s", slots_per_node=2, compute_share=0.5, batch_cap=BatchCap.SHARED2)
 SLINFER = SystemConfig("slinfer", route_device_order=(DeviceKind.GPU, DeviceKind.CPU), hold_idle=(DeviceKind.CPU,))

@@ -10,8 +10,10 @@ device:
   - a request may join an instance only if ``admission.admit`` says so (SLO systems), with the free
     KV computed as DeviceLoop.admit does (reservations admitted but not yet backed by a grow are
     spoken for);
-  - within an instance prefills go first, FCFS, one whole prompt per iteration (vLLM 0.5's
-    default, no chunking); a decode iteration advances the whole batch by one token.
+  - within an instance prefills go first, one chunk per iteration (slinfer: 512-token chunks,
+    earliest first-token deadline first, as runtime/engine; the sllm baselines: FCFS, a whole
+    prompt per iteration, vLLM 0.5's default); a decode iteration advances the whole batch by one
+    token.
 Step times come from the published profile without the safety factor (``DeviceProfile.true``),
 divided by the slot's compute share; the estimator that admission consults keeps the authors'
 safety factor. The estimator is not corrected online: the simulated device runs exactly the
@@ -129,7 +131,7 @@ class SimInstance:
     load_start_s: float
     ready_s: float
     state: InstanceState = InstanceState.LOADING
-    prefilling: list[SimRequest] = field(default_factory=list)  # FCFS
+    prefilling: list[SimRequest] = field(default_factory=list)  # in service order (SimNode.add)
     decoding: list[SimRequest] = field(default_factory=list)
     kv_blocks: int = 0
     idle_since_s: float | None = None
@@ -341,7 +343,12 @@ class SimNode:
     def add(self, inst: SimInstance, req: SimRequest) -> None:
         req.state = RequestState.PREFILL
         req.prefilled = 0  # a continuation recomputes prompt + tokens so far
-        inst.prefilling.append(req)
+        q = inst.prefilling
+        if self.system.prefill_by_deadline:  # before the first one due later (after equals: FCFS among them)
+            d = req.deadline_s()
+            q.insert(next((k for k, r in enumerate(q) if r.deadline_s() > d), len(q)), req)
+        else:
+            q.append(req)
         inst.idle_since_s = None
         self._touch(inst)
 
@@ -468,8 +475,19 @@ class SimNode:
             needed = self._needed_next(inst)
         return needed
 
+    def _prefill_next(self, inst: SimInstance) -> bool:
+        """Is the instance's next iteration a prefill? The sllm baselines (vLLM 0.5) run every
+        waiting prompt before the next decode; slinfer runs whichever is due first, the earliest
+        prompt or the batch's next token (our engine would carry both in one step; admission's
+        replay orders them as two jobs, as here)."""
+        if not inst.prefilling:
+            return False
+        if not self.system.prefill_by_deadline or not inst.decoding:
+            return True
+        return inst.prefilling[0].deadline_s() <= min(r.deadline_s() for r in inst.decoding)
+
     def _needed_next(self, inst: SimInstance) -> int:
-        if inst.prefilling:
+        if self._prefill_next(inst):
             r = inst.prefilling[0]
             return self.used_blocks(inst) + -(-(r.context + 1) // self.block_tokens)
         return self.used_blocks(inst, 1)
@@ -485,7 +503,7 @@ class SimNode:
                 break
             self.current, self.quota_left = None, 0
         self.quota_left -= 1
-        if inst.prefilling:
+        if self._prefill_next(inst):
             r = inst.prefilling[0]
             chunk = r.context - r.prefilled
             if self.system.prefill_chunk_tokens is not None:
@@ -528,6 +546,8 @@ class SimNode:
         needed = sum(-(-(r.context + k + 1) // bt) for r in inst.decoding if r.output_tokens - r.generated > k)
         if needed > inst.kv_blocks:
             return False
+        if inst.prefilling:
+            return False  # a waiting prompt may be due before the next token: choose again
         if self.quota_left > 0:
             return True
         if any(i.has_work for i in self.instances.values() if i is not inst):
