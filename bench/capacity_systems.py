@@ -259,13 +259,13 @@ class Ours:
     name = "ours"
 
     def __init__(self, fleet: Fleet, functions: Sequence[str], retry_every_s: float = RETRY_EVERY_S,
-                 wake_on_finish: bool = True):
+                 wake_on_finish: bool = True, displace: bool = True):
         if not retry_every_s > 0:
             raise ValueError(f"retry_every_s must be > 0, got {retry_every_s}")
         self.retry_every_s = retry_every_s
         self.wake_on_finish = wake_on_finish
         self.dev = DeviceLoop(DeviceKind.CPU, fleet.kv_budget_bytes, fleet.memory, clock=fleet.clock,
-                              max_prefill_step_s=fleet.max_prefill_step_s)
+                              max_prefill_step_s=fleet.max_prefill_step_s, displace=displace)
         self.profile = fleet.profile
         for fn in functions:  # engines start with no KV; the memory planner grows them
             eng = LLMEngine(fleet.models[fn], fleet.engine_config(0))
@@ -286,6 +286,11 @@ class Ours:
             self.dev.instances[job.function].engine.add_request(job.rid, job.prompt_ids, job.params, job.arrival_s)
             self.dev.plan_memory()  # reserve its KV now, so the next admission sees it taken
             self.admitted += 1
+            for out in self.dev.take_handed_back():
+                # A longer prompt gave way to this one: as the activator continues a preempted
+                # request, it is tried again at once (and then on the retry timer).
+                self.jobs[out.rid].note = f"handed back for {job.rid}"
+                self._try(self.jobs[out.rid], now)
             return
         self.refusals[d.reason.value if d.reason else "?"] += 1
         job.note = f"{d.reason.value if d.reason else '?'}: {d.detail}"
@@ -332,7 +337,8 @@ class Ours:
             inst.estimator = LatencyEstimator(self.profile)
 
     def stats(self) -> dict[str, float]:
-        out: dict[str, float] = {"admitted": self.admitted, "arbiter_mean_us": round(self.dev.stats.mean_us, 1),
+        out: dict[str, float] = {"admitted": self.admitted, "displaced": self.dev.stats.displaced,
+                                 "arbiter_mean_us": round(self.dev.stats.mean_us, 1),
                                  "peak_kv_mb": round(self.dev.peak_kv_bytes / 2**20, 1)}
         out.update({f"refused_{k}": v for k, v in sorted(self.refusals.items())})
         return out

@@ -54,6 +54,9 @@ def parse_serve(argv: list[str], env: dict[str, str] | None = None) -> ServeSett
     ap.add_argument("--max-prefill-step-ms", type=float, default=MAX_PREFILL_STEP_S * 1000,
                     help="longest estimated step carrying a prefill chunk, so a new request never waits "
                          "behind a long prompt's whole chunk (ms; 0 = no cap)")
+    ap.add_argument("--no-displace", dest="displace", action="store_false",
+                    help="admission never hands a waiting prompt back (finish_reason \"preempted\", with its "
+                         "continuation) to take a shorter one that would otherwise be refused")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--admin-token", default=env.get("SLINFER_ADMIN_TOKEN"),
                     help="bearer token for /admin (default: $SLINFER_ADMIN_TOKEN, else a random one, printed)")
@@ -79,7 +82,8 @@ def parse_serve(argv: list[str], env: dict[str, str] | None = None) -> ServeSett
     pod = PodConfig(device=DeviceKind(a.device), kv_budget_bytes=a.kv_budget_mb << 20,
                     weight_cache_bytes=a.weight_cache_mb << 20, block_size=a.block_size,
                     max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_batched_tokens,
-                    max_prefill_step_s=a.max_prefill_step_ms / 1000 if a.max_prefill_step_ms > 0 else math.inf)
+                    max_prefill_step_s=a.max_prefill_step_ms / 1000 if a.max_prefill_step_ms > 0 else math.inf,
+                    displace=a.displace)
     token = a.admin_token or secrets.token_urlsafe(24)
     return ServeSettings(tuple(specs), a.host, a.port, pod, a.threads, token)
 

@@ -36,6 +36,7 @@ from runtime.core.arbiter import (
     prefill_chunk_budget,
 )
 from runtime.core.estimator import LatencyEstimator
+from runtime.core.ids import RequestId
 from runtime.core.memory import (
     ActionKind,
     DeviceActions,
@@ -88,7 +89,8 @@ class Instance:
     def load(self, prefill_chunk_tokens: int = REPLAY_CHUNK_TOKENS) -> InstanceLoad:
         decoding = [r for r in self.engine.scheduler.running if r.num_computed_tokens >= len(r.prompt_token_ids)]
         prefills = tuple(
-            PendingPrefill(r.num_tokens - r.num_computed_tokens, self.deadline(r), max(0, self.tokens_left(r) - 1))
+            PendingPrefill(r.num_tokens - r.num_computed_tokens, self.deadline(r), max(0, self.tokens_left(r) - 1),
+                           key=r.rid, displaceable=not r.output_token_ids)
             for r in self.requests() if r.num_computed_tokens < len(r.prompt_token_ids)
         )
         decodes = tuple(PendingDecode(self.tokens_left(r), self.deadline(r)) for r in decoding)
@@ -102,6 +104,7 @@ class Instance:
 class ArbiterStats:
     decisions: int = 0
     failures: int = 0
+    displaced: int = 0  # pending prompts handed back so admission could take a shorter one
     total_s: float = 0.0
     last_s: float = 0.0
     grants: dict[str, int] = field(default_factory=dict)
@@ -117,11 +120,15 @@ class DeviceLoop:
 
     def __init__(self, kind: DeviceKind = DeviceKind.CPU, kv_budget_bytes: int = 1 << 30,
                  memory: MemoryConfig | None = None, clock: Callable[[], float] = time.monotonic,
-                 max_prefill_step_s: float = MAX_PREFILL_STEP_S):
+                 max_prefill_step_s: float = MAX_PREFILL_STEP_S, displace: bool = True):
         if not max_prefill_step_s > 0:
             raise ValueError(f"max_prefill_step_s must be > 0 (inf: no cap), got {max_prefill_step_s}")
         self.kind = kind
         self.max_prefill_step_s = max_prefill_step_s  # how long a step with a prefill chunk may take
+        # Admission may hand back a longer pending prompt to admit a shorter one (see
+        # runtime.core.admission.displacing); the handed-back outputs wait in `handed_back`.
+        self.displace = displace
+        self.handed_back: list[RequestOutput] = []
         self.clock = clock  # the timebase of arrival_s: stamps first tokens
         self.instances: dict[str, Instance] = {}
         self.stats = ArbiterStats()
@@ -212,7 +219,20 @@ class DeviceLoop:
         req = NewRequest(prompt_tokens, arrival + inst.load_delay_s + inst.ttft_s(prompt_tokens), need,
                          outputs)
         loads = [i.load(self.prefill_chunk_tokens(i)) for i in self.instances.values()]
-        return admit(loads, iid, req, free, now)
+        d = admit(loads, iid, req, free, now, displace=self.displace)
+        if d.displace is not None:
+            owner, rid = d.displace
+            out = self.instances[owner].engine.evict(RequestId(rid))
+            if out is not None:
+                self.stats.displaced += 1
+                self.handed_back.append(out)
+        return d
+
+    def take_handed_back(self) -> list[RequestOutput]:
+        """Requests admission handed back since the last call (finish_reason PREEMPTED, no token
+        out yet, with a continuation): deliver them to their callers, who go elsewhere."""
+        out, self.handed_back = self.handed_back, []
+        return out
 
     def prefill_chunk_tokens(self, inst: Instance) -> int:
         """The prompt tokens one of inst's steps carries when nothing decodes: the step cap, by its
@@ -253,6 +273,8 @@ class DeviceLoop:
             budget = prefill_chunk_budget(inst.estimator.prefill_s,
                                           min(self._decode_slack_s(inst), self.max_prefill_step_s),
                                           inst.engine.scheduler.config.max_num_batched_tokens)
+            if self._prompt_due_sooner_elsewhere(inst):
+                budget = 0  # this grant is for its decodes; the earlier prompt elsewhere goes next
             self.stats.total_s += time.perf_counter() - t  # part of the per-iteration decision cost
             t = time.perf_counter()
             try:
@@ -264,6 +286,22 @@ class DeviceLoop:
                 break
             self._observe(inst, time.perf_counter() - t)
         return grant, outs
+
+    def _prompt_due_sooner_elsewhere(self, inst: Instance) -> bool:
+        """inst decodes and also holds a waiting prompt, and another instance holds a prompt due
+        before all of inst's. The engine would fill inst's decode step with a chunk of its own
+        prompt, ahead of that earlier one: prompts on a device go by deadline, as admission's
+        replay runs them, so that step carries only the decodes."""
+        decoding, mine = False, math.inf
+        for r in inst.requests():
+            if r.num_computed_tokens < len(r.prompt_token_ids):
+                mine = min(mine, inst.deadline(r))
+            else:
+                decoding = True
+        if not decoding or mine == math.inf:
+            return False
+        return any(other.deadline(r) < mine for other in self.instances.values() if other is not inst
+                   for r in other.requests() if r.num_computed_tokens < len(r.prompt_token_ids))
 
     def _decode_slack_s(self, inst: Instance) -> float:
         """Time from now to the earliest next-token deadline of a decoding request on the device

@@ -182,6 +182,8 @@ class AsyncDevice:
                 if cmd.admission:
                     d = dev.admit(cmd.iid, len(cmd.prompt_ids), now, arrival_s=min(cmd.received_s, now),
                                   max_tokens=cmd.params.max_tokens)
+                    if handed_back := dev.take_handed_back():  # a longer prompt gave way: it goes elsewhere
+                        loop.call_soon_threadsafe(self._deliver, handed_back)
                     if not d.admitted:
                         loop.call_soon_threadsafe(self._fail, cmd.rid, AdmissionRefused(d))
                         return []

@@ -40,6 +40,7 @@ class PodConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
     max_prefill_step_s: float = MAX_PREFILL_STEP_S  # a step carrying a prefill chunk ends within this
+    displace: bool = True  # admission may hand back a longer waiting prompt to take a shorter one
     profile_prefill: tuple[int, ...] = (32, 128)
     profile_decode: tuple[tuple[int, tuple[int, ...]], ...] = ((128, (1, 4)),)
     drain_timeout_s: float = 60.0
@@ -65,7 +66,8 @@ class Pod:
         self.config = config
         self.weights = HostWeightCache(config.weight_cache_bytes)
         self.device = AsyncDevice(DeviceLoop(config.device, config.kv_budget_bytes,
-                                             max_prefill_step_s=config.max_prefill_step_s), on_tick,
+                                             max_prefill_step_s=config.max_prefill_step_s,
+                                             displace=config.displace), on_tick,
                                   admittable=self._admittable)
         self.served: dict[str, Served] = {}
         self._profiles: dict[str, LatencyProfile] = {}  # by model ref; device thread only
@@ -198,6 +200,7 @@ def _device_status(dev: DeviceLoop) -> dict[str, Any]:
     return {
         "device": {"kind": dev.kind.value, "kv_budget_bytes": dev.actions.budget, "kv_bytes": dev.kv_bytes,
                    "kv_free_bytes": dev.actions.free, "kv_peak_bytes": dev.peak_kv_bytes,
-                   "arbiter_decisions": dev.stats.decisions, "arbiter_mean_us": round(dev.stats.mean_us, 2)},
+                   "arbiter_decisions": dev.stats.decisions, "arbiter_mean_us": round(dev.stats.mean_us, 2),
+                   "admission_handed_back": dev.stats.displaced},
         "instances": out,
     }

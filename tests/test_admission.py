@@ -210,3 +210,40 @@ def test_replay_runs_ahead_exactly_as_it_steps(monkeypatch, unbounded):
     slow = [replay(insts, (insts[0].instance_id, PendingPrefill(p, d, 40)), 0.0) for insts, d, p in cases]
     assert fast == slow
     assert sum(bool(r.late) for r in slow) > 20 and sum(not r.late for r in slow) > 20  # both kinds covered
+
+
+# -- displacement: a longer pending prompt may give way to a shorter newcomer -----------------
+# a: one pending 500-token prompt (0.5 s) due at 0.6 s, no token out yet. A 200-token newcomer
+# (0.2 s) due at 0.3 s runs first under EDF and pushes it to 0.7 s: refused on its own account.
+LONG = PendingPrefill(500, 0.6, 10, key="long", displaceable=True)
+SHORT = NewRequest(200, 0.3, 1, output_tokens=10)
+
+
+def test_a_longer_pending_prompt_gives_way_to_a_shorter_newcomer():
+    insts = [inst("a", prefills=[LONG]), inst("b")]
+    plain = admit(insts, "b", SHORT, free_blocks=100, now=0.0)
+    assert not plain.admitted and plain.reason is RefusalReason.PREFILL and "long" in plain.detail
+    d = admit(insts, "b", SHORT, free_blocks=100, now=0.0, displace=True)
+    assert d.admitted and d.displace == ("a", "long")
+    # What it was admitted against: the device without the long prompt keeps every deadline.
+    rest = [inst("a"), inst("b")]
+    assert admit(rest, "b", SHORT, 100, 0.0).admitted
+
+
+@pytest.mark.parametrize("why, prefills", [
+    ("it has a token out already", [PendingPrefill(500, 0.6, 10, key="long", displaceable=False)]),
+    ("it is not 1.5 x longer: 0.25 s against 0.2 s", [PendingPrefill(250, 0.35, 10, key="long", displaceable=True)]),
+    ("lateness is compared job by job: every job needs a name",
+     [PendingPrefill(500, 0.6, 10, displaceable=True), PendingPrefill(1, 9.0, 1)]),
+])
+def test_no_displacement_when(why, prefills):
+    d = admit([inst("a", prefills=prefills), inst("b")], "b", SHORT, 100, 0.0, displace=True)
+    assert not d.admitted and d.reason is RefusalReason.PREFILL and d.displace is None, why
+
+
+def test_no_displacement_when_another_job_would_still_be_late():
+    # A second pending prompt (150 tokens due at 0.34 s) would end at 0.35 s behind the newcomer
+    # even with the long one gone: handing that one back would not save it.
+    other = PendingPrefill(150, 0.34, 10, key="other", displaceable=False)
+    d = admit([inst("a", prefills=[LONG, other]), inst("b")], "b", SHORT, 100, 0.0, displace=True)
+    assert not d.admitted and d.displace is None

@@ -338,3 +338,53 @@ def test_a_short_prompt_overtakes_a_started_long_one_on_the_same_instance(tiny):
     assert plan["short"] == (4, True)  # its whole prompt and first token in this step
     assert sum(n for n, _ in plan.values()) <= 200  # within the step cap, the long prompt takes the rest
     assert eng.scheduler.get(RequestId("short")).first_token_s == 0.2
+
+
+def test_admission_hands_back_a_longer_waiting_prompt_for_a_shorter_one(tiny):
+    # 1.5 ms per prompt token. A 600-token prompt (0.9 s) waits, due at 600/512 x 0.95 = 1.11 s. A
+    # 200-token one (0.3 s) due at 0.475 s runs first under EDF and would push it to 1.2 s: it fits
+    # only if the long one gives way, which it may (0.9 s >= 1.5 x 0.3 s, no token out yet).
+    flat = [[1, 5], [64, 50]]  # decode ms by batch, whatever the context
+    slow = LatencyProfile.from_tables([[1, 1.5], [1000, 1500]], [(1, flat), (4096, flat)])
+    long_prompt = [3 + i % 300 for i in range(600)]
+    for displace in (False, True):
+        dev = DeviceLoop(DeviceKind.CPU, clock=lambda: 0.0, displace=displace)
+        dev.add_instance(make_instance(tiny, "a", profile=slow, max_num_batched_tokens=512, max_model_len=1024))
+        dev.add_instance(make_instance(tiny, "b", profile=slow, max_num_batched_tokens=512, max_model_len=1024))
+        dev.instances["a"].engine.add_request(RequestId("long"), long_prompt, GREEDY_4, now=0.0)
+        d = dev.admit("b", 200, now=0.0, max_tokens=4)
+        if not displace:
+            assert not d.admitted and d.reason is RefusalReason.PREFILL and "long" in d.detail
+            assert dev.take_handed_back() == [] and dev.instances["a"].engine.has_work
+            continue
+        assert d.admitted and d.displace == ("a", "long")
+        [out] = dev.take_handed_back()
+        assert out.rid == "long" and out.finish_reason.value == "preempted" and out.new_token_ids == ()
+        assert out.continuation is not None and list(out.continuation.prompt_token_ids) == long_prompt
+        assert out.continuation.output_token_ids == ()
+        assert not dev.instances["a"].engine.has_work and dev.stats.displaced == 1
+        assert dev.take_handed_back() == []
+
+
+def test_a_decode_step_carries_no_prompt_due_later_than_a_prompt_elsewhere(tiny):
+    # a decodes one stream (next token due 0.24 s) and holds a 300-token prompt due 0.56 s; b holds
+    # a 100-token prompt due 0.475 s. EDF grants a for its decode. That step must not carry a's
+    # prompt: the engine would fill it with those 300 tokens, ahead of b's earlier prompt, which
+    # admission's replay (prompts by deadline across the device) never counted on.
+    now = [0.0]
+    dev = DeviceLoop(DeviceKind.CPU, clock=lambda: now[0])
+    dev.add_instance(make_instance(tiny, "a", max_num_batched_tokens=512, max_model_len=1024))
+    dev.add_instance(make_instance(tiny, "b", max_num_batched_tokens=512, max_model_len=1024))
+    a, b = dev.instances["a"].engine, dev.instances["b"].engine
+    a.add_request(RequestId("stream"), [5, 6, 7, 8], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True), now=0.0)
+    dev.step()  # its prompt and first token
+    a.add_request(RequestId("later"), [3 + i % 300 for i in range(300)], GREEDY_4, now=0.0)
+    b.add_request(RequestId("sooner"), [3 + i % 100 for i in range(100)], GREEDY_4, now=0.0)
+    grant, _ = dev.step()
+    assert grant.instance_id == "a"
+    assert [(str(q.rid), len(q.token_ids)) for q in a.last_plan.seqs] == [("stream", 1)]
+    assert a.scheduler.get(RequestId("later")).num_computed_tokens == 0
+    # With no earlier prompt elsewhere, a's decode step takes its prompt's chunk along as before.
+    b.abort(RequestId("sooner"))
+    dev.step()
+    assert {str(q.rid) for q in a.last_plan.seqs} == {"stream", "later"}

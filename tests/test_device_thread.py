@@ -43,3 +43,42 @@ def test_a_request_s_deadline_counts_from_receipt_not_from_when_the_device_got_t
 
     sent, arrival = asyncio.run(run())
     assert sent <= arrival < sent + 0.1  # stamped on receipt; the device reached it ~0.25 s later
+
+
+def test_a_prompt_handed_back_by_admission_ends_its_stream_with_a_continuation():
+    # 1.5 ms per prompt token by the profile: a waiting 600-token prompt (0.9 s, due 1.11 s after
+    # receipt) gives way to a 200-token one (0.3 s, due 0.475 s) that would otherwise make it late.
+    # The long one's caller gets finish_reason "preempted" with what is needed to go elsewhere.
+    tiny = load_model("random:llama-tiny?seed=0")
+    flat = [[1, 5], [64, 50]]
+    slow = LatencyProfile.from_tables([[1, 1.5], [1000, 1500]], [(1, flat), (4096, flat)])
+    dev = DeviceLoop(DeviceKind.CPU)
+    for name in ("a", "b"):
+        spec = FunctionSpec(name=name, model=tiny.ref, slo=SLO())
+        eng = LLMEngine(tiny, EngineConfig(block_size=16, max_model_len=1024))
+        dev.add_instance(Instance(name, spec, eng, LatencyEstimator(slow)))
+    adev = AsyncDevice(dev)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    long_prompt = [3 + i % 300 for i in range(600)]
+
+    async def run():
+        adev.start(asyncio.get_running_loop())
+        hold = asyncio.create_task(adev.call(lambda d: time.sleep(0.05)))  # both arrive while it waits
+        await asyncio.sleep(0.01)
+        long_gen = adev.generate("a", adev.new_id("long"), long_prompt, params, admission=False)
+        short_gen = adev.generate("b", adev.new_id("short"), list(range(5, 205)), params)
+        long_first = asyncio.create_task(long_gen.__anext__())
+        await asyncio.sleep(0.005)  # the long one is queued first
+        short_outs = [o async for o in short_gen]
+        long_out = await asyncio.wait_for(long_first, 10)  # never hang if it is not delivered
+        await hold
+        await long_gen.aclose()
+        displaced = await adev.call(lambda d: d.stats.displaced)
+        adev.stop()
+        return long_out, short_outs, displaced
+
+    long_out, short_outs, displaced = asyncio.run(run())
+    assert long_out.finish_reason.value == "preempted" and long_out.new_token_ids == ()
+    assert list(long_out.continuation.prompt_token_ids) == long_prompt
+    assert sum(len(o.new_token_ids) for o in short_outs) == 4 and short_outs[-1].finished
+    assert displaced == 1

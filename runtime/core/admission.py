@@ -18,6 +18,12 @@ Yes only if, with it added,
            (each instance's share of the device needed to emit one token per TPOT).
 A newcomer whose own prefill, alone on the device from now, would end past its deadline is
 refused on prefill at once, before any replay: nothing could serve it in time.
+Displacement (``displace=True``, beyond the paper): a newcomer refused on prefill deadlines is
+admitted instead if handing back one waiting prompt that has no token out yet and at least 1.5 x
+the newcomer's prefill time left makes every deadline hold again (see `displacing`). The count of
+jobs on time stays the same and device time is freed for the next arrival; the handed-back request
+goes elsewhere with its continuation, as after an eviction. In a burst this sheds the longest
+prompt rather than the next short one.
 A refusal carries its reason (compute when decode work no longer fits, prefill when a first
 token would be late) and a Retry-After hint so the caller can go elsewhere at once. An idle
 device admits whatever fits in memory and context: there is nothing to protect, and no other
@@ -26,6 +32,7 @@ device would serve the newcomer sooner.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import heapq
 import math
@@ -50,6 +57,8 @@ class PendingPrefill:
     tokens_left: int
     deadline_s: float  # absolute time its first token is due
     output_tokens: float = UNBOUNDED  # tokens it may still decode after its first
+    key: str = ""  # the request's id: names it in lateness and in a displacement ("p<i>" if empty)
+    displaceable: bool = False  # no token out yet: it can be handed back whole (see `admit`)
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,8 @@ class Decision:
     reason: RefusalReason | None = None
     retry_after_s: float = 0.0
     detail: str = ""
+    # Admitted on condition that this pending prefill (instance id, key) is handed back first.
+    displace: tuple[str, str] | None = None
 
 
 ADMIT = Decision(True)
@@ -244,8 +255,10 @@ def replay(instances: Sequence[InstanceLoad], extra: tuple[str, PendingPrefill] 
     for s in streams.values():
         s._cost()
     jobs: list[tuple[float, int, str, int, float]] = []
+    names: list[str] = []
     for inst in instances:
         for p in inst.prefills:
+            names.append(p.key or f"p{len(jobs)}")
             jobs.append((p.deadline_s, len(jobs), inst.instance_id, p.tokens_left, p.output_tokens))
     if extra is not None:
         iid, p = extra
@@ -296,7 +309,7 @@ def replay(instances: Sequence[InstanceLoad], extra: tuple[str, PendingPrefill] 
         if left > 0:
             continue
         if t > deadline:
-            k = "new" if key < 0 else f"p{key}"
+            k = "new" if key < 0 else names[key]
             late[k] = max(late.get(k, 0.0), t - deadline)
         if outputs > 0:
             joined = streams.get(iid)
@@ -310,7 +323,8 @@ def replay(instances: Sequence[InstanceLoad], extra: tuple[str, PendingPrefill] 
     return Replay(late, sum(s.cost_s / s.tpot_s for s in streams.values()))
 
 
-def admit(instances: Sequence[InstanceLoad], target: str, req: NewRequest, free_blocks: int, now: float) -> Decision:
+def admit(instances: Sequence[InstanceLoad], target: str, req: NewRequest, free_blocks: int, now: float,
+          displace: bool = False) -> Decision:
     inst = next((i for i in instances if i.instance_id == target), None)
     if inst is None:
         raise KeyError(f"instance {target!r} is not on this device")
@@ -343,13 +357,16 @@ def admit(instances: Sequence[InstanceLoad], target: str, req: NewRequest, free_
     if not after.late and after.demand_left <= 1.0:
         return ADMIT  # nothing late, nothing left over: no need to compare with the device without it
     own = after.late.get("new", 0.0)
+    horizon = max([newcomer.deadline_s, *(p.deadline_s for i in instances for p in i.prefills)])
     if own > LATENESS_TOLERANCE_S and after.demand_left <= 1.0:
         # Its own first token would be late: refused for that whatever the device without it looks
         # like (that replay could only name more jobs it hurts, and it is half the cost of a
         # refusal; most refusals of requests that waited too long end here).
-        return Decision(False, RefusalReason.PREFILL, max(0.1, own),
-                        f"deadlines would be missed by at least {own:.3f}s (new)")
-    horizon = max([newcomer.deadline_s, *(p.deadline_s for i in instances for p in i.prefills)])
+        refusal = Decision(False, RefusalReason.PREFILL, max(0.1, own),
+                           f"deadlines would be missed by at least {own:.3f}s (new)")
+        if not displace:
+            return refusal
+        return displacing(instances, target, newcomer, own_s, now, horizon) or refusal
     before = replay(instances, None, now, horizon)
     # Work still running when the replay ends must fit in the long run.
     if after.demand_left > 1.0 and after.demand_left > before.demand_left + LATENESS_TOLERANCE_S:
@@ -361,6 +378,52 @@ def admit(instances: Sequence[InstanceLoad], target: str, req: NewRequest, free_
         worst = max(hurt.values())
         keys = sorted(hurt)
         who = ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
-        return Decision(False, RefusalReason.PREFILL, max(0.1, worst),
-                        f"deadlines would be missed by up to {worst:.3f}s ({who})")
+        refusal = Decision(False, RefusalReason.PREFILL, max(0.1, worst),
+                           f"deadlines would be missed by up to {worst:.3f}s ({who})")
+        if not displace:
+            return refusal
+        return displacing(instances, target, newcomer, own_s, now, horizon, before) or refusal
     return ADMIT
+
+
+DISPLACE_MIN_GAIN = 1.5  # a handed-back prefill has at least this x the newcomer's prefill time left
+DISPLACE_TRIES = 3  # the longest candidates tried (two replays each at most)
+
+
+def _prefill_time(inst: InstanceLoad, tokens: int) -> float:
+    chunk = inst.prefill_chunk_tokens
+    return sum(inst.estimator.prefill_s(min(chunk, tokens - start)) for start in range(0, tokens, chunk))
+
+
+def displacing(instances: Sequence[InstanceLoad], target: str, newcomer: PendingPrefill, own_s: float,
+               now: float, horizon: float, before: Replay | None = None) -> Decision | None:
+    """Admit a newcomer that fits only if a longer pending prefill gives way: the exchange step of
+    Moore and Hodgson's rule for the most jobs on time (when the on-time set overflows, drop its
+    longest job), applied online. Candidates have no token out yet (the caller hands them back
+    whole, to be served elsewhere or retried) and at least DISPLACE_MIN_GAIN x the newcomer's
+    prefill time left, so a swap keeps the count of jobs on time and frees device time for the
+    next arrival; a handed-back request can only displace one still longer, so swaps never
+    cycle. The longest candidate goes first; it is taken if, without it and with the newcomer,
+    the newcomer is on time and no other job is later than on the device as it is."""
+    if any(not p.key for i in instances for p in i.prefills):
+        return None  # lateness is compared job by job, which needs every job named
+    cands = sorted(((-_prefill_time(i, p.tokens_left), i.instance_id, p.key, i, n)
+                    for i in instances for n, p in enumerate(i.prefills)
+                    if p.displaceable and _prefill_time(i, p.tokens_left) >= DISPLACE_MIN_GAIN * own_s),
+                   key=lambda c: c[:3])
+    if not cands:
+        return None
+    if before is None:
+        before = replay(instances, None, now, horizon)
+    for neg_work, iid, key, inst, n in cands[:DISPLACE_TRIES]:
+        rest = tuple(p for m, p in enumerate(inst.prefills) if m != n)
+        without = [dataclasses.replace(i, prefills=rest) if i is inst else i for i in instances]
+        after = replay(without, (target, newcomer), now, horizon)
+        if after.demand_left > 1.0 and after.demand_left > before.demand_left + LATENESS_TOLERANCE_S:
+            continue
+        if any(v > before.late.get(k, 0.0) + LATENESS_TOLERANCE_S for k, v in after.late.items()):
+            continue  # "new" is in neither before nor allowed late: this also keeps it on time
+        return Decision(True, displace=(iid, key),
+                        detail=f"admitted in place of {key} ({-neg_work:.2f}s of prefill left, "
+                               f"against {own_s:.2f}s)")
+    return None
