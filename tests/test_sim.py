@@ -152,6 +152,39 @@ def test_a_short_prompt_overtakes_a_started_long_one_inside_an_instance(by_deadl
     assert meets_slo(long)
 
 
+def test_a_displaced_prompt_is_routed_again_and_never_lost(monkeypatch):
+    """Admission's hand-back, as the simulator applies it: the newcomer joins, the displaced
+    waiting prompt leaves its instance and waits for a route again (as the activator sends a
+    handed-back request on), keeping its deadline; nothing is lost or served twice. Admission is
+    made to displace here; when it does so by itself is runtime.core.admission's (tests there)."""
+    real = sim_node.admit
+    forced: list[str] = []
+
+    def displacing(loads, target, new, free, now, displace=False):
+        long = [(i.instance_id, p.key) for i in loads for p in i.prefills if p.displaceable and p.tokens_left > 1000]
+        if new.prompt_tokens < 100 and long and not forced:
+            forced.append(long[0][1])
+            return core_admission.Decision(True, displace=long[0])
+        return real(loads, target, new, free, now, displace=displace)
+
+    monkeypatch.setattr(sim_node, "admit", displacing)
+    trace = make_trace((0.1, "f", 3000, 3), (2.5, "f", 10, 3))
+    sim = Simulator(trace, make_model(10.0), ClusterSpec(cpus=1, gpus=0), system_config("slinfer"))
+    res = sim.run()
+    assert forced and sim.displaced_requests == 1
+    long, short = sorted(res.requests, key=lambda r: r.arrival_s)
+    assert short.first_token_s is not None and short.finish_s is not None
+    # The long prompt started over after the short one and still has its 5.9 s TTFT: served, once.
+    assert long.first_token_s is not None and long.first_token_s > short.first_token_s
+    assert long.finish_s is not None and long.preemptions == 0
+    assert res.stats.preempted_requests == 1
+
+
+def test_displacement_is_on_for_slinfer_only():
+    assert system_config("slinfer").displace and not system_config("slinfer-nodisplace").displace
+    assert not any(system_config(s).displace for s in ("sllm", "sllm+c", "sllm+c+s"))
+
+
 # -- baselines ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("system, max_per_node, devices, cap, share", [
@@ -202,12 +235,12 @@ def test_the_simulator_calls_runtime_core_itself(monkeypatch):
     assert sim_node.admit is core_admission.admit
     assert sim_node.pick is core_arbiter.pick
     assert sim_node.resize_target is core_memory.resize_target
-    calls: list[tuple[tuple[Any, ...], Any]] = []
+    calls: list[tuple[tuple[Any, ...], dict[str, Any], Any]] = []
     picks: list[Any] = []
 
-    def admit_spy(*args):
-        d = core_admission.admit(*args)
-        calls.append((args, d))
+    def admit_spy(*args, **kwargs):
+        d = core_admission.admit(*args, **kwargs)
+        calls.append((args, kwargs, d))
         return d
 
     def pick_spy(cands, kind):
@@ -220,9 +253,9 @@ def test_the_simulator_calls_runtime_core_itself(monkeypatch):
     trace = synthetic_trace(num_functions=6, duration_s=30.0, seed=2, total_rate_per_s=4.0)
     simulate(trace, make_model(), gpu_cluster(1, cpus=1), system_config("slinfer"))
     assert calls and picks
-    assert any(not d.admitted for _, d in calls)  # refusals came from the real admission too
-    for args, decision in calls:  # the same decision from a direct call
-        assert core_admission.admit(*args) == decision
+    assert any(not d.admitted for _, _, d in calls)  # refusals came from the real admission too
+    for args, kwargs, decision in calls:  # the same decision from a direct call
+        assert core_admission.admit(*args, **kwargs) == decision
 
 
 

@@ -88,6 +88,9 @@ class SystemConfig:
     # Inside an instance, prompts by first-token deadline, a started one overtaken by one due sooner
     # (our engine, and the order admission replays); False: FCFS, as vLLM 0.5's scheduler.
     prefill_by_deadline: bool = True
+    # Admission may hand back a longer waiting prompt (no token out yet) to admit a shorter one
+    # (runtime.core.admission.displacing); the handed-back request is routed again.
+    displace: bool = True
 
     def __post_init__(self) -> None:
         if self.slots_per_node < 1 or not 0 < self.compute_share <= 1 or self.retry_s <= 0:
@@ -98,13 +101,13 @@ class SystemConfig:
 
 SLLM = SystemConfig("sllm", pools=(DeviceKind.GPU,), static_memory=True, admission=Admission.BATCH_CAP,
                     batch_cap=BatchCap.EXCLUSIVE, preempt=False, prefill_chunk_tokens=None,
-                    prefill_by_deadline=False)
+                    prefill_by_deadline=False, displace=False)
 SLLM_C = replace(SLLM, name="sllm+c", pools=(DeviceKind.CPU, DeviceKind.GPU))
 SLLM_C_S = replace(SLLM_C, name="sllm+c+s", slots_per_node=2, compute_share=0.5, batch_cap=BatchCap.SHARED2)
 SLINFER = SystemConfig("slinfer", route_device_order=(DeviceKind.GPU, DeviceKind.CPU), hold_idle=(DeviceKind.CPU,))
 
 PRESETS: dict[str, SystemConfig] = {c.name: c for c in (SLLM, SLLM_C, SLLM_C_S, SLINFER)}
-ABLATIONS = ("nopreempt", "nocpu", "nowatermark", "balance", "nohold", "batchroute", "nocache")
+ABLATIONS = ("nopreempt", "nocpu", "nowatermark", "balance", "nohold", "batchroute", "nocache", "nodisplace")
 
 
 def system_config(name: str) -> SystemConfig:
@@ -129,6 +132,8 @@ def system_config(name: str) -> SystemConfig:
             cfg = replace(cfg, route_device_order=())
         elif f == "nocache":
             cfg = replace(cfg, cache_aware=False)
+        elif f == "nodisplace":
+            cfg = replace(cfg, displace=False)
         else:
             cfg = replace(cfg, balance=True)
     return cfg

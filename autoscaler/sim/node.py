@@ -255,7 +255,8 @@ class SimNode:
         dec = inst.decoding
         avg = _mean_context(dec)
         prefills = tuple(PendingPrefill(r.context - r.prefilled, r.deadline_s(),
-                                        max(0, r.output_tokens - r.generated - 1)) for r in inst.prefilling)
+                                        max(0, r.output_tokens - r.generated - 1), key=str(r.rid),
+                                        displaceable=r.first_token_s is None) for r in inst.prefilling)
         decodes = tuple(PendingDecode(r.output_tokens - r.generated, r.deadline_s()) for r in dec)
         due = min((d.deadline_s for d in decodes), default=None)
         if not self.system.bounded_outputs:
@@ -328,7 +329,19 @@ class SimNode:
             return ADMIT
         outputs = max(0, req.output_tokens - req.generated - 1) if self.system.bounded_outputs else math.inf
         new = NewRequest(req.context, req.deadline_s(load_delay_s), self._need_blocks(req), outputs)
-        return admit(self.loads(), inst.iid, new, self._free_blocks(inst), now)
+        return admit(self.loads(), inst.iid, new, self._free_blocks(inst), now, displace=self.system.displace)
+
+    def hand_back(self, iid: str, key: str) -> SimRequest | None:
+        """Take a waiting prompt out of its instance, as runtime.device does for an admission that
+        displaces it (a chunk of it in flight is lost: finish_run skips requests no longer there)."""
+        inst = self.instances.get(InstanceId(iid))
+        r = next((q for q in inst.prefilling if str(q.rid) == key), None) if inst is not None else None
+        if inst is None or r is None:
+            return None
+        inst.prefilling.remove(r)
+        r.prefilled = 0
+        self._touch(inst)
+        return r
 
     def shortfall(self, inst: SimInstance, req: SimRequest, decision: Decision) -> Shortfall | None:
         """What the device lacks for ``req`` on ``inst`` after a MEMORY or COMPUTE refusal."""

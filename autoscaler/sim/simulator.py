@@ -62,6 +62,7 @@ from autoscaler.sim.node import (
 )
 from autoscaler.sim.trace import Trace
 from functions import SLO, DevicePreference
+from runtime.core.admission import Decision
 from runtime.core.arbiter import DeviceKind
 from runtime.core.lifecycle import InstanceState
 
@@ -92,7 +93,7 @@ class RunStats:
     loads: int
     loads_from_disk: int
     evictions: int  # instances preempted
-    preempted_requests: int  # requests moved by an eviction or a KV spill
+    preempted_requests: int  # requests moved by an eviction, a KV spill or a displacement
     max_instances_per_node: int
     gpu_compute_share: float  # what one GPU slot may use
 
@@ -148,6 +149,7 @@ class Simulator:
         self.loads_from_disk = 0
         self.evictions = 0
         self.preempted_requests = 0
+        self.displaced_requests = 0  # of those, handed back by admission for a shorter prompt
         self._arrivals_left = len(trace.arrivals)
 
     # -- driving -----------------------------------------------------------------------------------
@@ -277,7 +279,7 @@ class Simulator:
             delay = self._prospective_delay(r, inst)
             d = inst.node.consider(inst, r, now, delay)
             if d.admitted:
-                self._place(r, inst, delay)
+                self._place(r, inst, delay, d, now)
                 return True
             refused.append((view, inst, d, delay))
         if not self.system.preempt:
@@ -290,13 +292,19 @@ class Simulator:
             if not actions:
                 continue
             self._apply(actions, now)
-            if inst.node.consider(inst, r, now, delay).admitted:
-                self._place(r, inst, delay)
+            d = inst.node.consider(inst, r, now, delay)
+            if d.admitted:
+                self._place(r, inst, delay, d, now)
                 return True
         return False
 
-    def _place(self, r: SimRequest, inst: SimInstance, delay: float) -> None:
+    def _place(self, r: SimRequest, inst: SimInstance, delay: float, d: Decision, now: float) -> None:
         r.load_delay_s = delay
+        if d.displace is not None:  # a longer waiting prompt gave way: it is routed again, as the activator does
+            gone = inst.node.hand_back(*d.displace)
+            if gone is not None:
+                self.displaced_requests += 1
+                self._requeue([gone], now)
         inst.node.add(inst, r)
         self._changed()
 
