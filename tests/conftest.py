@@ -13,6 +13,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from functions import FunctionSpec
+from runtime.engine.engine import LLMEngine
 from runtime.pod import Pod, PodConfig
 from runtime.server.app import create_app
 
@@ -70,3 +71,20 @@ def tiny_server() -> Iterator[str]:
     app = make_app([tiny_spec(name, ref) for name, ref in TINY_MODELS.items()])
     with serve_app(app) as base_url:
         yield base_url
+
+
+@pytest.fixture
+def paced_device(monkeypatch: pytest.MonkeyPatch) -> float:
+    """Every engine step in this process takes at least 10 ms more, as on a slower device.
+
+    Tests that act mid-stream (evict on the first token) otherwise race a tiny model that can
+    finish 200 steps inside one admin call on a fast machine. Returns the added seconds per step."""
+    pause = 0.01
+    step = LLMEngine.step
+
+    def paced(self: LLMEngine, *args: object, **kw: object) -> object:
+        time.sleep(pause)
+        return step(self, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LLMEngine, "step", paced)
+    return pause

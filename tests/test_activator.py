@@ -247,7 +247,8 @@ def _reload(pod: str, spec_: FunctionSpec) -> None:
 
 
 @pytest.mark.parametrize("chat", [False, True])
-def test_stream_moved_by_preemption_equals_the_uninterrupted_greedy_output(setup: Setup, chat: bool) -> None:
+def test_stream_moved_by_preemption_equals_the_uninterrupted_greedy_output(setup: Setup, chat: bool,
+                                                                          request: pytest.FixtureRequest) -> None:
     n = 150
     base: dict[str, Any] = {"model": "tiny", "temperature": 0, "max_tokens": n}
     base |= {"messages": [{"role": "user", "content": "hello"}]} if chat else {"prompt": "hello"}
@@ -255,6 +256,7 @@ def test_stream_moved_by_preemption_equals_the_uninterrupted_greedy_output(setup
     want_reason = plain[-2]["choices"][0]["finish_reason"]  # uninterrupted, straight from pod b
     assert plain[-1]["usage"]["completion_tokens"] > 20, "too short to be moved mid-stream"
     moves = metric(setup.url, "slinfer_activator_continuations_total", 0.0, function="tiny")
+    request.getfixturevalue("paced_device")  # so the eviction lands mid-stream on any machine
     # Through the activator: pod a is tried first (ids sort); evict it on the second chunk.
     try:
         text, chunks, done = stream_text(setup.url, {**base, "stream_options": {"include_usage": True}},
@@ -273,8 +275,8 @@ def test_stream_moved_by_preemption_equals_the_uninterrupted_greedy_output(setup
         assert metric(setup.url, "slinfer_activator_continuations_total", function="tiny") == moves + 1
 
 
-def test_client_leaving_a_stream_aborts_the_request_on_the_runtime(setup: Setup) -> None:
-    # Uninterrupted, this request generates ~250 tokens. Pod a is tried first (ids sort).
+def test_client_leaving_a_stream_aborts_the_request_on_the_runtime(setup: Setup, paced_device: float) -> None:
+    # Uninterrupted, this request generates ~250 tokens (>= 2.5 s paced). Pod a is tried first (ids sort).
     before = metric(setup.pods[0], "slinfer_generation_tokens_total", 0.0, model="tiny")
     body = {"model": "tiny", "prompt": "hello", "temperature": 0, "max_tokens": 255, "stream": True}
     with httpx.stream("POST", setup.url + "/v1/completions", json=body, timeout=60) as r:
@@ -295,9 +297,10 @@ def test_client_leaving_a_stream_aborts_the_request_on_the_runtime(setup: Setup)
     still_serving(setup.url)
 
 
-def test_non_streaming_request_moved_by_preemption_is_joined(setup: Setup) -> None:
+def test_non_streaming_request_moved_by_preemption_is_joined(setup: Setup, request: pytest.FixtureRequest) -> None:
     n = 150
     plain = complete(setup.pods[1], "tiny", "hello", max_tokens=n).json()
+    request.getfixturevalue("paced_device")  # so the eviction lands mid-request on any machine
     result: dict[str, httpx.Response] = {}
     t = threading.Thread(target=lambda: result.setdefault("r", complete(setup.url, "tiny", "hello",
                                                                          max_tokens=n)))

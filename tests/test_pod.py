@@ -69,14 +69,17 @@ def test_two_functions_on_one_checkpoint_are_two_instances_sharing_weights(pod_u
     assert a.json()["choices"][0]["text"] == b.json()["choices"][0]["text"]
 
 
-def test_evict_mid_stream_ends_with_a_continuation_that_resumes_exactly(pod_url):
+def test_evict_mid_stream_ends_with_a_continuation_that_resumes_exactly(pod_url, request: pytest.FixtureRequest):
     assert httpx.post(f"{pod_url}/admin/instances", json=spec_body("victim"), headers=AUTH, timeout=60).status_code == 201
-    prompt, n = "continue this story", 230
-    full = complete(pod_url, "base", prompt, max_tokens=n).json()["choices"][0]["text"]
+    prompt, n = "hello", 230
+    whole = complete(pod_url, "base", prompt, max_tokens=n).json()
+    assert whole["usage"]["completion_tokens"] == n, "this prompt must run to max_tokens (no early EOS)"
+    full = whole["choices"][0]["text"]
+    request.getfixturevalue("paced_device")  # after loading: profiling runs unpaced
     body = {"model": "victim", "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True}
     chunks: list[dict[str, Any]] = []
     evicted: dict[str, Any] = {}
-    # Evict from the reading loop on the first token: 230 tiny-model steps outlast one admin call.
+    # Evict from the reading loop on the first token: 230 paced steps (>= 2.3 s) outlast one admin call.
     with httpx.stream("POST", f"{pod_url}/v1/completions", json=body, timeout=60) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
