@@ -41,14 +41,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy runtime functions autoscaler activator
 
+# BENCH_ARGS passes options to a benchmark, e.g. BENCH_ARGS="--seed 5 --length-scale 0.2".
 bench-engine: $(STAMP)
-	$(PY) bench/bench_engine.py
+	$(PY) bench/bench_engine.py $(BENCH_ARGS)
 
 bench-capacity: $(STAMP)
-	$(PY) bench/bench_capacity.py
+	$(PY) bench/bench_capacity.py $(BENCH_ARGS)
 
 bench-activator: $(STAMP)
-	$(PY) bench/bench_activator.py
+	$(PY) bench/bench_activator.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Iterator
 
 from activator.routes import RouteSource, RouteView
@@ -35,7 +36,9 @@ class WaitingRoom:
         self.counts: dict[str, int] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self.arrived = asyncio.Event()  # set when a function's count goes 0 -> 1
-        self.active: set[str] = set()  # functions served since the last demand report (keep-alive)
+        # Requests served per function since the last demand report: keeps serving functions
+        # alive, and gives the autoscaler each function's arrival rate (preemption spares busier ones).
+        self.active: Counter[str] = Counter()
         self._trying: dict[str, int] = {}
         # function -> the route-table version on which its held requests last found no room. Only
         # a function whose requests have tried the current table is demand: one still on its way
@@ -116,10 +119,10 @@ class DemandReporter:
                 if not self.room.counts and not self.room.active:
                     continue
             self.room.arrived.clear()
-            active, self.room.active = sorted(self.room.active), set()
+            served, self.room.active = dict(sorted(self.room.active.items())), Counter()
             try:
                 version = self.routes.table.version
-                await self.source.report_demand(self.room.demand(version), active, version)
+                await self.source.report_demand(self.room.demand(version), served, version)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # autoscaler restarting: the next report carries the demand

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 
 from autoscaler.core import (
+    ArrivalRates,
     ClusterSnapshot,
     DeviceKind,
     Evict,
@@ -54,8 +55,8 @@ def make_node(node_id: str, *instances: InstanceView, kind: DeviceKind = CPU, me
 
 
 def make_function(name: str = "f", *, device: DevicePreference = DevicePreference.ANY, weight: int = GB,
-                  keep_alive: float = 60.0, max_instances: int = 4) -> FunctionView:
-    return FunctionView(FunctionId(name), device, weight, keep_alive, max_instances)
+                  keep_alive: float = 60.0, max_instances: int = 4, rate: float = 0.0) -> FunctionView:
+    return FunctionView(FunctionId(name), device, weight, keep_alive, max_instances, rate)
 
 
 def make_snapshot(*nodes: NodeView, functions: tuple[FunctionView, ...] = (), now: float = NOW) -> ClusterSnapshot:
@@ -297,6 +298,44 @@ def test_choose_victim_prefers_the_smaller_batch_over_the_smaller_footprint():
     assert victim.instance_id == "idle"
 
 
+def test_choose_victim_spares_the_instances_of_busier_functions():
+    # "small" would be the victim (batch 1 < the target's 3), but its function gets 2 requests/s
+    # against the target's 0.1: it is spared, and the idle-but-larger "quiet" goes instead.
+    node = make_node("n", make_instance("t", "f", batch=3), make_instance("small", "busy", batch=1),
+                     make_instance("quiet", "rare", batch=2, weight=2 * GB))
+    rates = {"f": 0.1, "busy": 2.0, "rare": 0.1}
+    snap = make_snapshot(node, functions=tuple(make_function(f, rate=r) for f, r in rates.items()))
+    target = snap.instance(InstanceId("t"))
+    assert snap.busier_than(F) == {"busy"}
+    assert choose_victim(snap, NodeId("n"), target, Shortfall(Resource.MEMORY, GB)).instance_id == "quiet"
+    assert choose_victim(snap, NodeId("n"), target, Shortfall(Resource.MEMORY, 3 * GB)) is None
+    # Equal rates (or none known, all 0) leave the paper's rule as it was.
+    flat = make_snapshot(node)
+    assert choose_victim(flat, NodeId("n"), flat.instance(InstanceId("t")), Shortfall(Resource.MEMORY, GB)).instance_id == "small"
+
+
+def test_busier_than_an_unknown_function_counts_it_as_zero():
+    snap = make_snapshot(make_node("n"), functions=(make_function("a", rate=0.5), make_function("b")))
+    assert snap.busier_than(FunctionId("nope")) == {"a"}
+    assert snap.busier_than(FunctionId("a")) == frozenset()
+
+
+def test_arrival_rates_count_a_sliding_window():
+    rates = ArrivalRates(window_s=10.0)
+    rates.record(F, 0.0, 4)
+    rates.record(F, 5.0)
+    rates.record(FunctionId("g"), 9.0, 0)  # nothing served: no entry
+    assert rates.rates(9.0) == {F: 0.5}
+    assert rates.rates(10.0) == {F: 0.1}  # the 4 at t = 0 left the window (now - 10, now]
+    assert rates.rates(15.0) == {}
+    with pytest.raises(ValueError, match="window"):
+        ArrivalRates(0.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        rates.record(F, 1.0, -1)
+    with pytest.raises(ValueError, match="arrival_rate_per_s"):
+        make_function(rate=-1.0)
+
+
 def test_plan_preemption_is_an_evict_or_nothing():
     snap = make_snapshot(VICTIM_NODE)
     target = snap.instance(InstanceId("t"))
@@ -410,6 +449,13 @@ PLANS = [
     ("most waiting requests go first, then function id",
      [make_node("c1", memory=GB)], (make_function("a"), make_function("b")), [pend("a"), pend("b", 3)], {},
      [L("b", "c1")], ["a"]),
+    ("never evict an instance of a busier function for a quieter one",
+     [make_node("c1", make_instance("b1", "busy", weight=2 * GB), memory=FULL)],
+     (make_function("busy", rate=1.0), make_function(rate=0.2)), [pend("f", 5)], {}, [], ["f"]),
+    ("a quieter function's instance is a victim for a busier one",
+     [make_node("c1", make_instance("q1", "quiet", weight=2 * GB), memory=FULL)],
+     (make_function("quiet", rate=0.2), make_function(rate=1.0)), [pend("f", 5)], {},
+     [E("q1", "c1"), L("f", "c1")], []),
     ("never evict an instance of a waiting function",
      [make_node("c1", make_instance("h1", "h", weight=2 * GB, loading=False), memory=FULL)],
      (make_function("h"),), [pend("f", 5), pend("h", 1)], {}, [], ["f", "h"]),

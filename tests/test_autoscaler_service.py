@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from autoscaler.core import DeviceKind, Load, NodeId
+from autoscaler.core import DeviceKind, FunctionId, Load, NodeId
 from autoscaler.service.controller import Controller, ControllerSettings
 from autoscaler.service.nodes import NodeSpec, StaticNodes
 from autoscaler.service.observe import parse_status, routes, snapshot
@@ -208,3 +208,47 @@ def test_a_slow_pod_keeps_its_instances_and_its_loading_one_counts() -> None:
         assert await h.round() == ["Load b@pod-1", "Load a@pod-1"]  # most waiting first
         await h.client.aclose()
     run(go())
+
+
+def test_served_counts_become_arrival_rates_in_the_snapshot_and_status() -> None:
+    async def go() -> None:
+        h = Harness([fn("a"), fn("b")])
+        h.ctl.report_demand({}, served={"a": 30, "b": 3})
+        h.now = 10.0
+        h.ctl.report_demand({}, served={"a": 30})
+        assert h.ctl.status()["arrival_rate_per_s"] == {"a": 0.2, "b": 0.01}  # over 300 s
+        pods = await h.ctl.observe()
+        snap = snapshot(h.now, pods, h.ctl.functions, {}, rates=h.ctl.rates.rates(h.now))
+        assert snap.busier_than(FunctionId("b")) == {"a"}
+        assert {"a", "b"} <= set(h.ctl.activity)  # serving still counts as activity (keep-alive)
+        h.now = 305.0  # the first report left the window
+        assert h.ctl.status()["arrival_rate_per_s"] == {"a": 0.1}
+        await h.client.aclose()
+    run(go())
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"waiting": {"a": 1}, "active": ["a"], "served": {"a": 2}, "routes_version": 3}, 200),
+    ({"waiting": {}, "active": ["a"]}, 200),  # an activator that sends no counts
+    ({"waiting": {}, "served": {"a": -1}}, 400),
+    ({"waiting": {"a": -2}}, 400),
+    ({"waiting": {}, "served": ["a"]}, 400),
+    ({"waiting": {}, "served": {"a": "many"}}, 400),
+])
+def test_demand_reports_are_validated(body: dict[str, Any], status: int) -> None:
+    from starlette.testclient import TestClient
+
+    from autoscaler.service.api import create_api
+
+    async def make() -> Controller:
+        return Controller(NODES, {}, ControllerSettings(TOKEN), httpx.AsyncClient(transport=httpx.MockTransport(
+            FakePods().handler)))
+
+    ctl = run(make())
+    with TestClient(create_api(ctl, TOKEN)) as c:
+        r = c.post("/demand", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == status, r.text
+        if status == 400:
+            assert r.json()["error"]["code"] == "invalid_demand"
+        elif "served" in body:
+            assert ctl.status()["arrival_rate_per_s"] == {"a": round(2 / 300, 4)}

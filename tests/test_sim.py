@@ -380,4 +380,21 @@ def test_new_ablations_parse():
     assert system_config("slinfer-nohold").hold_idle == ()
     assert system_config("slinfer-batchroute").route_device_order == ()
     assert system_config("slinfer-nocache").cache_aware is False
+    assert system_config("slinfer-norate").rate_window_s == 0 and system_config("slinfer").rate_window_s == 300
     assert system_config("sllm").hold_idle == () and system_config("sllm+c").route_device_order == ()
+
+
+@pytest.mark.parametrize("system, evicted", [("slinfer", False), ("slinfer-norate", True)])
+def test_preemption_spares_a_busier_function_with_rates(system, evicted):
+    """One GPU that holds one instance. "busy" is called every 0.5 s; at t = 20 s three requests
+    for "rare" arrive at once. The paper's rule evicts busy's instance (batch 1 < 3 waiting);
+    with the functions' arrival rates in the snapshot it is spared and rare waits."""
+    busy = [(0.5 * k, "busy", 100, 20) for k in range(60)]
+    trace = make_trace(*busy, *[(20.0, "rare", 100, 20)] * 3)
+    sim = Simulator(trace, make_model(), gpu_cluster(1, gpu_memory=12 * GIB), system_config(system))
+    res = sim.run()
+    assert (res.stats.evictions > 0) is evicted
+    served = sum(r.finish_s is not None for r in res.requests if r.function == "busy")
+    assert served == 60 if not evicted else served <= 60
+    rates = {f.function: f.arrival_rate_per_s for f in sim.snapshot(sim.queue.now_s).functions}
+    assert (rates["busy"] > rates["rare"] > 0) is (not evicted)  # norate keeps every rate at 0

@@ -5,6 +5,7 @@
     routing     route_order(): a function's ready instances, largest batch first
     preemption  choose_victim() / plan_preemption(): smallest co-located instance covering a gap
     keepalive   expired(): idle instances past their function's keep-alive
+    rates       ArrivalRates: requests per second per function over a sliding window
     actions     Load / Unload / Evict / Plan, the values an adapter executes
     plan        decide(): one round (unload expired, place or preempt-and-place waiting demand)
 
@@ -17,6 +18,7 @@ from autoscaler.core.keepalive import expired
 from autoscaler.core.placement import DEFAULT_POOLS, PlaceDecision, busyness, place, rank_nodes, shortfalls
 from autoscaler.core.plan import PendingDemand, decide, merge_pending
 from autoscaler.core.preemption import Shortfall, choose_victim, pick_victim, plan_preemption
+from autoscaler.core.rates import DEFAULT_RATE_WINDOW_S, ArrivalRates
 from autoscaler.core.routing import route_order
 from autoscaler.core.snapshot import (
     ClusterSnapshot,
@@ -33,7 +35,9 @@ from autoscaler.core.snapshot import (
 
 __all__ = [
     "DEFAULT_POOLS",
+    "DEFAULT_RATE_WINDOW_S",
     "Action",
+    "ArrivalRates",
     "ClusterSnapshot",
     "DeviceKind",
     "Evict",

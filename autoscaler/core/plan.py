@@ -12,7 +12,8 @@
        its waiting requests, and a second CPU would serve it no better);
      - failing that, walk the nodes in placement order and, on the first one where evicting one
        smaller instance (batch < the waiting requests; never an instance of a function that is
-       itself waiting) covers everything the node lacks, evict it and load there. Strictly
+       itself waiting, or that received more requests per second lately: ``FunctionView``)
+       covers everything the node lacks, evict it and load there. Strictly
        smaller: an equal batch gains nothing, and its requests, now waiting, would evict the next
        equal instance in the following round (measured in the simulator: 128 functions on 4 GPUs,
        15.8k evictions with <=, 0.7k with <, the same SLO attainment);
@@ -142,13 +143,14 @@ def _escalate(work: ClusterSnapshot, existing: Sequence[InstanceView],
 def _make_room(work: ClusterSnapshot, fn: FunctionView, want: PendingDemand, spare: set[FunctionId],
                pools: Sequence[DeviceKind], balance: bool) -> Evict | None:
     """The eviction, on the first node in placement order, that lets ``fn`` load there; or None."""
+    protected = spare | work.busier_than(fn.function)
     for node in rank_nodes(work, fn.function, pools=pools, balance=balance):
         if node.hosts(fn.function):
             continue
         lacks = shortfalls(node, weight_bytes=fn.weight_bytes, need_bytes=want.kv_bytes, need_demand=want.demand)
         if not lacks:
             continue  # cannot happen after place() failed; kept so the loop never evicts for nothing
-        victim = pick_victim(node, want.requests - 1, lacks, spare=spare)
+        victim = pick_victim(node, want.requests - 1, lacks, spare=protected)
         if victim is not None:
             return Evict(victim.instance_id, victim.node_id, lacks[0].kind)
     return None

@@ -173,17 +173,20 @@ class NodeView:
 
 @dataclass(frozen=True)
 class FunctionView:
-    """A deployed function as the autoscaler needs it."""
+    """A deployed function as the autoscaler needs it. ``arrival_rate_per_s`` is how many requests
+    per second it received lately (the activator counts them; 0 when unknown): preemption never
+    takes an instance from a busier function for a quieter one."""
 
     function: FunctionId
     device_preference: DevicePreference
     weight_bytes: int
     keep_alive_s: float
     max_instances: int
+    arrival_rate_per_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check_non_negative(f"function {self.function!r}", weight_bytes=self.weight_bytes,
-                            keep_alive_s=self.keep_alive_s)
+                            keep_alive_s=self.keep_alive_s, arrival_rate_per_s=self.arrival_rate_per_s)
         if self.max_instances < 1:
             raise ValueError(f"function {self.function!r}: max_instances must be >= 1, got {self.max_instances}")
 
@@ -238,6 +241,13 @@ class ClusterSnapshot:
 
     def find_function(self, function: FunctionId) -> FunctionView | None:
         return self._functions.get(function)
+
+    def busier_than(self, function: FunctionId) -> frozenset[FunctionId]:
+        """Functions that received more requests per second lately than ``function`` (an unknown
+        function counts as 0)."""
+        fn = self._functions.get(function)
+        rate = fn.arrival_rate_per_s if fn is not None else 0.0
+        return frozenset(f for f, v in self._functions.items() if v.arrival_rate_per_s > rate)
 
     def instance(self, instance_id: InstanceId) -> InstanceView:
         try:

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,9 @@ import yaml
 
 from activator.routes import RouteTable
 from autoscaler.core import (
+    DEFAULT_RATE_WINDOW_S,
     Action,
+    ArrivalRates,
     Evict,
     FunctionId,
     InstanceId,
@@ -60,6 +62,7 @@ class ControllerSettings:
     load_failure_backoff_s: float = 5.0
     fresh_grace_s: float = 2.0  # a new instance is not unloaded for idleness this soon
     profile: bool = True  # profile a model on first load (its latency estimates); false is faster
+    rate_window_s: float = DEFAULT_RATE_WINDOW_S  # functions' arrival rates (preemption spares busier ones)
 
 
 class Controller:
@@ -80,6 +83,7 @@ class Controller:
         self.last_busy: dict[InstanceId, float] = {}  # when each instance was last seen with requests
         self.demand: dict[str, tuple[int, float]] = {}  # function -> (waiting requests, until)
         self.activity: dict[str, float] = {}  # function -> last time the activator served it
+        self.rates = ArrivalRates(settings.rate_window_s)  # requests per second per function, lately
         self.loading: set[tuple[str, NodeId]] = set()
         self.removing: set[InstanceId] = set()
         self.ever_ready: dict[InstanceId, str] = {}
@@ -96,16 +100,22 @@ class Controller:
         self.rounds = 0
 
     # -- inputs (from the API) ----------------------------------------------------------------
-    def report_demand(self, waiting: Mapping[str, int], active: list[str], seen_version: int = 0) -> None:
-        """Waiting requests per function, as seen with route table ``seen_version``. Demand seen
-        before the function's newest ready instance was published is stale (those requests are
-        about to try it) and is ignored: it would otherwise scale out a function that has room."""
+    def report_demand(self, waiting: Mapping[str, int], active: Iterable[str] = (), seen_version: int = 0,
+                      served: Mapping[str, int] | None = None) -> None:
+        """Waiting requests per function, as seen with route table ``seen_version``; the functions
+        served since the last report (``active``) and how many requests each (``served``: their
+        arrival rates). Demand seen before the function's newest ready instance was published is
+        stale (those requests are about to try it) and is ignored: it would otherwise scale out a
+        function that has room."""
         now = self.clock()
         for fn, n in waiting.items():
             if n > 0 and seen_version >= self.grew.get(fn, 0):
                 self.demand[fn] = (n, now + self.settings.demand_ttl_s)
-        for fn in active:
+        served = served or {}
+        for fn in {*active, *served}:
             self.activity[fn] = now
+        for fn, n in served.items():
+            self.rates.record(FunctionId(fn), now, n)
         if waiting:
             self._poke.set()
 
@@ -179,7 +189,7 @@ class Controller:
         now = self.clock()
         self._track(now, pods)
         self._publish(pods)  # first: a new endpoint makes the demand that asked for it stale
-        snap = snapshot(now, pods, self.functions, self.idle_since, self.loading)
+        snap = snapshot(now, pods, self.functions, self.idle_since, self.loading, rates=self.rates.rates(now))
         pending = [PendingDemand(FunctionId(fn), n) for fn, (n, until) in sorted(self.demand.items())
                    if until >= now and fn in self.functions and self.failed.get(fn, 0.0) <= now]
         waiting = {p.function for p in pending}
@@ -298,6 +308,7 @@ class Controller:
             "functions": [s.to_dict() for _, s in sorted(self.functions.items())],
             "nodes": nodes,
             "demand": {fn: n for fn, (n, until) in sorted(self.demand.items()) if until >= now},
+            "arrival_rate_per_s": {fn: round(r, 4) for fn, r in sorted(self.rates.rates(now).items())},
             "lost": sorted(self.lost),
             "loads_in_flight": [{"function": fn, "node": node} for fn, node in sorted(self.loading)],
             "routes_version": self.table.version,

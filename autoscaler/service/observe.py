@@ -84,9 +84,11 @@ def known_weight_bytes(pods: Iterable[PodStatus]) -> dict[str, int]:
 
 def snapshot(now_s: float, pods: Iterable[PodStatus], functions: Mapping[str, FunctionSpec],
              idle_since: Mapping[InstanceId, float | None],
-             loading: Iterable[tuple[str, NodeId]] = ()) -> ClusterSnapshot:
+             loading: Iterable[tuple[str, NodeId]] = (),
+             rates: Mapping[FunctionId, float] | None = None) -> ClusterSnapshot:
     """The cluster for ``decide``. ``loading`` names loads sent but not yet visible in a status;
-    instances draining count as loading (they are on their way out and must not be acted on)."""
+    instances draining count as loading (they are on their way out and must not be acted on).
+    ``rates``: requests per second per function lately (``autoscaler.core.ArrivalRates``)."""
     pods = list(pods)
     weights = known_weight_bytes(pods)
     pending = set(loading)
@@ -108,7 +110,9 @@ def snapshot(now_s: float, pods: Iterable[PodStatus], functions: Mapping[str, Fu
                                           weight_bytes=weights.get(model, 0), kv_bytes=0, kv_reserved_bytes=0,
                                           idle_since_s=None, loading=True))
         nodes.append(NodeView(p.node.node_id, p.node.kind, p.node.memory_bytes, p.kv_budget_bytes, tuple(insts)))
-    fns = tuple(FunctionView(FunctionId(s.name), s.device, weights.get(s.model, 0), s.keep_alive_s, s.max_instances)
+    rates = rates or {}
+    fns = tuple(FunctionView(FunctionId(s.name), s.device, weights.get(s.model, 0), s.keep_alive_s, s.max_instances,
+                             rates.get(FunctionId(s.name), 0.0))
                 for _, s in sorted(functions.items()))
     return ClusterSnapshot(now_s, tuple(nodes), fns)
 

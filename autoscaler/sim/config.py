@@ -17,7 +17,8 @@ What each baseline models, after the SLINFER paper's description (../shared/PAPE
   slinfer   ours: instances share a device token by token (EDF arbiter), SLO-aware admission
             (compute, prefill replay, memory), forward-looking KV sizing with a watermark, reactive
             bin-packing (GPU instances before CPU ones, then largest batch first), CPU first /
-            busiest node first placement, proactive preemption, idle CPU instances kept loaded
+            busiest node first placement, proactive preemption (sparing the instances of
+            functions with more requests per second lately), idle CPU instances kept loaded
             until their memory is needed (``autoscaler.core.keepalive``); inside an instance
             the earliest deadline first too (a prompt before an earlier-started one, a prompt
             before the batch's next token only when it is due sooner), as our engine and the
@@ -28,7 +29,8 @@ Ablations of slinfer (suffixes, combinable): ``-nopreempt``, ``-nocpu``, ``-nowa
 (watermark 1.0: KV sized to the reservation exactly), ``-balance`` (spread instances over the least
 busy nodes instead of packing), ``-nohold`` (idle CPU instances unload after ``keep_alive_s`` like
 GPU ones), ``-batchroute`` (route by batch only, whatever the device), ``-nocache`` (placement
-ignores the host caches).
+ignores the host caches), ``-nodisplace`` (admission never hands back a waiting prompt),
+``-norate`` (preemption does not see functions' arrival rates).
 
 Every system shares the same front end: a request no instance takes waits in the cluster queue, is
 retried every ``retry_s`` (the artifact's 0.25 s) and dropped once its TTFT deadline (plus any
@@ -42,6 +44,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from autoscaler.core.rates import DEFAULT_RATE_WINDOW_S
 from runtime.core.arbiter import DeviceKind
 from runtime.core.estimator import LatencyProfile
 
@@ -91,9 +94,13 @@ class SystemConfig:
     # Admission may hand back a longer waiting prompt (no token out yet) to admit a shorter one
     # (runtime.core.admission.displacing); the handed-back request is routed again.
     displace: bool = True
+    # Requests per second per function over this window (what the activator reports) reach the
+    # autoscaler's snapshot; preemption spares busier functions' instances. 0: no rates.
+    rate_window_s: float = DEFAULT_RATE_WINDOW_S
 
     def __post_init__(self) -> None:
-        if self.slots_per_node < 1 or not 0 < self.compute_share <= 1 or self.retry_s <= 0:
+        if (self.slots_per_node < 1 or not 0 < self.compute_share <= 1 or self.retry_s <= 0
+                or self.rate_window_s < 0):
             raise ValueError(f"invalid system config: {self}")
         if not self.pools:
             raise ValueError(f"system {self.name!r} has no device pools")
@@ -107,7 +114,8 @@ SLLM_C_S = replace(SLLM_C, name="sllm+c+s", slots_per_node=2, compute_share=0.5,
 SLINFER = SystemConfig("slinfer", route_device_order=(DeviceKind.GPU, DeviceKind.CPU), hold_idle=(DeviceKind.CPU,))
 
 PRESETS: dict[str, SystemConfig] = {c.name: c for c in (SLLM, SLLM_C, SLLM_C_S, SLINFER)}
-ABLATIONS = ("nopreempt", "nocpu", "nowatermark", "balance", "nohold", "batchroute", "nocache", "nodisplace")
+ABLATIONS = ("nopreempt", "nocpu", "nowatermark", "balance", "nohold", "batchroute", "nocache", "nodisplace",
+             "norate")
 
 
 def system_config(name: str) -> SystemConfig:
@@ -134,6 +142,8 @@ def system_config(name: str) -> SystemConfig:
             cfg = replace(cfg, cache_aware=False)
         elif f == "nodisplace":
             cfg = replace(cfg, displace=False)
+        elif f == "norate":
+            cfg = replace(cfg, rate_window_s=0.0)
         else:
             cfg = replace(cfg, balance=True)
     return cfg

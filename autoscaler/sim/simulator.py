@@ -7,7 +7,8 @@ The simulator is the adapter between a virtual clock and the real policy code:
     (or, for the sllm baselines, its batch cap);
   - when an instance refuses only for memory or compute, ``autoscaler.core.plan_preemption`` may
     evict a smaller co-located instance (SLINFER's proactive preemption), after which admission is
-    asked again;
+    asked again; each tick refreshes the functions' arrival rates (``rate_window_s``), and an
+    instance of a busier function is never the victim;
   - a request nobody takes waits in the cluster queue; ``autoscaler.core.decide`` then runs on a
     snapshot of the cluster (keep-alive unloads, placement of new instances, preempt-and-place) and
     its plan is applied: loads take time (``loading.LoadModel``), evictions send the victims'
@@ -48,6 +49,7 @@ from autoscaler.core import (
     route_order,
 )
 from autoscaler.core.actions import Action
+from autoscaler.core.rates import ArrivalRates
 from autoscaler.sim.clock import EventKind, EventQueue
 from autoscaler.sim.config import ClusterSpec, ModelSpec, SystemConfig
 from autoscaler.sim.loading import HostCache, LoadModel
@@ -151,6 +153,7 @@ class Simulator:
         self.preempted_requests = 0
         self.displaced_requests = 0  # of those, handed back by admission for a shorter prompt
         self._arrivals_left = len(trace.arrivals)
+        self._rates = ArrivalRates(system.rate_window_s) if system.rate_window_s > 0 else None
 
     # -- driving -----------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -224,18 +227,33 @@ class Simulator:
 
     # -- control -------------------------------------------------------------------------------------
     def _arrive(self, r: SimRequest, now: float) -> None:
+        if self._rates is not None:
+            self._rates.record(r.function, now)
         if self._route(r, now):
             return
         self.waiting.append(r)
         self._autoscale(now)
 
     def _tick(self, now: float) -> None:
+        self._refresh_rates(now)
         self._retry(now, None)
         self._autoscale(now)
         busy = any(n.run is not None for n in self.nodes.values())
         expiring = any(not self._held(i) for i in self.instances.values())
         if self._arrivals_left or self.waiting or expiring or busy:
             self.queue.push(now + self.system.retry_s, EventKind.TICK)
+
+    def _refresh_rates(self, now: float) -> None:
+        """Each function's arrivals per second over the last ``rate_window_s``, into the snapshot's
+        function views, as the activator's reports reach the live autoscaler (every tick here)."""
+        if self._rates is None:
+            return
+        rates = self._rates.rates(now)
+        fresh = tuple(fn if fn.arrival_rate_per_s == rates.get(fn.function, 0.0)
+                      else replace(fn, arrival_rate_per_s=rates.get(fn.function, 0.0)) for fn in self.functions)
+        if any(a is not b for a, b in zip(fresh, self.functions, strict=True)):
+            self.functions = fresh
+            self._changed()
 
     def _load_done(self, inst: SimInstance, now: float) -> None:
         if not inst.alive:
