@@ -162,6 +162,7 @@ class Activator:
     async def forward(self, spec: FunctionSpec, path: str, body: dict[str, Any], chat: bool,
                       raw: bytes | None = None) -> Response:
         t0 = time.monotonic()
+        self.room.arrivals[spec.name] += 1  # once per client request (reopen is a continuation)
         up = await self.open(spec, path, body, raw)
 
         async def reopen(p: str, b: dict[str, Any]) -> Upstream:

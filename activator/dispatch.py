@@ -112,7 +112,6 @@ class Dispatcher:
                     else:
                         resp = await self._try(ep, path, content, hdrs)
                     if resp is not None:
-                        self.room.active[name] += 1
                         waited = time.monotonic() - t0
                         if waiting:
                             self.metrics.wait.labels(name).observe(waited)

@@ -63,10 +63,10 @@ class RouteSource(Protocol):
         """The table once its version is > ``after_version`` (or the current one after a while)."""
         ...
 
-    async def report_demand(self, waiting: Mapping[str, int], served: Mapping[str, int] | None = None,
+    async def report_demand(self, waiting: Mapping[str, int], arrived: Mapping[str, int] | None = None,
                             routes_version: int = 0) -> None:
-        """Requests per function that no instance admitted and are waiting now, the requests served
-        per function since the last report, and the route table version the misses saw."""
+        """Requests per function that no instance admitted and are waiting now, the client requests
+        that arrived per function since the last report, and the route table version the misses saw."""
         ...
 
 
@@ -117,10 +117,10 @@ class HTTPRouteSource:
         r.raise_for_status()
         return RouteTable.from_json(r.json())
 
-    async def report_demand(self, waiting: Mapping[str, int], served: Mapping[str, int] | None = None,
+    async def report_demand(self, waiting: Mapping[str, int], arrived: Mapping[str, int] | None = None,
                             routes_version: int = 0) -> None:
-        served = dict(served or {})
-        body = {"waiting": dict(waiting), "active": sorted(served), "served": served, "routes_version": routes_version}
+        arrived = dict(arrived or {})
+        body = {"waiting": dict(waiting), "active": sorted(arrived), "arrived": arrived, "routes_version": routes_version}
         r = await self.client.post(f"{self.base_url}/demand", json=body,
                                    headers=self.headers, timeout=5)
         r.raise_for_status()
@@ -132,15 +132,15 @@ class StaticRouteSource:
     def __init__(self, table: RouteTable) -> None:
         self.table = table
         self.demand: list[dict[str, int]] = []
-        self.served: dict[str, int] = {}  # requests served per function, summed over the reports
+        self.arrived: dict[str, int] = {}  # requests that arrived per function, summed over the reports
 
     async def next_table(self, after_version: int) -> RouteTable:
         if self.table.version <= after_version:
             await asyncio.sleep(3600)
         return self.table
 
-    async def report_demand(self, waiting: Mapping[str, int], served: Mapping[str, int] | None = None,
+    async def report_demand(self, waiting: Mapping[str, int], arrived: Mapping[str, int] | None = None,
                             routes_version: int = 0) -> None:
         self.demand.append(dict(waiting))
-        for fn, n in (served or {}).items():
-            self.served[fn] = self.served.get(fn, 0) + n
+        for fn, n in (arrived or {}).items():
+            self.arrived[fn] = self.arrived.get(fn, 0) + n

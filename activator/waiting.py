@@ -36,9 +36,10 @@ class WaitingRoom:
         self.counts: dict[str, int] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self.arrived = asyncio.Event()  # set when a function's count goes 0 -> 1
-        # Requests served per function since the last demand report: keeps serving functions
-        # alive, and gives the autoscaler each function's arrival rate (preemption spares busier ones).
-        self.active: Counter[str] = Counter()
+        # Requests that arrived per function since the last demand report (each client request
+        # once, not its retries or continuations): keeps serving functions alive, and gives the
+        # autoscaler each function's arrival rate (preemption spares busier functions).
+        self.arrivals: Counter[str] = Counter()
         self._trying: dict[str, int] = {}
         # function -> the route-table version on which its held requests last found no room. Only
         # a function whose requests have tried the current table is demand: one still on its way
@@ -112,17 +113,17 @@ class DemandReporter:
 
     async def run(self) -> None:
         while True:
-            if not self.room.counts and not self.room.active:
+            if not self.room.counts and not self.room.arrivals:
                 self.room.arrived.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.room.arrived.wait(), self.interval_s)
-                if not self.room.counts and not self.room.active:
+                if not self.room.counts and not self.room.arrivals:
                     continue
             self.room.arrived.clear()
-            served, self.room.active = dict(sorted(self.room.active.items())), Counter()
+            arrived, self.room.arrivals = dict(sorted(self.room.arrivals.items())), Counter()
             try:
                 version = self.routes.table.version
-                await self.source.report_demand(self.room.demand(version), served, version)
+                await self.source.report_demand(self.room.demand(version), arrived, version)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # autoscaler restarting: the next report carries the demand

@@ -182,17 +182,17 @@ def test_queue_overflow_503_and_timeout_504_then_keeps_serving(setup: Setup) -> 
     still_serving(setup.url)
 
 
-def test_requests_served_are_reported_per_function_for_arrival_rates(setup: Setup) -> None:
+def test_requests_arriving_are_reported_per_function_for_arrival_rates(setup: Setup) -> None:
     time.sleep(0.3)  # earlier tests' last requests are reported (every 0.1 s here)
-    before = setup.source.served.get("tiny", 0)
+    before = setup.source.arrived.get("tiny", 0)
     for _ in range(3):
         assert complete(setup.url, "tiny", "count me", max_tokens=1).status_code == 200
     deadline = time.monotonic() + 5
-    while setup.source.served.get("tiny", 0) < before + 3:  # reports go every 0.1 s here
-        assert time.monotonic() < deadline, f"reported {setup.source.served}"
+    while setup.source.arrived.get("tiny", 0) < before + 3:  # reports go every 0.1 s here
+        assert time.monotonic() < deadline, f"reported {setup.source.arrived}"
         time.sleep(0.02)
     time.sleep(0.3)
-    assert setup.source.served["tiny"] == before + 3  # each request once
+    assert setup.source.arrived["tiny"] == before + 3  # each request once
 
 
 # -- CloudEvents ----------------------------------------------------------------------------------

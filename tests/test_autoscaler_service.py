@@ -210,17 +210,17 @@ def test_a_slow_pod_keeps_its_instances_and_its_loading_one_counts() -> None:
     run(go())
 
 
-def test_served_counts_become_arrival_rates_in_the_snapshot_and_status() -> None:
+def test_arrival_counts_become_arrival_rates_in_the_snapshot_and_status() -> None:
     async def go() -> None:
         h = Harness([fn("a"), fn("b")])
-        h.ctl.report_demand({}, served={"a": 30, "b": 3})
+        h.ctl.report_demand({}, arrived={"a": 30, "b": 3})
         h.now = 10.0
-        h.ctl.report_demand({}, served={"a": 30})
+        h.ctl.report_demand({}, arrived={"a": 30})
         assert h.ctl.status()["arrival_rate_per_s"] == {"a": 0.2, "b": 0.01}  # over 300 s
         pods = await h.ctl.observe()
         snap = snapshot(h.now, pods, h.ctl.functions, {}, rates=h.ctl.rates.rates(h.now))
         assert snap.busier_than(FunctionId("b")) == {"a"}
-        assert {"a", "b"} <= set(h.ctl.activity)  # serving still counts as activity (keep-alive)
+        assert {"a", "b"} <= set(h.ctl.activity)  # arrivals still count as activity (keep-alive)
         h.now = 305.0  # the first report left the window
         assert h.ctl.status()["arrival_rate_per_s"] == {"a": 0.1}
         await h.client.aclose()
@@ -228,12 +228,12 @@ def test_served_counts_become_arrival_rates_in_the_snapshot_and_status() -> None
 
 
 @pytest.mark.parametrize("body, status", [
-    ({"waiting": {"a": 1}, "active": ["a"], "served": {"a": 2}, "routes_version": 3}, 200),
+    ({"waiting": {"a": 1}, "active": ["a"], "arrived": {"a": 2}, "routes_version": 3}, 200),
     ({"waiting": {}, "active": ["a"]}, 200),  # an activator that sends no counts
-    ({"waiting": {}, "served": {"a": -1}}, 400),
+    ({"waiting": {}, "arrived": {"a": -1}}, 400),
     ({"waiting": {"a": -2}}, 400),
-    ({"waiting": {}, "served": ["a"]}, 400),
-    ({"waiting": {}, "served": {"a": "many"}}, 400),
+    ({"waiting": {}, "arrived": ["a"]}, 400),
+    ({"waiting": {}, "arrived": {"a": "many"}}, 400),
 ])
 def test_demand_reports_are_validated(body: dict[str, Any], status: int) -> None:
     from starlette.testclient import TestClient
@@ -250,5 +250,5 @@ def test_demand_reports_are_validated(body: dict[str, Any], status: int) -> None
         assert r.status_code == status, r.text
         if status == 400:
             assert r.json()["error"]["code"] == "invalid_demand"
-        elif "served" in body:
+        elif "arrived" in body:
             assert ctl.status()["arrival_rate_per_s"] == {"a": round(2 / 300, 4)}

@@ -96,7 +96,7 @@ def test_scale_from_zero_answers_without_error(mesh: MeshHandle) -> None:
     assert r.choices[0].finish_reason == "length" and r.usage is not None and r.usage.completion_tokens == 120
     # One instance: while the request ran on it, it was not reported as demand again.
     assert len(hosted(mesh, "alpha")) == 1
-    # The activator reported it served, so the autoscaler knows alpha's arrival rate (preemption).
+    # The activator reported its arrival, so the autoscaler knows alpha's arrival rate (preemption).
     wait_until(lambda: status(mesh)["arrival_rate_per_s"].get("alpha", 0) > 0, "alpha's rate is reported", 5)
 
 

@@ -53,14 +53,14 @@ def create_api(controller: Controller, token: str, lifespan: Lifespan[Any] | Non
             body = await request.json()
             waiting = {str(k): int(v) for k, v in dict(body.get("waiting", {})).items()}
             active = [str(x) for x in body.get("active", [])]
-            served = {str(k): int(v) for k, v in dict(body.get("served", {})).items()}
+            arrived = {str(k): int(v) for k, v in dict(body.get("arrived", {})).items()}
             seen_version = int(body.get("routes_version", 0))
-            if any(n < 0 for n in (*waiting.values(), *served.values())):
+            if any(n < 0 for n in (*waiting.values(), *arrived.values())):
                 raise ValueError("negative count")
         except (ValueError, TypeError, AttributeError):
             return _error(400, "send {'waiting': {function: count}, 'active': [function, ...], "
-                               "'served': {function: count}} with counts >= 0", "invalid_demand")
-        controller.report_demand(waiting, active, seen_version, served)
+                               "'arrived': {function: count}} with counts >= 0", "invalid_demand")
+        controller.report_demand(waiting, active, seen_version, arrived)
         return JSONResponse({"ok": True})
 
     async def get_status(_: Request) -> Response:

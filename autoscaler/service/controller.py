@@ -101,20 +101,20 @@ class Controller:
 
     # -- inputs (from the API) ----------------------------------------------------------------
     def report_demand(self, waiting: Mapping[str, int], active: Iterable[str] = (), seen_version: int = 0,
-                      served: Mapping[str, int] | None = None) -> None:
+                      arrived: Mapping[str, int] | None = None) -> None:
         """Waiting requests per function, as seen with route table ``seen_version``; the functions
-        served since the last report (``active``) and how many requests each (``served``: their
-        arrival rates). Demand seen before the function's newest ready instance was published is
+        with requests since the last report (``active``) and how many arrived for each
+        (``arrived``: their arrival rates). Demand seen before the function's newest ready instance was published is
         stale (those requests are about to try it) and is ignored: it would otherwise scale out a
         function that has room."""
         now = self.clock()
         for fn, n in waiting.items():
             if n > 0 and seen_version >= self.grew.get(fn, 0):
                 self.demand[fn] = (n, now + self.settings.demand_ttl_s)
-        served = served or {}
-        for fn in {*active, *served}:
+        arrived = arrived or {}
+        for fn in {*active, *arrived}:
             self.activity[fn] = now
-        for fn, n in served.items():
+        for fn, n in arrived.items():
             self.rates.record(FunctionId(fn), now, n)
         if waiting:
             self._poke.set()
