@@ -24,12 +24,14 @@ class ArrivalRates:
             raise ValueError(f"the rate window must be > 0 s, got {window_s}")
         self.window_s = window_s
         self._events: dict[FunctionId, deque[tuple[float, int]]] = {}
+        self._totals: dict[FunctionId, int] = {}  # the sum of each deque, kept as events come and go
 
     def record(self, function: FunctionId, now: float, count: int = 1) -> None:
         if count < 0:
             raise ValueError(f"a request count must be >= 0, got {count}")
         if count:
             self._events.setdefault(function, deque()).append((now, count))
+            self._totals[function] = self._totals.get(function, 0) + count
 
     def rates(self, now: float) -> dict[FunctionId, float]:
         """Requests per second in (now - window, now] for every function with any; others are 0."""
@@ -37,9 +39,9 @@ class ArrivalRates:
         for fn in list(self._events):
             events = self._events[fn]
             while events and events[0][0] <= now - self.window_s:
-                events.popleft()
+                self._totals[fn] -= events.popleft()[1]
             if events:
-                out[fn] = sum(n for _, n in events) / self.window_s
+                out[fn] = self._totals[fn] / self.window_s
             else:
-                del self._events[fn]
+                del self._events[fn], self._totals[fn]
         return out

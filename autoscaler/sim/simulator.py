@@ -249,10 +249,10 @@ class Simulator:
         if self._rates is None:
             return
         rates = self._rates.rates(now)
-        fresh = tuple(fn if fn.arrival_rate_per_s == rates.get(fn.function, 0.0)
-                      else replace(fn, arrival_rate_per_s=rates.get(fn.function, 0.0)) for fn in self.functions)
-        if any(a is not b for a, b in zip(fresh, self.functions, strict=True)):
-            self.functions = fresh
+        changed = [fn for fn in self.functions if fn.arrival_rate_per_s != rates.get(fn.function, 0.0)]
+        if changed:
+            self.functions = tuple(replace(fn, arrival_rate_per_s=rates.get(fn.function, 0.0))
+                                   if fn in changed else fn for fn in self.functions)
             self._changed()
 
     def _load_done(self, inst: SimInstance, now: float) -> None:
