@@ -259,13 +259,14 @@ class Ours:
     name = "ours"
 
     def __init__(self, fleet: Fleet, functions: Sequence[str], retry_every_s: float = RETRY_EVERY_S,
-                 wake_on_finish: bool = True, displace: bool = True):
+                 wake_on_finish: bool = True, displace: bool = True, newcomer_slack: bool = True):
         if not retry_every_s > 0:
             raise ValueError(f"retry_every_s must be > 0, got {retry_every_s}")
         self.retry_every_s = retry_every_s
         self.wake_on_finish = wake_on_finish
         self.dev = DeviceLoop(DeviceKind.CPU, fleet.kv_budget_bytes, fleet.memory, clock=fleet.clock,
-                              max_prefill_step_s=fleet.max_prefill_step_s, displace=displace)
+                              max_prefill_step_s=fleet.max_prefill_step_s, displace=displace,
+                              newcomer_slack=newcomer_slack)
         self.profile = fleet.profile
         for fn in functions:  # engines start with no KV; the memory planner grows them
             eng = LLMEngine(fleet.models[fn], fleet.engine_config(0))
@@ -339,6 +340,8 @@ class Ours:
     def stats(self) -> dict[str, float]:
         out: dict[str, float] = {"admitted": self.admitted, "displaced": self.dev.stats.displaced,
                                  "arbiter_mean_us": round(self.dev.stats.mean_us, 1),
+                                 "admit_mean_us": round(self.dev.stats.admit_mean_us, 1),
+                                 "admit_max_ms": round(self.dev.stats.admit_max_s * 1e3, 2),
                                  "peak_kv_mb": round(self.dev.peak_kv_bytes / 2**20, 1)}
         out.update({f"refused_{k}": v for k, v in sorted(self.refusals.items())})
         return out

@@ -108,10 +108,17 @@ class ArbiterStats:
     total_s: float = 0.0
     last_s: float = 0.0
     grants: dict[str, int] = field(default_factory=dict)
+    admissions: int = 0  # admission decisions (each an EDF replay of the device, or two)
+    admit_total_s: float = 0.0
+    admit_max_s: float = 0.0
 
     @property
     def mean_us(self) -> float:
         return self.total_s / self.decisions * 1e6 if self.decisions else 0.0
+
+    @property
+    def admit_mean_us(self) -> float:
+        return self.admit_total_s / self.admissions * 1e6 if self.admissions else 0.0
 
 
 class DeviceLoop:
@@ -120,7 +127,8 @@ class DeviceLoop:
 
     def __init__(self, kind: DeviceKind = DeviceKind.CPU, kv_budget_bytes: int = 1 << 30,
                  memory: MemoryConfig | None = None, clock: Callable[[], float] = time.monotonic,
-                 max_prefill_step_s: float = MAX_PREFILL_STEP_S, displace: bool = True):
+                 max_prefill_step_s: float = MAX_PREFILL_STEP_S, displace: bool = True,
+                 newcomer_slack: bool = True):
         if not max_prefill_step_s > 0:
             raise ValueError(f"max_prefill_step_s must be > 0 (inf: no cap), got {max_prefill_step_s}")
         self.kind = kind
@@ -129,6 +137,9 @@ class DeviceLoop:
         # runtime.core.admission.displacing); the handed-back outputs wait in `handed_back`.
         self.displace = displace
         self.handed_back: list[RequestOutput] = []
+        # A newcomer's own first token is judged against its SLO, not the margin-tightened
+        # planning deadline (see runtime.core.admission.NewRequest.own_slack_s).
+        self.newcomer_slack = newcomer_slack
         self.clock = clock  # the timebase of arrival_s: stamps first tokens
         self.instances: dict[str, Instance] = {}
         self.stats = ArbiterStats()
@@ -216,10 +227,16 @@ class DeviceLoop:
         arrival = now if arrival_s is None else arrival_s
         room = eng.max_model_len - prompt_tokens
         outputs = max(0, (room if max_tokens is None else min(max_tokens, room)) - 1)
+        slack = inst.spec.slo.ttft_s(prompt_tokens) * SLO_MARGIN if self.newcomer_slack else 0.0
         req = NewRequest(prompt_tokens, arrival + inst.load_delay_s + inst.ttft_s(prompt_tokens), need,
-                         outputs)
+                         outputs, slack)
+        t = time.perf_counter()
         loads = [i.load(self.prefill_chunk_tokens(i)) for i in self.instances.values()]
         d = admit(loads, iid, req, free, now, displace=self.displace)
+        dt = time.perf_counter() - t
+        self.stats.admissions += 1
+        self.stats.admit_total_s += dt
+        self.stats.admit_max_s = max(self.stats.admit_max_s, dt)
         if d.displace is not None:
             owner, rid = d.displace
             out = self.instances[owner].engine.evict(RequestId(rid))

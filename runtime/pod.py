@@ -201,6 +201,9 @@ def _device_status(dev: DeviceLoop) -> dict[str, Any]:
         "device": {"kind": dev.kind.value, "kv_budget_bytes": dev.actions.budget, "kv_bytes": dev.kv_bytes,
                    "kv_free_bytes": dev.actions.free, "kv_peak_bytes": dev.peak_kv_bytes,
                    "arbiter_decisions": dev.stats.decisions, "arbiter_mean_us": round(dev.stats.mean_us, 2),
-                   "admission_handed_back": dev.stats.displaced},
+                   "admission_handed_back": dev.stats.displaced,
+                   "admission_decisions": dev.stats.admissions,
+                   "admission_mean_us": round(dev.stats.admit_mean_us, 2),
+                   "admission_max_us": round(dev.stats.admit_max_s * 1e6, 1)},
         "instances": out,
     }

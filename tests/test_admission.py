@@ -247,3 +247,25 @@ def test_no_displacement_when_another_job_would_still_be_late():
     other = PendingPrefill(150, 0.34, 10, key="other", displaceable=False)
     d = admit([inst("a", prefills=[LONG, other]), inst("b")], "b", SHORT, 100, 0.0, displace=True)
     assert not d.admitted and d.displace is None
+
+
+def test_a_newcomer_is_judged_against_its_slo_and_the_incumbents_against_their_margin():
+    # a's pending 200-token prompt (0.2 s) is due first, at 0.25 s; the newcomer's 300 tokens (0.3 s)
+    # then end at 0.5 s, 0.05 s past its planning deadline of 0.45 s. Its own slack (the room
+    # between that deadline and its SLO) decides, and nothing else's lateness is excused by it.
+    insts = [inst("a", prefills=[PendingPrefill(200, 0.25, output_tokens=0, key="r1")]), inst("b")]
+
+    def new(deadline, slack):
+        return NewRequest(300, deadline, 1, output_tokens=0, own_slack_s=slack)
+
+    refused = admit(insts, "b", new(0.45, 0.04), 100, 0.0)
+    assert refused.reason is RefusalReason.PREFILL and "(new)" in refused.detail
+    assert admit(insts, "b", new(0.45, 0.06), 100, 0.0).admitted
+    # Due before a's prompt, the newcomer would run first and make r1 late: refused however much
+    # slack of its own it has.
+    hurt = admit(insts, "b", new(0.2, 1.0), 100, 0.0)
+    assert not hurt.admitted and "r1" in hurt.detail
+    # The "alone from now" check counts the slack too: 0.3 s of prefill against 0.27 + 0.05.
+    assert admit(insts, "b", new(0.27, 0.05), 100, 0.0).reason is not None
+    assert "alone" not in admit(insts, "b", new(0.27, 0.05), 100, 0.0).detail
+    assert "alone" in admit(insts, "b", new(0.27, 0.02), 100, 0.0).detail

@@ -96,6 +96,27 @@ def test_admission_through_the_device(tiny):
     assert dev2.admit("a", 20, now=0.0).admitted
 
 
+@pytest.mark.parametrize("slack", [True, False])
+def test_the_device_plans_a_newcomer_against_its_slo_and_times_admission(tiny, monkeypatch, slack):
+    import runtime.device as device_mod
+
+    seen = []
+    real = device_mod.admit
+
+    def spy(loads, iid, req, free, now, displace=False):
+        seen.append(req)
+        return real(loads, iid, req, free, now, displace=displace)
+
+    monkeypatch.setattr(device_mod, "admit", spy)
+    dev = DeviceLoop(newcomer_slack=slack)
+    dev.add_instance(make_instance(tiny, "a", ttft_base_s=0.8))
+    assert dev.admit("a", 10, now=0.0).admitted
+    (req,) = seen
+    assert req.ttft_deadline_s == pytest.approx(0.8 * (1 - SLO_MARGIN))
+    assert req.own_slack_s == pytest.approx(0.8 * SLO_MARGIN if slack else 0.0)
+    assert dev.stats.admissions == 1 and 0 < dev.stats.admit_max_s <= dev.stats.admit_total_s
+
+
 def test_profile_measures_real_steps_and_leaves_no_kv(tiny):
     inst = make_instance(tiny, "p")
     prof = profile_engine(inst.engine, prefill_lengths=(16, 128), decode_points=((32, (1, 4)),), decode_steps=2)

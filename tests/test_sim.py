@@ -225,6 +225,7 @@ def test_system_names_and_ablations():
     assert system_config("slinfer-nopreempt-balance").balance is True
     assert system_config("slinfer-nocpu").pools == (DeviceKind.GPU,)
     assert system_config("slinfer-nowatermark").watermark == 1.0
+    assert system_config("slinfer").newcomer_slack and not system_config("slinfer-noslack").newcomer_slack
     with pytest.raises(ValueError, match="unknown system"):
         system_config("sllm+x")
 
@@ -256,6 +257,8 @@ def test_the_simulator_calls_runtime_core_itself(monkeypatch):
     assert any(not d.admitted for _, _, d in calls)  # refusals came from the real admission too
     for args, kwargs, decision in calls:  # the same decision from a direct call
         assert core_admission.admit(*args, **kwargs) == decision
+    # A newcomer is planned against its SLO, as runtime.device plans it: the margin is its slack.
+    assert any(a[2].own_slack_s > 0 for a, _, _ in calls)
 
 
 

@@ -30,7 +30,8 @@ Ablations of slinfer (suffixes, combinable): ``-nopreempt``, ``-nocpu``, ``-nowa
 busy nodes instead of packing), ``-nohold`` (idle CPU instances unload after ``keep_alive_s`` like
 GPU ones), ``-batchroute`` (route by batch only, whatever the device), ``-nocache`` (placement
 ignores the host caches), ``-nodisplace`` (admission never hands back a waiting prompt),
-``-norate`` (preemption does not see functions' arrival rates).
+``-norate`` (preemption does not see functions' arrival rates), ``-noslack`` (a newcomer's own
+first token is planned against the 5%-tighter deadline, as admitted work's, not its SLO).
 
 Every system shares the same front end: a request no instance takes waits in the cluster queue, is
 retried every ``retry_s`` (the artifact's 0.25 s) and dropped once its TTFT deadline (plus any
@@ -94,6 +95,9 @@ class SystemConfig:
     # Admission may hand back a longer waiting prompt (no token out yet) to admit a shorter one
     # (runtime.core.admission.displacing); the handed-back request is routed again.
     displace: bool = True
+    # Admission plans a newcomer's own first token against its SLO rather than the 5%-tighter
+    # planning deadline (runtime.core.admission.NewRequest.own_slack_s).
+    newcomer_slack: bool = True
     # Requests per second per function over this window (what the activator reports) reach the
     # autoscaler's snapshot; preemption spares busier functions' instances. 0: no rates.
     rate_window_s: float = DEFAULT_RATE_WINDOW_S
@@ -108,14 +112,14 @@ class SystemConfig:
 
 SLLM = SystemConfig("sllm", pools=(DeviceKind.GPU,), static_memory=True, admission=Admission.BATCH_CAP,
                     batch_cap=BatchCap.EXCLUSIVE, preempt=False, prefill_chunk_tokens=None,
-                    prefill_by_deadline=False, displace=False)
+                    prefill_by_deadline=False, displace=False, newcomer_slack=False)
 SLLM_C = replace(SLLM, name="sllm+c", pools=(DeviceKind.CPU, DeviceKind.GPU))
 SLLM_C_S = replace(SLLM_C, name="sllm+c+s", slots_per_node=2, compute_share=0.5, batch_cap=BatchCap.SHARED2)
 SLINFER = SystemConfig("slinfer", route_device_order=(DeviceKind.GPU, DeviceKind.CPU), hold_idle=(DeviceKind.CPU,))
 
 PRESETS: dict[str, SystemConfig] = {c.name: c for c in (SLLM, SLLM_C, SLLM_C_S, SLINFER)}
 ABLATIONS = ("nopreempt", "nocpu", "nowatermark", "balance", "nohold", "batchroute", "nocache", "nodisplace",
-             "norate")
+             "norate", "noslack")
 
 
 def system_config(name: str) -> SystemConfig:
@@ -142,6 +146,8 @@ def system_config(name: str) -> SystemConfig:
             cfg = replace(cfg, cache_aware=False)
         elif f == "nodisplace":
             cfg = replace(cfg, displace=False)
+        elif f == "noslack":
+            cfg = replace(cfg, newcomer_slack=False)
         elif f == "norate":
             cfg = replace(cfg, rate_window_s=0.0)
         else:

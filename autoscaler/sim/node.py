@@ -328,7 +328,8 @@ class SimNode:
                 return Decision(False, None, self.system.retry_s, f"batch cap {self.cap} reached")
             return ADMIT
         outputs = max(0, req.output_tokens - req.generated - 1) if self.system.bounded_outputs else math.inf
-        new = NewRequest(req.context, req.deadline_s(load_delay_s), self._need_blocks(req), outputs)
+        slack = req.ttft_slo_s * SLO_MARGIN if self.system.newcomer_slack and req.first_token_s is None else 0.0
+        new = NewRequest(req.context, req.deadline_s(load_delay_s), self._need_blocks(req), outputs, slack)
         return admit(self.loads(), inst.iid, new, self._free_blocks(inst), now, displace=self.system.displace)
 
     def hand_back(self, iid: str, key: str) -> SimRequest | None:

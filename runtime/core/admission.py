@@ -24,6 +24,10 @@ the newcomer's prefill time left makes every deadline hold again (see `displacin
 jobs on time stays the same and device time is freed for the next arrival; the handed-back request
 goes elsewhere with its continuation, as after an eviction. In a burst this sheds the longest
 prompt rather than the next short one.
+The newcomer's own first token is held to its SLO (``NewRequest.own_slack_s``: the room between
+its planning deadline, 5% tighter, and the SLO), every admitted job's to the planning deadline:
+the margin guards work already taken against estimate error, while refusing a newcomer that the
+(pessimistic) estimate still serves within its SLO turns a likely hit into a sure miss.
 A refusal carries its reason (compute when decode work no longer fits, prefill when a first
 token would be late) and a Retry-After hint so the caller can go elsewhere at once. An idle
 device admits whatever fits in memory and context: there is nothing to protect, and no other
@@ -111,6 +115,11 @@ class NewRequest:
     ttft_deadline_s: float  # absolute
     reserve_blocks: int
     output_tokens: float = UNBOUNDED  # tokens it may decode after its first (max_tokens - 1)
+    # How far past ttft_deadline_s its own first token may be planned: the room between the
+    # planning deadline (the SLO less the scheduler's margin) and the SLO itself. The margin guards
+    # admitted work against estimate error; refusing a newcomer that the (already pessimistic)
+    # estimate still serves within its SLO would make a sure miss of a likely hit.
+    own_slack_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -340,7 +349,7 @@ def admit(instances: Sequence[InstanceLoad], target: str, req: NewRequest, free_
         # observations that correct it (a profile taken on a busy host would refuse forever).
         return ADMIT
     own_s = _prefill_time(inst, req.prompt_tokens)
-    if now + own_s > req.ttft_deadline_s + LATENESS_TOLERANCE_S:
+    if now + own_s > req.ttft_deadline_s + req.own_slack_s + LATENESS_TOLERANCE_S:
         # Late even if it ran alone from now: no replay can do better, and no eviction would help
         # (a COMPUTE reason here would invite the autoscaler to preempt an instance for nothing).
         late = now + own_s - req.ttft_deadline_s
@@ -352,9 +361,9 @@ def admit(instances: Sequence[InstanceLoad], target: str, req: NewRequest, free_
         return Decision(False, RefusalReason.COMPUTE, 1.0, f"decode demand would be {demand:.2f} of the device")
     newcomer = PendingPrefill(req.prompt_tokens, req.ttft_deadline_s, req.output_tokens)
     after = replay(instances, (target, newcomer), now)
-    if not after.late and after.demand_left <= 1.0:
+    if not _late(after.late, req.own_slack_s) and after.demand_left <= 1.0:
         return ADMIT  # nothing late, nothing left over: no need to compare with the device without it
-    own = after.late.get("new", 0.0)
+    own = after.late.get("new", 0.0) - req.own_slack_s
     horizon = max([newcomer.deadline_s, *(p.deadline_s for i in instances for p in i.prefills)])
     if own > LATENESS_TOLERANCE_S and after.demand_left <= 1.0:
         # Its own first token would be late: refused for that whatever the device without it looks
@@ -364,14 +373,14 @@ def admit(instances: Sequence[InstanceLoad], target: str, req: NewRequest, free_
                            f"deadlines would be missed by at least {own:.3f}s (new)")
         if not displace:
             return refusal
-        return displacing(instances, target, newcomer, own_s, now, horizon) or refusal
+        return displacing(instances, target, newcomer, own_s, now, horizon, slack_s=req.own_slack_s) or refusal
     before = replay(instances, None, now, horizon)
     # Work still running when the replay ends must fit in the long run.
     if after.demand_left > 1.0 and after.demand_left > before.demand_left + LATENESS_TOLERANCE_S:
         return Decision(False, RefusalReason.COMPUTE, 1.0,
                         f"decode demand would be {after.demand_left:.2f} of the device")
     # Only lateness the newcomer adds counts: a job already late is late either way.
-    hurt = {k: v for k, v in after.late.items() if v > before.late.get(k, 0.0) + LATENESS_TOLERANCE_S}
+    hurt = _hurt(after.late, before.late, req.own_slack_s)
     if hurt:
         worst = max(hurt.values())
         keys = sorted(hurt)
@@ -380,8 +389,18 @@ def admit(instances: Sequence[InstanceLoad], target: str, req: NewRequest, free_
                            f"deadlines would be missed by up to {worst:.3f}s ({who})")
         if not displace:
             return refusal
-        return displacing(instances, target, newcomer, own_s, now, horizon, before) or refusal
+        return displacing(instances, target, newcomer, own_s, now, horizon, before, req.own_slack_s) or refusal
     return ADMIT
+
+
+def _hurt(after: dict[str, float], before: dict[str, float], slack_s: float) -> dict[str, float]:
+    """Lateness the newcomer adds, job by job; its own counts beyond its slack only."""
+    base = dict(before, new=slack_s)
+    return {k: v for k, v in after.items() if v > base.get(k, 0.0) + LATENESS_TOLERANCE_S}
+
+
+def _late(late: dict[str, float], slack_s: float) -> bool:
+    return bool(_hurt(late, {}, slack_s))
 
 
 DISPLACE_MIN_GAIN = 1.5  # a handed-back prefill has at least this x the newcomer's prefill time left
@@ -394,7 +413,7 @@ def _prefill_time(inst: InstanceLoad, tokens: int) -> float:
 
 
 def displacing(instances: Sequence[InstanceLoad], target: str, newcomer: PendingPrefill, own_s: float,
-               now: float, horizon: float, before: Replay | None = None) -> Decision | None:
+               now: float, horizon: float, before: Replay | None = None, slack_s: float = 0.0) -> Decision | None:
     """Admit a newcomer that fits only if a longer pending prefill gives way: the exchange step of
     Moore and Hodgson's rule for the most jobs on time (when the on-time set overflows, drop its
     longest job), applied online. Candidates have no token out yet (the caller hands them back
@@ -418,8 +437,8 @@ def displacing(instances: Sequence[InstanceLoad], target: str, newcomer: Pending
         after = replay(without, (target, newcomer), now, horizon)
         if after.demand_left > 1.0 and after.demand_left > before.demand_left + LATENESS_TOLERANCE_S:
             continue
-        if any(v > before.late.get(k, 0.0) + LATENESS_TOLERANCE_S for k, v in after.late.items()):
-            continue  # "new" is in neither before nor allowed late: this also keeps it on time
+        if _hurt(after.late, before.late, slack_s):
+            continue  # this also keeps "new" within its slack
         return Decision(True, displace=(iid, key),
                         detail=f"admitted in place of {key} ({-neg_work:.2f}s of prefill left, "
                                f"against {own_s:.2f}s)")
