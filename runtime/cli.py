@@ -57,6 +57,9 @@ def parse_serve(argv: list[str], env: dict[str, str] | None = None) -> ServeSett
     ap.add_argument("--no-displace", dest="displace", action="store_false",
                     help="admission never hands a waiting prompt back (finish_reason \"preempted\", with its "
                          "continuation) to take a shorter one that would otherwise be refused")
+    ap.add_argument("--no-newcomer-slack", dest="newcomer_slack", action="store_false",
+                    help="admission plans a new request's first token against the 5%%-tighter deadline it "
+                         "plans admitted work against, rather than against the request's SLO")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--admin-token", default=env.get("SLINFER_ADMIN_TOKEN"),
                     help="bearer token for /admin (default: $SLINFER_ADMIN_TOKEN, else a random one, printed)")
@@ -83,7 +86,7 @@ def parse_serve(argv: list[str], env: dict[str, str] | None = None) -> ServeSett
                     weight_cache_bytes=a.weight_cache_mb << 20, block_size=a.block_size,
                     max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_batched_tokens,
                     max_prefill_step_s=a.max_prefill_step_ms / 1000 if a.max_prefill_step_ms > 0 else math.inf,
-                    displace=a.displace)
+                    displace=a.displace, newcomer_slack=a.newcomer_slack)
     token = a.admin_token or secrets.token_urlsafe(24)
     return ServeSettings(tuple(specs), a.host, a.port, pod, a.threads, token)
 

@@ -41,6 +41,7 @@ class PodConfig:
     max_num_batched_tokens: int = 512
     max_prefill_step_s: float = MAX_PREFILL_STEP_S  # a step carrying a prefill chunk ends within this
     displace: bool = True  # admission may hand back a longer waiting prompt to take a shorter one
+    newcomer_slack: bool = True  # a newcomer's own first token is held to its SLO, not the 5% tighter plan
     profile_prefill: tuple[int, ...] = (32, 128)
     profile_decode: tuple[tuple[int, tuple[int, ...]], ...] = ((128, (1, 4)),)
     drain_timeout_s: float = 60.0
@@ -67,7 +68,8 @@ class Pod:
         self.weights = HostWeightCache(config.weight_cache_bytes)
         self.device = AsyncDevice(DeviceLoop(config.device, config.kv_budget_bytes,
                                              max_prefill_step_s=config.max_prefill_step_s,
-                                             displace=config.displace), on_tick,
+                                             displace=config.displace,
+                                             newcomer_slack=config.newcomer_slack), on_tick,
                                   admittable=self._admittable)
         self.served: dict[str, Served] = {}
         self._profiles: dict[str, LatencyProfile] = {}  # by model ref; device thread only

@@ -55,6 +55,8 @@ def test_load_serve_and_refuse_duplicates_and_bad_specs(pod_url):
     bad = httpx.post(f"{pod_url}/admin/instances", json=spec_body("bad", slo={"tpot_s": -1}), headers=AUTH)
     assert bad.status_code == 400 and "slo.tpot_s" in bad.json()["error"]["message"]
     assert complete(pod_url, "base", "still serving").status_code == 200
+    dev = httpx.get(f"{pod_url}/admin/status", headers=AUTH).json()["device"]
+    assert dev["admission_decisions"] >= 2 and 0 < dev["admission_mean_us"] <= dev["admission_max_us"]
 
 
 def test_two_functions_on_one_checkpoint_are_two_instances_sharing_weights(pod_url):
