@@ -38,6 +38,15 @@ def test_safety_factor_scales_everything():
     assert p.decode_s(512, 1) == pytest.approx(0.055)
 
 
+def test_corrections_keep_the_safety_factor_on_top_of_what_is_observed():
+    est = LatencyEstimator(LatencyProfile.from_tables([[128, 100]], [(512, [[1, 50]])], safety=1.1), alpha=0.5)
+    for _ in range(30):
+        est.observe_decode(512, 1, 0.08)
+        est.observe_prefill(128, 0.09)
+    assert est.decode_s(512, 1) == pytest.approx(0.088, rel=1e-3)
+    assert est.prefill_s(128) == pytest.approx(0.099, rel=1e-3)
+
+
 def test_correction_moves_toward_observations_and_is_clamped():
     est = LatencyEstimator(PROFILE, alpha=0.5)
     for _ in range(20):

@@ -112,7 +112,11 @@ class LatencyEstimator:
     def _update(self, factor: float, predicted_s: float, observed_s: float) -> float:
         if predicted_s <= 0 or observed_s <= 0:
             return factor
-        ratio = observed_s / predicted_s * factor  # what the factor would have to be
+        # What the factor would have to be for the estimate to be the observation times the
+        # safety factor: the correction removes the profile's bias, the safety stays on top (a
+        # correction toward the bare observation would erase it, and half the steps would then
+        # run longer than planned).
+        ratio = observed_s / predicted_s * factor * self.profile.safety
         lo, hi = self.clamp
         return min(hi, max(lo, (1 - self.alpha) * factor + self.alpha * ratio))
 
