@@ -361,7 +361,7 @@ def admit(instances: Sequence[InstanceLoad], target: str, req: NewRequest, free_
         return Decision(False, RefusalReason.COMPUTE, 1.0, f"decode demand would be {demand:.2f} of the device")
     newcomer = PendingPrefill(req.prompt_tokens, req.ttft_deadline_s, req.output_tokens)
     after = replay(instances, (target, newcomer), now)
-    if not _late(after.late, req.own_slack_s) and after.demand_left <= 1.0:
+    if not _hurt(after.late, {}, req.own_slack_s) and after.demand_left <= 1.0:
         return ADMIT  # nothing late, nothing left over: no need to compare with the device without it
     own = after.late.get("new", 0.0) - req.own_slack_s
     horizon = max([newcomer.deadline_s, *(p.deadline_s for i in instances for p in i.prefills)])
@@ -397,10 +397,6 @@ def _hurt(after: dict[str, float], before: dict[str, float], slack_s: float) -> 
     """Lateness the newcomer adds, job by job; its own counts beyond its slack only."""
     base = dict(before, new=slack_s)
     return {k: v for k, v in after.items() if v > base.get(k, 0.0) + LATENESS_TOLERANCE_S}
-
-
-def _late(late: dict[str, float], slack_s: float) -> bool:
-    return bool(_hurt(late, {}, slack_s))
 
 
 DISPLACE_MIN_GAIN = 1.5  # a handed-back prefill has at least this x the newcomer's prefill time left
