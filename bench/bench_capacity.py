@@ -240,7 +240,12 @@ def measure(model: LoadedModel, cfg: EngineConfig, quick: bool) -> LatencyProfil
     profile_engine(LLMEngine(model, cfg), prefill_lengths=(32, 128), decode_points=((64, (1, 4)),),
                    decode_steps=2)  # warm-up
     prefill_lengths = (32, 64, 128, 512) if quick else (16, 32, 64, 128, 256, 512)
-    points = ((64, (1, 4)), (256, (1, 4))) if quick else ((64, (1, 4, 8)), (256, (1, 4)))
+    # Decode up to the longest context a job can reach: past the last point the estimator
+    # extrapolates in proportion to context, and decode here barely grows with it (a 256-token
+    # table priced a 500-token stream's steps ~2x high, and the online correction then swung the
+    # instance's factor to its clamp).
+    rows = {64: (1, 4) if quick else (1, 4, 8), 256: (1, 4), cfg.max_model_len: (1, 4)}
+    points = tuple((ctx, rows[ctx]) for ctx in sorted(rows) if ctx <= cfg.max_model_len)
     runs = [profile_engine(LLMEngine(model, cfg), prefill_lengths=prefill_lengths, decode_points=points,
                            decode_steps=3) for _ in range(3)]
     prefill = [(n, statistics.median(r.prefill_ms[i][1] for r in runs)) for i, (n, _) in enumerate(runs[0].prefill_ms)]
