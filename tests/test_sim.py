@@ -13,10 +13,11 @@ import autoscaler.sim.node as sim_node
 import runtime.core.admission as core_admission
 import runtime.core.arbiter as core_arbiter
 import runtime.core.memory as core_memory
+from autoscaler.core.snapshot import FunctionId, InstanceId, NodeId
 from autoscaler.sim.clock import EventKind, EventQueue, PastEventError
 from autoscaler.sim.config import ClusterSpec, ModelSpec, model_from_published, system_config
-from autoscaler.sim.loading import HostCache, LoadModel
-from autoscaler.sim.node import SimNode, SimRequest
+from autoscaler.sim.loading import HostCache, LoadModel, LoadSource
+from autoscaler.sim.node import SimInstance, SimNode, SimRequest
 from autoscaler.sim.scoring import meets_slo, score, ttft_s
 from autoscaler.sim.simulator import RequestRecord, Simulator, simulate
 from autoscaler.sim.sweep import capacity, capacity_any
@@ -104,6 +105,24 @@ def test_a_cold_load_counts_in_ttft():
     assert res.stats.loads == 1 and res.stats.loads_from_disk == 1
 
 
+# (source, bandwidth of the first load in GB/s or None for no time, loads from disk)
+LOAD_SOURCES = [
+    (LoadSource.TIERED, 5.0, 1),  # the cache starts empty: disk
+    (LoadSource.HOST_POOL, 24.0, 0),  # the artifact's pinned pool: host memory -> GPU
+    (LoadSource.INSTANT, None, 0),
+]
+
+
+@pytest.mark.parametrize("source, gbps, from_disk", LOAD_SOURCES)
+def test_the_load_source_sets_the_first_loads_time(source, gbps, from_disk):
+    model = make_model(weights_gb=10.0)
+    res = simulate(make_trace((0.1, "f", 500, 3)), model, gpu_cluster(), system_config("slinfer"),
+                   LoadModel(source=source))
+    (r,) = res.requests
+    assert r.load_delay_s == pytest.approx(0.0 if gbps is None else 10 * GIB / (gbps * 1e9))
+    assert res.stats.loads == 1 and res.stats.loads_from_disk == from_disk
+
+
 def test_a_second_load_on_the_node_comes_from_the_host_cache():
     cache = HostCache(25 * GIB)
     assert not cache.touch("a", 10 * GIB) and cache.touch("a", 10 * GIB)
@@ -150,6 +169,49 @@ def test_a_short_prompt_overtakes_a_started_long_one_inside_an_instance(by_deadl
     assert (short.first_token_s < long.first_token_s) is short_first
     assert meets_slo(short) is short_first
     assert meets_slo(long)
+
+
+def loaded_node(now: float = 1.0) -> tuple[SimNode, SimInstance, SimRequest]:
+    """A GPU node with one loaded instance of f holding one waiting prompt."""
+    node = SimNode(NodeId("gpu0"), "gpu0", DeviceKind.GPU, make_model(10.0), system_config("slinfer"), 60 * GIB)
+    inst = SimInstance(InstanceId("f#0"), FunctionId("f"), node, 10 * GIB, 0.0, 0.5)
+    node.start_load(inst)
+    node.finish_load(inst, 0.5)
+    req = SimRequest(0, FunctionId("f"), now, 100, 5, 0.5, 0.25)
+    node.add(inst, req)
+    assert inst.idle_since_s is None
+    return node, inst, req
+
+
+def test_an_instance_emptied_by_a_kv_spill_starts_its_keep_alive(monkeypatch):
+    """An instance whose last request is spilled (its KV cannot grow) is idle from then on; with no
+    idle start it would never expire, hold its memory for good and keep the simulation ticking."""
+    node, inst, req = loaded_node()
+    monkeypatch.setattr(node, "_needed_next", lambda i: i.kv_blocks + 1)  # never fits
+    assert node.next_run(2.0, math.inf) is None
+    assert node.spilled == [req] and not inst.has_work and inst.idle_since_s == 2.0
+
+
+def test_an_instance_emptied_by_a_hand_back_starts_its_keep_alive():
+    node, inst, req = loaded_node()
+    assert node.hand_back("f#0", str(req.rid), 3.0) is req
+    assert not inst.has_work and inst.idle_since_s == 3.0
+
+
+@pytest.mark.parametrize("system", ["slinfer", "slinfer-nohold"])
+def test_every_idle_instance_expires_and_the_run_ends(system):
+    """The regression that found the above: under free loads 13B ran past its trace forever. On
+    this run the old code emptied instances without an idle start (the tick now refuses that) and
+    lost requests that an eviction or a hand-back sent back while a retry pass routed others (the
+    pass overwrote the queue; the run's end now refuses a request neither done nor dropped)."""
+    trace = synthetic_trace(num_functions=16, duration_s=120.0, seed=0, total_rate_per_s=3.0)
+    sim = Simulator(trace, make_model(10.0), gpu_cluster(2, cpus=1, gpu_memory=24 * GIB),
+                    system_config(system), LoadModel(source=LoadSource.INSTANT))
+    res = sim.run()
+    assert res.stats.duration_s < trace.duration_s + 600
+    held = [i for i in sim.instances.values() if i.node.kind in sim.system.hold_idle]
+    assert list(sim.instances.values()) == held and all(not i.has_work for i in held)
+    assert all(r.state.name in ("DONE", "DROPPED") for r in sim.requests)
 
 
 def test_a_displaced_prompt_is_routed_again_and_never_lost(monkeypatch):

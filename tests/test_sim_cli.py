@@ -50,3 +50,17 @@ def test_slinfer_simulate_dispatches_and_reports_bad_input(tmp_path, profile, ca
     assert "not found" in capsys.readouterr().err
     assert cli.main(["--profile", str(profile), "--model", "toy", "--systems", "nope"]) == 2
     assert "unknown system" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--profile", str(profile), "--model", "toy", "--loads", "nvme"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("loads, from_disk", [("tiered", True), ("host-pool", False), ("instant", False)])
+def test_simulate_applies_and_reports_the_load_source(tmp_path, profile, capsys, loads, from_disk):
+    out = tmp_path / "o"
+    rc = cli.main(["--profile", str(profile), "--model", "toy", "--duration", "10", "--functions", "16",
+                   "--systems", "slinfer", "--loads", loads, "--out", str(out)])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loads"] == loads
+    (run,) = json.loads((out / "runs.json").read_text())["runs"]
+    assert run["stats"]["loads"] > 0 and (run["stats"]["loads_from_disk"] > 0) is from_disk

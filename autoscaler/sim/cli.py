@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from autoscaler.sim.config import ClusterSpec, model_from_published, system_config
-from autoscaler.sim.loading import LoadModel
+from autoscaler.sim.loading import LoadModel, LoadSource
 from autoscaler.sim.report import write_csv, write_json, write_plots
 from autoscaler.sim.scoring import Score, score
 from autoscaler.sim.simulator import RunResult, simulate
@@ -44,6 +44,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--sweep", action="store_true", help="run g = 1..8 functions of each group of 8")
     ap.add_argument("--functions", type=int, default=None, help="one load level (default: all functions)")
     ap.add_argument("--host-cache-gib", type=float, default=None, help="per-node DRAM checkpoint cache")
+    ap.add_argument("--loads", choices=[s.value for s in LoadSource], default=LoadSource.TIERED.value,
+                    help="where checkpoints load from: tiered = host cache, else disk (default); host-pool = "
+                         "every checkpoint in host memory (the SLINFER artifact's loader); instant = no load "
+                         "time (how much is cold-start cost)")
     ap.add_argument("--out", default="sim-out", help="output folder")
     return ap.parse_args(argv)
 
@@ -91,7 +95,7 @@ def main(argv: list[str]) -> int:
         runs[cfg.name] = {}
         for n, t in lv:
             t0 = time.perf_counter()
-            result = simulate(t, model, cluster, cfg, LoadModel())
+            result = simulate(t, model, cluster, cfg, LoadModel(source=LoadSource(a.loads)))
             wall[(cfg.name, n)] = time.perf_counter() - t0
             s = score(result)
             runs[cfg.name][n] = (s, result)
@@ -111,7 +115,7 @@ def main(argv: list[str]) -> int:
                              for name, by_n in runs.items()},
         "capacity_at": {str(tgt): {name: capacity({n: s.attainment for n, (s, _) in by_n.items()}, tgt)
                                    for name, by_n in runs.items()} for tgt in TARGETS},
-        "cpus": a.cpus, "gpus": a.gpus, "trace": trace.source,
+        "cpus": a.cpus, "gpus": a.gpus, "trace": trace.source, "loads": a.loads,
     }
     if "sllm" in runs:  # the paper's headline: SLO-met requests relative to exclusive allocation
         summary["ratio_vs_sllm"] = {

@@ -11,10 +11,17 @@
 A checkpoint read from disk enters the node's host cache (LRU by last use, bounded in bytes); the
 cache starts empty, so every function's first load on a node comes from disk. A load counts in the
 TTFT of every request that waited for it (the simulator's default score).
+
+``LoadSource`` chooses where checkpoints come from. ``TIERED`` (the default) is the above.
+``HOST_POOL`` is the SLINFER artifact's GPU loader: every checkpoint already sits in each host's
+pinned memory pool, so every load runs at host-memory bandwidth and none touches disk (CPU loads
+too, where the artifact's were free). ``INSTANT``: loads take no time, which bounds how much of a
+result is cold-start cost. Both are for analysis; neither is a claim about a real cluster.
 """
 
 from __future__ import annotations
 
+import enum
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -23,15 +30,28 @@ from runtime.core.arbiter import DeviceKind
 GB = 1e9
 
 
+class LoadSource(enum.Enum):
+    TIERED = "tiered"  # the node's host cache, else disk
+    HOST_POOL = "host-pool"  # every checkpoint in every host's memory pool
+    INSTANT = "instant"  # no load time at all
+
+
 @dataclass(frozen=True)
 class LoadModel:
     gpu_cache_gbps: float = 24.0
     cpu_cache_gbps: float = 12.0
     disk_gbps: float = 5.0
     overhead_s: float = 0.0
+    source: LoadSource = LoadSource.TIERED
+
+    def from_host_memory(self, cached: bool) -> bool:
+        """Whether a load reads host memory (not disk), given whether the node's LRU cache held it."""
+        return cached or self.source is not LoadSource.TIERED
 
     def load_s(self, kind: DeviceKind, weight_bytes: int, cached: bool) -> float:
-        if cached:
+        if self.source is LoadSource.INSTANT:
+            return 0.0
+        if self.from_host_memory(cached):
             bw = self.gpu_cache_gbps if kind is DeviceKind.GPU else self.cpu_cache_gbps
         else:
             bw = self.disk_gbps

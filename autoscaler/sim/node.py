@@ -332,7 +332,7 @@ class SimNode:
         new = NewRequest(req.context, req.deadline_s(load_delay_s), self._need_blocks(req), outputs, slack)
         return admit(self.loads(), inst.iid, new, self._free_blocks(inst), now, displace=self.system.displace)
 
-    def hand_back(self, iid: str, key: str) -> SimRequest | None:
+    def hand_back(self, iid: str, key: str, now: float) -> SimRequest | None:
         """Take a waiting prompt out of its instance, as runtime.device does for an admission that
         displaces it (a chunk of it in flight is lost: finish_run skips requests no longer there)."""
         inst = self.instances.get(InstanceId(iid))
@@ -341,8 +341,16 @@ class SimNode:
             return None
         inst.prefilling.remove(r)
         r.prefilled = 0
+        self._went_idle(inst, now)
         self._touch(inst)
         return r
+
+    @staticmethod
+    def _went_idle(inst: SimInstance, now: float) -> None:
+        """Start the keep-alive of an instance that just lost its last request, however it lost it
+        (finished, handed back, spilled): without a start an idle instance would never expire."""
+        if not inst.has_work and inst.idle_since_s is None:
+            inst.idle_since_s = now
 
     def shortfall(self, inst: SimInstance, req: SimRequest, decision: Decision) -> Shortfall | None:
         """What the device lacks for ``req`` on ``inst`` after a MEMORY or COMPUTE refusal."""
@@ -477,7 +485,7 @@ class SimNode:
         self.quota_left = grant.iterations
         return self.current
 
-    def _spill_until_fits(self, inst: SimInstance, needed: int) -> int:
+    def _spill_until_fits(self, inst: SimInstance, needed: int, now: float) -> int:
         """The instance's KV cannot hold the next iteration: preempt its newest requests (they
         continue elsewhere by recompute), as the engine does when it outgrows its blocks."""
         while needed > inst.kv_blocks and (inst.prefilling or inst.decoding):
@@ -487,6 +495,7 @@ class SimNode:
             self.spilled.append(victim)
             self._touch(inst)
             needed = self._needed_next(inst)
+        self._went_idle(inst, now)
         return needed
 
     def _prefill_next(self, inst: SimInstance) -> bool:
@@ -512,7 +521,7 @@ class SimNode:
             inst = self._choose()
             if inst is None:
                 return None
-            self._spill_until_fits(inst, self._needed_next(inst))
+            self._spill_until_fits(inst, self._needed_next(inst), now)
             if inst.has_work:
                 break
             self.current, self.quota_left = None, 0
@@ -620,7 +629,6 @@ class SimNode:
             r.state = RequestState.DONE
             if r.finish_s is None:
                 r.finish_s = end
-        if not inst.has_work:
-            inst.idle_since_s = end
+        self._went_idle(inst, end)
         return done
 

@@ -239,7 +239,12 @@ class Simulator:
         self._retry(now, None)
         self._autoscale(now)
         busy = any(n.run is not None for n in self.nodes.values())
-        expiring = any(not self._held(i) for i in self.instances.values())
+        expiring = False
+        for i in self.instances.values():
+            if not i.has_work and i.state is InstanceState.READY and i.idle_since_s is None:
+                # it would never expire: memory held for good and a clock that never stops
+                raise RuntimeError(f"instance {i.iid} is idle with no keep-alive start at t={now:.3f}")
+            expiring = expiring or not self._held(i)
         if self._arrivals_left or self.waiting or expiring or busy:
             self.queue.push(now + self.system.retry_s, EventKind.TICK)
 
@@ -267,7 +272,8 @@ class Simulator:
     def _retry(self, now: float, function: FunctionId | None) -> None:
         """Route waiting requests (of one function, or all), oldest first; drop the hopeless."""
         still: list[SimRequest] = []
-        for r in sorted(self.waiting, key=lambda x: (x.arrival_s, x.rid)):
+        pending, self.waiting = self.waiting, []
+        for r in sorted(pending, key=lambda x: (x.arrival_s, x.rid)):
             if function is not None and r.function != function:
                 still.append(r)
             elif self._route(r, now):
@@ -276,7 +282,7 @@ class Simulator:
                 r.state = RequestState.DROPPED
             else:
                 still.append(r)
-        self.waiting = still
+        self.waiting = still + self.waiting  # + any an eviction or a hand-back sent back meanwhile
 
     def _load_allowance(self, r: SimRequest) -> float:
         """Extra time a waiting request may take because a load of its function is (or was) under
@@ -319,7 +325,7 @@ class Simulator:
     def _place(self, r: SimRequest, inst: SimInstance, delay: float, d: Decision, now: float) -> None:
         r.load_delay_s = delay
         if d.displace is not None:  # a longer waiting prompt gave way: it is routed again, as the activator does
-            gone = inst.node.hand_back(*d.displace)
+            gone = inst.node.hand_back(*d.displace, now)
             if gone is not None:
                 self.displaced_requests += 1
                 self._requeue([gone], now)
@@ -384,7 +390,7 @@ class Simulator:
             self._changed()
 
     def _load(self, function: FunctionId, node: SimNode, now: float) -> None:
-        cached = self.caches[node.host].touch(function, self.model.weight_bytes)
+        cached = self.load_model.from_host_memory(self.caches[node.host].touch(function, self.model.weight_bytes))
         load_s = self.load_model.load_s(node.kind, self.model.weight_bytes, cached)
         iid = InstanceId(f"{function}@{node.node_id}#{self._next_iid}")
         self._next_iid += 1
@@ -412,6 +418,8 @@ class Simulator:
             self._host_seconds[host] += end - since
         records = []
         for r in self.requests:
+            if r.state not in (RequestState.DONE, RequestState.DROPPED):
+                raise RuntimeError(f"request {r.rid} of {r.function} ended the run {r.state.value}: lost")
             served = r.state is RequestState.DONE
             records.append(RequestRecord(
                 r.function, r.arrival_s, r.prompt_tokens, r.output_tokens,
