@@ -214,6 +214,34 @@ def test_every_idle_instance_expires_and_the_run_ends(system):
     assert all(r.state.name in ("DONE", "DROPPED") for r in sim.requests)
 
 
+@pytest.mark.parametrize("system", ["sllm", "sllm+c", "sllm+c+s", "slinfer", "slinfer-nohold-balance",
+                                    "slinfer-norate-nodisplace"])
+def test_no_request_is_lost_or_duplicated_and_no_device_overcommits(system):
+    """The invariants checked at every tick under each system, on a run tight enough for
+    evictions, displacements and KV spills (two small GPUs and a CPU, 24 functions)."""
+    trace = synthetic_trace(num_functions=24, duration_s=90.0, seed=2, total_rate_per_s=4.0)
+    sim = Simulator(trace, make_model(10.0), gpu_cluster(2, cpus=1, gpu_memory=22 * GIB), system_config(system),
+                    check=True)
+    res = sim.run()
+    assert len(res.requests) == len(trace.arrivals) and any(r.finish_s is not None for r in res.requests)
+    if system.startswith("slinfer"):
+        assert sim.evictions > 0 and sim.preempted_requests > 0
+
+
+def test_the_invariant_check_finds_a_lost_request():
+    trace = make_trace((0.1, "f", 100, 50), (0.2, "f", 100, 50))
+    sim = Simulator(trace, make_model(10.0), gpu_cluster(), system_config("slinfer"), check=True)
+    real = sim._retry
+
+    def losing(now, function):  # the old bug: the queue is replaced, a request sent back is gone
+        real(now, function)
+        sim.waiting = sim.waiting[1:]
+
+    sim._retry = losing
+    with pytest.raises(RuntimeError, match="nowhere: lost"):
+        sim.run()
+
+
 def test_a_displaced_prompt_is_routed_again_and_never_lost(monkeypatch):
     """Admission's hand-back, as the simulator applies it: the newcomer joins, the displaced
     waiting prompt leaves its instance and waits for a route again (as the activator sends a

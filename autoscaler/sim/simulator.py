@@ -111,7 +111,8 @@ class RunResult:
 
 class Simulator:
     def __init__(self, trace: Trace, model: ModelSpec, cluster: ClusterSpec, system: SystemConfig,
-                 load_model: LoadModel | None = None, slo: SLO | None = None):
+                 load_model: LoadModel | None = None, slo: SLO | None = None, check: bool = False):
+        self.check = check  # verify the request and memory invariants every tick (tests; slow)
         self.trace = trace
         self.model = model
         self.cluster = cluster
@@ -245,8 +246,31 @@ class Simulator:
                 # it would never expire: memory held for good and a clock that never stops
                 raise RuntimeError(f"instance {i.iid} is idle with no keep-alive start at t={now:.3f}")
             expiring = expiring or not self._held(i)
+        if self.check:
+            self.check_invariants(now)
         if self._arrivals_left or self.waiting or expiring or busy:
             self.queue.push(now + self.system.retry_s, EventKind.TICK)
+
+    def check_invariants(self, now: float) -> None:
+        """Every arrived request is in exactly one place its state names (the cluster queue, one
+        instance's prompts or batch) or has ended; no device holds more memory than it has."""
+        seen: dict[int, str] = {}
+        places = [("queue", RequestState.WAITING, self.waiting)]
+        for inst in self.instances.values():
+            places += [(inst.iid, RequestState.PREFILL, inst.prefilling), (inst.iid, RequestState.DECODE, inst.decoding)]
+        for where, state, reqs in places:
+            for r in reqs:
+                if r.rid in seen:
+                    raise RuntimeError(f"t={now:.3f}: request {r.rid} is in {seen[r.rid]} and in {where}")
+                if r.state is not state:
+                    raise RuntimeError(f"t={now:.3f}: request {r.rid} in {where} is {r.state.value}")
+                seen[r.rid] = where
+        for r in self.requests:
+            if r.arrival_s < now and r.rid not in seen and r.state not in (RequestState.DONE, RequestState.DROPPED):
+                raise RuntimeError(f"t={now:.3f}: request {r.rid} ({r.state.value}) is nowhere: lost")
+        for node in self.nodes.values():
+            if node.actions.free < 0:
+                raise RuntimeError(f"t={now:.3f}: {node.node_id} holds {-node.actions.free} bytes more than it has")
 
     def _refresh_rates(self, now: float) -> None:
         """Each function's arrivals per second over the last ``rate_window_s``, into the snapshot's
