@@ -54,13 +54,14 @@ class ActivatorSettings:
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, code: str, type_: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.type = status, message, code, type_
         self.headers = headers or {}
+        self.param = param
 
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}}
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
@@ -221,6 +222,8 @@ def create_app(settings: ActivatorSettings, source: RouteSource | None = None) -
     async def openai(request: Request, path: str, chat: bool) -> Response:
         body, raw = await _json_body(request)
         model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise APIError(400, "'model' must be a string: the function's name", "invalid_value", param="model")
         spec = act.function(model or act.knative_function(request))
         if model == spec.name:  # as the runtime wants it: forward the client's bytes
             return await act.forward(spec, path, body, chat, raw)

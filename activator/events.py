@@ -47,9 +47,23 @@ def event_mode(headers: Mapping[str, str]) -> Mode | None:
 
 def parse_event(headers: Mapping[str, str], body: bytes) -> BaseCloudEvent:
     try:
-        return from_http_event(HTTPMessage(dict(headers), body))
+        event = from_http_event(HTTPMessage(dict(headers), body))
     except Exception as e:  # the SDK raises several types (validation, JSON, attribute errors)
         raise BadEvent(f"not a valid CloudEvent: {e}") from e
+    # The SDK makes up an id when the event has none; id is REQUIRED, and a made-up one would be
+    # the reply's subject, answering an event nobody can name.
+    if not _has_id(headers, body):
+        raise BadEvent("not a valid CloudEvent: the required attribute 'id' is missing")
+    return event
+
+
+def _has_id(headers: Mapping[str, str], body: bytes) -> bool:
+    if "ce-id" in headers:
+        return bool(headers["ce-id"])
+    if event_mode(headers) is not Mode.STRUCTURED:
+        return False
+    doc = json.loads(body)  # parsed once already by the SDK, so valid JSON
+    return isinstance(doc, dict) and isinstance(doc.get("id"), str) and bool(doc["id"])
 
 
 def event_text(event: BaseCloudEvent) -> str:

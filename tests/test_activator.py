@@ -125,6 +125,26 @@ def test_malformed_body_is_400(setup: Setup, body: bytes) -> None:
     still_serving(setup.url)
 
 
+@pytest.mark.parametrize("model", [["tiny"], {"name": "tiny"}, 5])
+def test_a_model_that_is_not_a_string_is_400(setup: Setup, model: object) -> None:
+    r = httpx.post(f"{setup.url}/v1/chat/completions",
+                   json={"model": model, "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "model" and r.json()["error"]["code"] == "invalid_value"
+    still_serving(setup.url)
+
+
+@pytest.mark.parametrize("extra", [{"stream": "no"}, {"stream": "false"},
+                                   {"stream": True, "stream_options": {"include_usage": "no"}}])
+def test_stream_flags_must_be_booleans(setup: Setup, extra: dict[str, object]) -> None:
+    # A lax reading ("no" -> False at the runtime) once met a truthy one at the activator: JSON
+    # sent back as an event stream.
+    r = httpx.post(f"{setup.url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, **extra})
+    assert r.status_code == 422 and r.headers["content-type"].startswith("application/json"), r.text
+    assert r.json()["error"]["param"].startswith("stream")
+    still_serving(setup.url)
+
+
 def test_runtime_validation_errors_pass_through(setup: Setup) -> None:
     r = httpx.post(f"{setup.url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 0})
     assert r.status_code == 422
@@ -240,6 +260,8 @@ def test_knative_trigger_delivery_gets_a_cloudevent_reply(setup: Setup) -> None:
     ({"content-type": "application/cloudevents+json"}, b'{"specversion": "1.0", "id": "x"}'),
     ({"content-type": "application/cloudevents+json"}, b"{broken"),
     ({"ce-specversion": "1.0", "ce-id": "x", "ce-source": "/s", "ce-type": "t"}, b""),
+    ({"ce-specversion": "1.0", "ce-source": "/s", "ce-type": "t", "content-type": "text/plain"}, b"no id"),
+    ({"content-type": "application/cloudevents+json"}, b'{"specversion": "1.0", "source": "/s", "type": "t", "data": "x"}'),
 ])
 def test_malformed_cloudevent_is_400(setup: Setup, headers: dict[str, str], body: bytes) -> None:
     r = httpx.post(f"{setup.url}/functions/{EVENT_FN}", content=body, headers=headers)

@@ -234,8 +234,13 @@ def test_arrival_counts_become_arrival_rates_in_the_snapshot_and_status() -> Non
     ({"waiting": {"a": -2}}, 400),
     ({"waiting": {}, "arrived": ["a"]}, 400),
     ({"waiting": {}, "arrived": {"a": "many"}}, 400),
+    ({"waiting": {"a": 2.7}}, 400),
+    ({"waiting": {"a": True}}, 400),
+    ({"waiting": {}, "routes_version": "3"}, 400),
+    (b'{"waiting": {"a": 1e400}}', 400),  # inf: int() of it raised OverflowError, a 500
+    (b'{"waiting": {}, "routes_version": 1e400}', 400),
 ])
-def test_demand_reports_are_validated(body: dict[str, Any], status: int) -> None:
+def test_demand_reports_are_validated(body: dict[str, Any] | bytes, status: int) -> None:
     from starlette.testclient import TestClient
 
     from autoscaler.service.api import create_api
@@ -246,9 +251,11 @@ def test_demand_reports_are_validated(body: dict[str, Any], status: int) -> None
 
     ctl = run(make())
     with TestClient(create_api(ctl, TOKEN)) as c:
-        r = c.post("/demand", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        r = (c.post("/demand", content=body, headers={**auth, "content-type": "application/json"})
+             if isinstance(body, bytes) else c.post("/demand", json=body, headers=auth))
         assert r.status_code == status, r.text
         if status == 400:
             assert r.json()["error"]["code"] == "invalid_demand"
-        elif "arrived" in body:
+        elif isinstance(body, dict) and "arrived" in body:
             assert ctl.status()["arrival_rate_per_s"] == {"a": round(2 / 300, 4)}

@@ -29,6 +29,13 @@ def _error(status: int, message: str, code: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "code": code}}, status_code=status)
 
 
+def _count(v: object) -> int:
+    """A JSON integer >= 0 (not a float, a bool or a string: a count sent wrong is a bug to report)."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"not a count: {v!r}")
+    return v
+
+
 def create_api(controller: Controller, token: str, lifespan: Lifespan[Any] | None = None) -> Starlette:
     def authed(handler: Any) -> Any:
         async def endpoint(request: Request) -> Response:
@@ -51,15 +58,13 @@ def create_api(controller: Controller, token: str, lifespan: Lifespan[Any] | Non
     async def post_demand(request: Request) -> Response:
         try:
             body = await request.json()
-            waiting = {str(k): int(v) for k, v in dict(body.get("waiting", {})).items()}
+            waiting = {str(k): _count(v) for k, v in dict(body.get("waiting", {})).items()}
             active = [str(x) for x in body.get("active", [])]
-            arrived = {str(k): int(v) for k, v in dict(body.get("arrived", {})).items()}
-            seen_version = int(body.get("routes_version", 0))
-            if any(n < 0 for n in (*waiting.values(), *arrived.values())):
-                raise ValueError("negative count")
+            arrived = {str(k): _count(v) for k, v in dict(body.get("arrived", {})).items()}
+            seen_version = _count(body.get("routes_version", 0))
         except (ValueError, TypeError, AttributeError):
             return _error(400, "send {'waiting': {function: count}, 'active': [function, ...], "
-                               "'arrived': {function: count}} with counts >= 0", "invalid_demand")
+                               "'arrived': {function: count}} with integer counts >= 0 and an integer routes_version", "invalid_demand")
         controller.report_demand(waiting, active, seen_version, arrived)
         return JSONResponse({"ok": True})
 
