@@ -30,6 +30,7 @@ from autoscaler.core import (
     expired,
     place,
     plan_preemption,
+    round_robin_order,
     route_order,
 )
 from functions import DevicePreference
@@ -236,6 +237,25 @@ def test_route_order_by_device_kind(instances, device_order, expected):
     nodes = [make_node(f"n-{iid}", make_instance(iid, "f", batch=b), kind=kind) for iid, kind, b in instances]
     got = route_order(make_snapshot(*nodes), F, device_order=device_order)
     assert [i.instance_id for i in got] == expected
+
+
+ROUND_ROBIN = [
+    # (case, last instance that took a request, expected order)
+    ("none yet: by id", None, ["a", "b", "c"]),
+    ("after a", "a", ["b", "c", "a"]),
+    ("after b", "b", ["c", "a", "b"]),
+    ("after the last: wraps", "c", ["a", "b", "c"]),
+    ("the last one is gone: after where it was", "bb", ["c", "a", "b"]),
+]
+
+
+@pytest.mark.parametrize("last, expected", [r[1:] for r in ROUND_ROBIN], ids=[r[0] for r in ROUND_ROBIN])
+def test_round_robin_order_starts_after_the_last(last, expected):
+    # batches and nodes play no part; loading instances and other functions' are skipped
+    snap = make_snapshot(make_node("n1", make_instance("c", "f", batch=9), make_instance("x", "g", batch=1)),
+                         make_node("n2", make_instance("b", "f", batch=0), make_instance("a", "f", batch=3),
+                                   make_instance("d", "f", loading=True), kind=GPU))
+    assert [i.instance_id for i in round_robin_order(snap, F, last)] == expected
 
 
 def test_route_order_spans_nodes():

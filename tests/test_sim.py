@@ -462,6 +462,32 @@ def test_routing_tries_gpu_instances_first(monkeypatch, system, first_asked):
     assert {firsts[t] for t in firsts if t >= 6.0} == {first_asked}
 
 
+@pytest.mark.parametrize("round_robin", [True, False])
+def test_sllm_routes_round_robin(monkeypatch, round_robin):
+    """A burst past the batch cap (8) gives f two exclusive GPU instances; later requests, while
+    both still work (4 and 2 requests), go to them in turn (the artifact's ServerlessLLM), or with
+    round_robin off, to the one with the larger batch."""
+    placed: list[tuple[float, str]] = []
+    real = SimNode.add
+
+    def spy(self, inst, req):
+        placed.append((req.arrival_s, inst.iid))
+        return real(self, inst, req)
+
+    monkeypatch.setattr(SimNode, "add", spy)
+    arrivals = [(0.01 * k, "f", 100, 200 if k < 4 else 4000) for k in range(10)]  # 8 + 2; 4 end by 6 s
+    arrivals += [(6.0 + 0.1 * k, "f", 100, 5) for k in range(4)]
+    system = replace(system_config("sllm"), round_robin=round_robin)
+    res = simulate(make_trace(*arrivals), make_model(), gpu_cluster(2), system)
+    assert len({iid for _, iid in placed}) == 2  # both instances existed
+    later = [iid for t, iid in placed if t >= 6.0]
+    assert len(later) == 4 and all(r.finish_s is not None for r in res.requests)
+    if round_robin:
+        assert all(a != b for a, b in zip(later, later[1:]))
+    else:
+        assert len(set(later)) == 1
+
+
 @pytest.mark.parametrize("system, cached", [("slinfer", {"f"}), ("slinfer-nocache", set())])
 def test_placement_sees_the_host_caches(system, cached):
     sim = Simulator(make_trace((0.0, "f", 100, 3)), make_model(), gpu_cluster(1), system_config(system))

@@ -2,7 +2,8 @@
 
     snapshot    ClusterSnapshot / NodeView / InstanceView / FunctionView (frozen, typed ids)
     placement   place(): CPU pool first, busiest node first, empty nodes last (best fit)
-    routing     route_order(): a function's ready instances, largest batch first
+    routing     route_order(): a function's ready instances, largest batch first;
+                round_robin_order(): in turn (the exclusive baseline's rule)
     preemption  choose_victim() / plan_preemption(): smallest co-located instance covering a gap
     keepalive   expired(): idle instances past their function's keep-alive
     rates       ArrivalRates: requests per second per function over a sliding window
@@ -19,7 +20,7 @@ from autoscaler.core.placement import DEFAULT_POOLS, PlaceDecision, busyness, pl
 from autoscaler.core.plan import PendingDemand, decide, merge_pending
 from autoscaler.core.preemption import Shortfall, choose_victim, pick_victim, plan_preemption
 from autoscaler.core.rates import DEFAULT_RATE_WINDOW_S, ArrivalRates
-from autoscaler.core.routing import route_order
+from autoscaler.core.routing import round_robin_order, route_order
 from autoscaler.core.snapshot import (
     ClusterSnapshot,
     DeviceKind,
@@ -64,6 +65,7 @@ __all__ = [
     "place",
     "plan_preemption",
     "rank_nodes",
+    "round_robin_order",
     "route_order",
     "shortfalls",
 ]

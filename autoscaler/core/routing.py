@@ -5,6 +5,10 @@ instances and small ones drain and expire under keep-alive. Loading instances ar
 do not admit yet). Ties break by instance id. The caller (the activator) tries the list in order;
 whether a request may join is the pod's admission decision, not ours.
 
+``round_robin_order`` is the exclusive baseline's rule instead (the SLINFER artifact's
+ServerlessLLM: each request tries the function's instances in turn, starting after the one that
+took the last request), which spreads load and keeps every instance busy.
+
 ``device_order`` (e.g. GPU then CPU) puts instances on earlier device kinds first, largest batch
 first within each kind. The same bin-packing, across device kinds: a GPU's decode step barely grows
 with the batch (A100, 7B: 14 ms at batch 1, ~20 ms at 32) while a CPU's grows fast and its prefill
@@ -18,7 +22,7 @@ from collections.abc import Sequence
 
 from autoscaler.core.snapshot import ClusterSnapshot, DeviceKind, FunctionId, InstanceView
 
-__all__ = ["route_order"]
+__all__ = ["round_robin_order", "route_order"]
 
 
 def route_order(snapshot: ClusterSnapshot, function: FunctionId, *,
@@ -29,3 +33,14 @@ def route_order(snapshot: ClusterSnapshot, function: FunctionId, *,
     ready = (i for i in snapshot.instances if i.function == function and not i.loading)
     return sorted(ready, key=lambda i: (rank.get(snapshot.node(i.node_id).kind, len(rank)), -i.batch,
                                         i.instance_id))
+
+
+def round_robin_order(snapshot: ClusterSnapshot, function: FunctionId, last: str | None) -> list[InstanceView]:
+    """The function's ready instances by instance id, starting after ``last`` (the instance that
+    took the function's previous request; None, or an id no longer there: from the first)."""
+    ready = sorted((i for i in snapshot.instances if i.function == function and not i.loading),
+                   key=lambda i: i.instance_id)
+    if last is None:
+        return ready
+    k = next((n for n, i in enumerate(ready) if i.instance_id > last), 0)
+    return ready[k:] + ready[:k]

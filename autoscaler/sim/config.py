@@ -7,7 +7,8 @@ What each baseline models, after the SLINFER paper's description (../shared/PAPE
   sllm      ServerlessLLM, exclusive allocation: each GPU runs at most one instance, which owns the
             whole GPU (weights + all the rest as a static KV cache); requests join it up to the
             profile's ``sllm_concurrency`` batch cap (no SLO-aware admission: vLLM continuous
-            batching), FCFS prefill; no preemption; no CPU nodes.
+            batching), FCFS prefill; a function's requests go to its instances in turn
+            (round robin, as the artifact's ServerlessLLM routes); no preemption; no CPU nodes.
   sllm+c    the same exclusive allocation, CPU nodes allowed (tried first, as every system here),
             with the CPU profile's cap.
   sllm+c+s  static 2-way sharing: every node is split into 2 fixed slots, each with half the memory
@@ -75,6 +76,7 @@ class SystemConfig:
     preempt: bool = True
     balance: bool = False
     route_device_order: tuple[DeviceKind, ...] = ()  # routing: instances on these kinds first
+    round_robin: bool = False  # routing: the function's instances in turn, not largest batch first
     hold_idle: tuple[DeviceKind, ...] = ()  # kinds whose idle instances stay until evicted
     cache_aware: bool = True  # placement sees which checkpoints each node's host memory holds
     watermark: float = 1.25
@@ -111,7 +113,7 @@ class SystemConfig:
 
 
 SLLM = SystemConfig("sllm", pools=(DeviceKind.GPU,), static_memory=True, admission=Admission.BATCH_CAP,
-                    batch_cap=BatchCap.EXCLUSIVE, preempt=False, prefill_chunk_tokens=None,
+                    batch_cap=BatchCap.EXCLUSIVE, preempt=False, round_robin=True, prefill_chunk_tokens=None,
                     prefill_by_deadline=False, displace=False, newcomer_slack=False)
 SLLM_C = replace(SLLM, name="sllm+c", pools=(DeviceKind.CPU, DeviceKind.GPU))
 SLLM_C_S = replace(SLLM_C, name="sllm+c+s", slots_per_node=2, compute_share=0.5, batch_cap=BatchCap.SHARED2)

@@ -3,7 +3,7 @@
 The simulator is the adapter between a virtual clock and the real policy code:
   - every request for a function tries the function's instances in ``autoscaler.core.route_order``
     (slinfer: GPU instances before CPU ones, ``SystemConfig.route_device_order``; then largest
-    batch first); each instance's device answers with ``runtime.core.admission.admit``
+    batch first; the sllm baselines: ``round_robin_order``, in turn); each instance's device answers with ``runtime.core.admission.admit``
     (or, for the sllm baselines, its batch cap);
   - when an instance refuses only for memory or compute, ``autoscaler.core.plan_preemption`` may
     evict a smaller co-located instance (SLINFER's proactive preemption), after which admission is
@@ -46,6 +46,7 @@ from autoscaler.core import (
     Unload,
     decide,
     plan_preemption,
+    round_robin_order,
     route_order,
 )
 from autoscaler.core.actions import Action
@@ -117,6 +118,7 @@ class Simulator:
         self.model = model
         self.cluster = cluster
         self.system = system
+        self._last_routed: dict[FunctionId, InstanceId] = {}  # for round-robin routing
         self.load_model = load_model or LoadModel()
         self.slo = slo or SLO()
         self.queue = EventQueue()
@@ -320,13 +322,18 @@ class Simulator:
     def _route(self, r: SimRequest, now: float) -> bool:
         snap = self.snapshot(now)
         refused = []
-        for view in route_order(snap, r.function, device_order=self.system.route_device_order):
+        if self.system.round_robin:
+            views = round_robin_order(snap, r.function, self._last_routed.get(r.function))
+        else:
+            views = route_order(snap, r.function, device_order=self.system.route_device_order)
+        for view in views:
             inst = self.instances[view.instance_id]
             if inst.state is not InstanceState.READY:
                 continue
             delay = self._prospective_delay(r, inst)
             d = inst.node.consider(inst, r, now, delay)
             if d.admitted:
+                self._last_routed[r.function] = view.instance_id
                 self._place(r, inst, delay, d, now)
                 return True
             refused.append((view, inst, d, delay))
