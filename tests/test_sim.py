@@ -3,6 +3,7 @@ constraints, scoring, capacity, and proof that the simulator runs runtime/core's
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import replace
 from typing import Any
@@ -121,6 +122,17 @@ def test_the_load_source_sets_the_first_loads_time(source, gbps, from_disk):
     (r,) = res.requests
     assert r.load_delay_s == pytest.approx(0.0 if gbps is None else 10 * GIB / (gbps * 1e9))
     assert res.stats.loads == 1 and res.stats.loads_from_disk == from_disk
+
+
+@pytest.mark.parametrize("kind, cached, seconds", [
+    (DeviceKind.GPU, False, 10 * GIB / 5e9),  # disk
+    (DeviceKind.GPU, True, 10 * GIB / 24e9),  # host cache -> GPU over PCIe
+    (DeviceKind.CPU, False, 10 * GIB / 5e9),
+    (DeviceKind.CPU, True, 0.0),  # the cached weights are the instance's: nothing to copy
+])
+def test_load_times_by_device_and_source(kind, cached, seconds):
+    assert LoadModel().load_s(kind, 10 * GIB, cached) == pytest.approx(seconds)
+    assert LoadModel(overhead_s=0.3).load_s(kind, 10 * GIB, cached) == pytest.approx(seconds + 0.3)
 
 
 def test_a_second_load_on_the_node_comes_from_the_host_cache():
@@ -431,7 +443,8 @@ def test_simulator_builds_slots_per_node():
 ])
 def test_idle_cpu_instances_are_held(system, loads):
     trace = make_trace((0.0, "f", 100, 3), (20.0, "f", 100, 3))
-    res = simulate(trace, make_model(), ClusterSpec(cpus=1, gpus=0), system_config(system))
+    # a reload from the host cache costs a CPU only the overhead (no copy): make it show
+    res = simulate(trace, make_model(), ClusterSpec(cpus=1, gpus=0), system_config(system), LoadModel(overhead_s=0.5))
     assert res.stats.loads == loads
     assert all(r.finish_s is not None and r.device == "cpu" for r in res.requests)
     assert (res.requests[1].load_delay_s == 0.0) is (loads == 1)
@@ -483,7 +496,7 @@ def test_sllm_routes_round_robin(monkeypatch, round_robin):
     later = [iid for t, iid in placed if t >= 6.0]
     assert len(later) == 4 and all(r.finish_s is not None for r in res.requests)
     if round_robin:
-        assert all(a != b for a, b in zip(later, later[1:]))
+        assert all(a != b for a, b in itertools.pairwise(later))
     else:
         assert len(set(later)) == 1
 

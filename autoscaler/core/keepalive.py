@@ -8,8 +8,9 @@ longer deployed expires as soon as it is idle. Order: longest idle first, then b
 ``hold`` names device kinds whose idle instances never expire by time: they stay loaded until a
 placement needs their memory, and then go first (an idle instance is the cheapest victim,
 ``plan.decide``). This is for CPU nodes: an idle instance takes no compute there (the arbiter only
-runs instances with work), memory is plentiful (256 GiB hold ~15 7B instances), and unloading one
-means the next request waits for a multi-second reload that counts in its TTFT. (The SLINFER
+runs instances with work), memory is plentiful (256 GiB hold ~15 7B instances), and an unloaded
+one may have to come back from disk (seconds, in the next request's TTFT) once its checkpoint has
+left the host cache; a held one keeps it there. (The SLINFER
 artifact unloaded idle CPU instances at once, but its CPU "cold start" was free: every CPU slot
 kept one shared checkpoint loaded.)
 """

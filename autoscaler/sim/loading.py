@@ -4,8 +4,10 @@
     bandwidth (GB/s, 1e9 bytes)   from the node's host cache    from disk
       GPU node                    24  pinned host -> A100 over PCIe 4.0 x16 (32 GB/s theoretical;
                                       ServerlessLLM's loader runs close to PCIe bandwidth)
-      CPU node                    12  a multi-threaded DRAM copy into the instance's memory
-                                      (our assumption; a 32-core Xeon's memcpy sustains more)
+      CPU node                   inf  no copy: the instance computes on the cached weights in
+                                      place, as our runtime pod does (runtime.weights_cache
+                                      hands a cached model to the new instance; building its
+                                      engine is the overhead)
       either                                                        5  one NVMe PCIe 4.0 SSD,
                                                                       sequential read (spec sheets)
 A checkpoint read from disk enters the node's host cache (LRU by last use, bounded in bytes); the
@@ -15,13 +17,14 @@ TTFT of every request that waited for it (the simulator's default score).
 ``LoadSource`` chooses where checkpoints come from. ``TIERED`` (the default) is the above.
 ``HOST_POOL`` is the SLINFER artifact's GPU loader: every checkpoint already sits in each host's
 pinned memory pool, so every load runs at host-memory bandwidth and none touches disk (CPU loads
-too, where the artifact's were free). ``INSTANT``: loads take no time, which bounds how much of a
+cost only the overhead, as the artifact's, which were free). ``INSTANT``: loads take no time, which bounds how much of a
 result is cold-start cost. Both are for analysis; neither is a claim about a real cluster.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -39,7 +42,7 @@ class LoadSource(enum.Enum):
 @dataclass(frozen=True)
 class LoadModel:
     gpu_cache_gbps: float = 24.0
-    cpu_cache_gbps: float = 12.0
+    cpu_cache_gbps: float = math.inf  # zero copy (see the module doc); 12.0 until 2026-11-24
     disk_gbps: float = 5.0
     overhead_s: float = 0.0
     source: LoadSource = LoadSource.TIERED
