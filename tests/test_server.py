@@ -260,8 +260,10 @@ def test_malformed_json_is_400(http: httpx.Client) -> None:
     ("/v1/completions", completion_body(stream=True, stream_options={"include_usage": "false"}),
      "stream_options.include_usage"),
     ("/v1/completions", completion_body(seed=10**30), "seed"),
+    ("/v1/chat/completions", chat_body(messages=[{"role": "user"}]), "messages.0"),
 ], ids=["max_tokens-str", "messages-str", "temperature-negative", "n-2", "messages-empty", "prompt-missing",
-        "stream-str", "include_usage-str", "seed-past-64-bits"])
+        "stream-str", "include_usage-str", "seed-past-64-bits",
+        "user-without-content"])
 def test_invalid_fields_are_422(http: httpx.Client, path: str, body: dict[str, Any], param: str) -> None:
     err = assert_error(http.post(path, json=body), 422, "invalid_value")
     assert err["param"] == param
