@@ -37,7 +37,7 @@ def route_order(snapshot: ClusterSnapshot, function: FunctionId, *,
 
 def round_robin_order(snapshot: ClusterSnapshot, function: FunctionId, last: str | None) -> list[InstanceView]:
     """The function's ready instances by instance id, starting after ``last`` (the instance that
-    took the function's previous request; None, or an id no longer there: from the first)."""
+    took the function's previous request, whether or not it is still there; None: from the first)."""
     ready = sorted((i for i in snapshot.instances if i.function == function and not i.loading),
                    key=lambda i: i.instance_id)
     if last is None:

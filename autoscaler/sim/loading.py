@@ -17,8 +17,8 @@ TTFT of every request that waited for it (the simulator's default score).
 ``LoadSource`` chooses where checkpoints come from. ``TIERED`` (the default) is the above.
 ``HOST_POOL`` is the SLINFER artifact's GPU loader: every checkpoint already sits in each host's
 pinned memory pool, so every load runs at host-memory bandwidth and none touches disk (CPU loads
-cost only the overhead, as the artifact's, which were free). ``INSTANT``: loads take no time, which bounds how much of a
-result is cold-start cost. Both are for analysis; neither is a claim about a real cluster.
+cost only the overhead, as the artifact's, which were free). ``INSTANT``: loads take no time,
+which bounds how much of a result is cold-start cost. Both are for analysis; neither is a claim about a real cluster.
 """
 
 from __future__ import annotations

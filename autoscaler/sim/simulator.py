@@ -3,8 +3,8 @@
 The simulator is the adapter between a virtual clock and the real policy code:
   - every request for a function tries the function's instances in ``autoscaler.core.route_order``
     (slinfer: GPU instances before CPU ones, ``SystemConfig.route_device_order``; then largest
-    batch first; the sllm baselines: ``round_robin_order``, in turn); each instance's device answers with ``runtime.core.admission.admit``
-    (or, for the sllm baselines, its batch cap);
+    batch first; the sllm baselines: ``round_robin_order``, in turn); each instance's device
+    answers with ``runtime.core.admission.admit`` (or, for the sllm baselines, its batch cap);
   - when an instance refuses only for memory or compute, ``autoscaler.core.plan_preemption`` may
     evict a smaller co-located instance (SLINFER's proactive preemption), after which admission is
     asked again; each tick refreshes the functions' arrival rates (``rate_window_s``), and an
