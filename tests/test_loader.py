@@ -18,6 +18,8 @@ def test_random_presets_are_seeded():
     b = load_model("random:llama-tiny?seed=1").model.embed
     c = load_model("random:llama-tiny?seed=2").model.embed
     assert torch.equal(a, b) and not torch.equal(a, c)
+    for edge in (-(2**63), 2**64 - 1):  # the ends of torch.Generator.manual_seed's range load
+        assert load_model(f"random:llama-tiny?seed={edge}").config.num_layers == 4
 
 
 @pytest.mark.parametrize(
@@ -25,6 +27,10 @@ def test_random_presets_are_seeded():
     [
         ("random:nope", "unknown random preset 'nope'; available: "),
         ("random:llama-tiny?seed=x", "seed must be an integer"),
+        ("random:llama-tiny?seed=", "seed must be an integer"),
+        ("random:llama-tiny?seed=18446744073709551616", r"seed must be one integer in \[-9223372036854775808, "),
+        ("random:llama-tiny?seed=1&seed=2", "seed must be one integer"),
+        ("random:llama-tiny?sed=1", "unknown option 'sed'"),
         ("/no/such/model", "not found"),
         ("bundled:nope", "unknown bundled model 'nope'"),
     ],

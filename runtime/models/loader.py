@@ -30,6 +30,9 @@ class ModelLoadError(ValueError):
     pass
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+
+
 # Shapes of the random-weight presets, as HF config dicts (so HF can build the same model).
 RANDOM_PRESETS: dict[str, dict[str, Any]] = {
     "llama-tiny": {
@@ -101,13 +104,16 @@ def parse_random_ref(ref: str) -> tuple[str, int]:
     preset, _, query = body.partition("?")
     if preset not in RANDOM_PRESETS:
         raise ModelLoadError(f"unknown random preset {preset!r}; available: {', '.join(sorted(RANDOM_PRESETS))}")
-    seed = 0
-    if query:
-        q = parse_qs(query)
-        try:
-            seed = int(q.get("seed", ["0"])[0])
-        except ValueError as e:
-            raise ModelLoadError(f"seed must be an integer in {ref!r}") from e
+    q = parse_qs(query, keep_blank_values=True)
+    if unknown := sorted(set(q) - {"seed"}):
+        raise ModelLoadError(f"unknown option {unknown[0]!r} in {ref!r}; the only one is seed=N")
+    seeds = q.get("seed", ["0"])
+    try:
+        seed = int(seeds[-1])
+    except ValueError as e:
+        raise ModelLoadError(f"seed must be an integer in {ref!r}") from e
+    if len(seeds) > 1 or not SEED_MIN <= seed <= SEED_MAX:  # torch.Generator.manual_seed's range
+        raise ModelLoadError(f"seed must be one integer in [{SEED_MIN}, {SEED_MAX}] in {ref!r}")
     return preset, seed
 
 
