@@ -31,7 +31,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from activator import events
-from activator.dispatch import Dispatcher, DispatchTimeout, Upstream
+from activator.dispatch import Dispatcher, DispatchTimeout, FunctionUnavailable, Upstream
 from activator.metrics import ActivatorMetrics
 from activator.relay import EventStreamResponse, StreamRelay, complete_moving
 from activator.routes import HTTPRouteSource, RouteSource, RouteView
@@ -157,6 +157,8 @@ class Activator:
         except QueueFull as e:
             retry = str(self.settings.queue_full_retry_after_s)
             raise APIError(503, str(e), "queue_full", "server_error", {"Retry-After": retry}) from e
+        except FunctionUnavailable as e:
+            raise APIError(503, str(e), "function_unavailable", "server_error") from e
         except DispatchTimeout as e:
             raise APIError(504, str(e), "timeout", "server_error") from e
 

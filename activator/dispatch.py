@@ -7,9 +7,12 @@ is going or gone), or a connection failure means: try the next one. When all mis
 waits in the function's ``WaitingRoom`` (which drives the demand reported to the autoscaler) until
 the routes change or one of the function's requests finishes, then tries again, until the
 function's ``timeout_s`` has passed (``DispatchTimeout`` -> 504). Any other runtime answer (a
-2xx, or a 4xx about the request itself) goes back to the caller as it is.
+2xx, or a 4xx about the request itself) goes back to the caller as it is. A function with no
+instance whose model a pod refused to load (the route table's ``unavailable``) is answered at
+once (``FunctionUnavailable``): waiting would only end in a timeout.
 
-Errors raised (the app maps them to statuses): ``QueueFull`` (503), ``DispatchTimeout`` (504).
+Errors raised (the app maps them to statuses): ``QueueFull`` (503), ``FunctionUnavailable`` (503),
+``DispatchTimeout`` (504).
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ class DispatchTimeout(Exception):
     def __init__(self, function: str, waited_s: float) -> None:
         super().__init__(f"function '{function}' found no capacity within its timeout "
                          f"({waited_s:.1f} s); retry later")
+        self.function = function
+
+
+class FunctionUnavailable(Exception):
+    def __init__(self, function: str, why: str) -> None:
+        super().__init__(f"function '{function}' cannot start: {why}")
         self.function = function
 
 
@@ -104,7 +113,10 @@ class Dispatcher:
             waiting = False
             while True:
                 version = self.routes.table.version
-                for ep in self.order(name):
+                endpoints = self.order(name)
+                if not endpoints and (why := self.routes.table.unavailable.get(name)) is not None:
+                    raise FunctionUnavailable(name, why)
+                for ep in endpoints:
                     self.inflight[ep.instance_id] = self.inflight.get(ep.instance_id, 0) + 1
                     if waiting:
                         with self.room.trying(name):

@@ -36,6 +36,7 @@ class RouteTable:
     version: int = 0
     functions: Mapping[str, FunctionSpec] = field(default_factory=dict)
     endpoints: Mapping[str, tuple[Endpoint, ...]] = field(default_factory=dict)
+    unavailable: Mapping[str, str] = field(default_factory=dict)  # function -> why it cannot start
 
     def endpoints_of(self, name: str) -> tuple[Endpoint, ...]:
         return self.endpoints.get(name, ())
@@ -46,6 +47,7 @@ class RouteTable:
             "functions": [s.to_dict() for _, s in sorted(self.functions.items())],
             "endpoints": {name: [{"instance_id": e.instance_id, "node_id": e.node_id, "url": e.url} for e in eps]
                           for name, eps in sorted(self.endpoints.items())},
+            "unavailable": dict(sorted(self.unavailable.items())),
         }
 
     @staticmethod
@@ -53,7 +55,8 @@ class RouteTable:
         specs = [parse_function_spec(d) for d in data.get("functions", [])]
         eps = {name: tuple(Endpoint(e["instance_id"], e["node_id"], e["url"]) for e in lst)
                for name, lst in dict(data.get("endpoints", {})).items()}
-        return RouteTable(int(data["version"]), {s.name: s for s in specs}, eps)
+        unavailable = {str(k): str(v) for k, v in dict(data.get("unavailable", {})).items()}
+        return RouteTable(int(data["version"]), {s.name: s for s in specs}, eps, unavailable)
 
 
 class RouteSource(Protocol):

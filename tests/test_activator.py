@@ -34,6 +34,9 @@ class Setup:
     source: StaticRouteSource
 
 
+BROKEN_WHY = "pod-0 could not load it: cannot load model 'random:nope': unknown random preset 'nope'"
+
+
 def spec(name: str, **kw: Any) -> FunctionSpec:
     return FunctionSpec(name=name, model=TINY, **{"max_context_tokens": 256, "max_output_tokens": 255, **kw})
 
@@ -41,16 +44,18 @@ def spec(name: str, **kw: Any) -> FunctionSpec:
 @pytest.fixture(scope="module")
 def setup() -> Iterator[Setup]:
     """Pods a and b both serve "tiny" and the event function; "cold" is deployed but has no
-    instance and a 2 s timeout; the activator queues at most 1 request per function."""
+    instance and a 2 s timeout; "broken" has no instance because its model failed to load; the
+    activator queues at most 1 request per function."""
     tiny = spec("tiny")
     event_fn = spec(EVENT_FN, event_template="Summarize: {data}", event_type="dev.example.summary",
                     event_source="/tests/summarize", max_output_tokens=8)
     cold = spec("cold", timeout_s=2.0)
+    broken = spec("broken", timeout_s=60.0)
     with serve_app(make_app([tiny, event_fn])) as a, serve_app(make_app([tiny])) as b:
         eps = {"tiny": (Endpoint("tiny@a", "a", a), Endpoint("tiny@b", "b", b)),
                EVENT_FN: (Endpoint(f"{EVENT_FN}@a", "a", a),)}
-        specs = {s.name: s for s in (tiny, event_fn, cold)}
-        source = StaticRouteSource(RouteTable(1, specs, eps))
+        specs = {s.name: s for s in (tiny, event_fn, cold, broken)}
+        source = StaticRouteSource(RouteTable(1, specs, eps, {"broken": BROKEN_WHY}))
         settings = ActivatorSettings(queue_limit=1, first_routes_timeout_s=1.0, demand_interval_s=0.1)
         with serve_app(create_app(settings, source)) as url:
             yield Setup(url, (a, b), specs, source)
@@ -113,7 +118,7 @@ def test_unknown_function_is_404_listing_the_deployed_ones(setup: Setup) -> None
     r = httpx.post(f"{setup.url}/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 404
     err = r.json()["error"]
-    assert err["code"] == "function_not_found" and "deployed: cold, summarize-tiny, tiny" in err["message"]
+    assert err["code"] == "function_not_found" and "deployed: broken, cold, summarize-tiny, tiny" in err["message"]
     assert httpx.post(f"{setup.url}/functions/nope", content=b"x").status_code == 404
     still_serving(setup.url)
 
@@ -199,6 +204,16 @@ def test_queue_overflow_503_and_timeout_504_then_keeps_serving(setup: Setup) -> 
     assert 2.0 <= waited < 5.0  # the function's timeout_s
     assert {"cold": 1} in setup.source.demand  # the autoscaler was asked for capacity
     assert metric(setup.url, "slinfer_activator_queue_depth", function="cold") == 0
+    still_serving(setup.url)
+
+
+def test_a_function_whose_model_cannot_load_is_503_at_once_with_why(setup: Setup) -> None:
+    t0 = time.monotonic()
+    r = complete(setup.url, "broken", "hello", max_tokens=2)
+    assert time.monotonic() - t0 < 5  # its timeout_s is 60 s: nothing to wait for
+    assert r.status_code == 503
+    assert r.json()["error"] == {"message": f"function 'broken' cannot start: {BROKEN_WHY}", "type": "server_error",
+                                 "param": None, "code": "function_unavailable"}
     still_serving(setup.url)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from activator.routes import RouteTable
 from autoscaler.core import DeviceKind, FunctionId, Load, NodeId
 from autoscaler.service.controller import Controller, ControllerSettings
 from autoscaler.service.nodes import NodeSpec, StaticNodes
@@ -36,6 +37,7 @@ class FakePods:
         self.down: set[str] = set()
         self.slow: set[str] = set()  # status times out (a long load holds the device thread)
         self.calls: list[tuple[str, str, str]] = []
+        self.refuse: dict[str, httpx.Response] = {}  # function -> the pod's answer to loading it
 
     def status(self, node: str) -> dict[str, Any]:
         fns = self.loaded[node]
@@ -61,6 +63,8 @@ class FakePods:
         self.calls.append((request.method, node, path))
         if request.method == "POST" and path == "/admin/instances":
             name = json.loads(request.content)["name"]
+            if name in self.refuse:
+                return self.refuse[name]
             self.loaded[node][name] = "ready"
             return httpx.Response(201, json={"name": name, "state": "ready"})
         name = path.split("/")[3]
@@ -151,6 +155,47 @@ def test_lost_instances_are_replaced_without_demand() -> None:
         assert await h.round() == []
         assert [e.instance_id for fn_ in ("a", "b") for e in h.ctl.table.endpoints_of(fn_)] == ["a@pod-1", "b@pod-1"]
         assert h.ctl.status()["lost"] == []
+        await h.client.aclose()
+    run(go())
+
+
+def test_a_model_that_cannot_load_is_published_as_unavailable_until_redeployed() -> None:
+    async def go() -> None:
+        h = Harness([fn("a"), fn("b")])
+        why = "cannot load model 'random:nope': unknown random preset 'nope'"
+        h.pods.refuse["a"] = httpx.Response(400, json={"error": {"message": why, "code": "model_load_failed"}})
+        h.pods.refuse["b"] = httpx.Response(507, json={"error": {"message": "full", "code": "insufficient_capacity"}})
+        h.ctl.report_demand({"a": 1, "b": 1}, [], seen_version=h.ctl.table.version)
+        assert await h.round() == ["Load a@pod-0", "Load b@pod-0"]
+        h.now = 0.1
+        await h.round()
+        # The pod's own words reach the activator through the route table; a 5xx is not the
+        # function's fault (capacity, a restarting pod) and it keeps waiting for another try.
+        assert dict(h.ctl.table.unavailable) == {"a": f"pod-0 could not load it: {why}"}
+        assert RouteTable.from_json(h.ctl.table.to_json()).unavailable == h.ctl.table.unavailable
+        assert h.ctl.status()["load_errors"] == {"a": f"pod-0 could not load it: {why}"}
+        # Retried by itself (its requests are answered at once: no demand comes), backing off
+        # 5 s, then 10 s, ...
+        h.now = 4.9
+        assert "Load a@pod-0" not in await h.round()
+        h.now = 5.2
+        assert "Load a@pod-0" in await h.round()
+        h.now = 15.0
+        assert "Load a@pod-0" not in await h.round()
+        h.now = 15.3
+        assert "Load a@pod-0" in await h.round()
+        assert h.ctl.load_failures["a"] == 3
+        before = h.ctl.table.version
+        del h.pods.refuse["a"]
+        h.ctl.deploy(fn("a", keep_alive_s=5.0))  # fixed: published at once, retried at once
+        assert h.ctl.table.version > before and dict(h.ctl.table.unavailable) == {}
+        h.ctl.report_demand({"a": 1}, [], seen_version=h.ctl.table.version)
+        h.now = 15.4
+        assert "Load a@pod-0" in await h.round()
+        h.now = 15.5
+        await h.round()
+        assert [e.instance_id for e in h.ctl.table.endpoints_of("a")] == ["a@pod-0"]
+        assert h.ctl.status()["load_errors"] == {}
         await h.client.aclose()
     run(go())
 

@@ -165,6 +165,29 @@ def test_restarting_the_autoscaler_loses_no_waiting_request(mesh: MeshHandle) ->
     assert placed(mesh, "delta")
 
 
+def test_a_model_that_cannot_load_is_answered_at_once_with_why(mesh: MeshHandle) -> None:
+    api = f"{mesh.autoscaler_url}/functions"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    spec = fn("epsilon", "random:nope").to_dict()
+    assert httpx.post(api, json=spec, headers=auth, timeout=10).status_code == 201
+    t0 = time.monotonic()
+    r = chat(mesh, "epsilon", max_tokens=3)  # its timeout_s is 300 s: no waiting it out
+    assert r.status_code == 503, r.text
+    err = r.json()["error"]
+    assert err["code"] == "function_unavailable" and time.monotonic() - t0 < 30
+    assert "function 'epsilon' cannot start: pod-" in err["message"]
+    assert "unknown random preset 'nope'" in err["message"]  # the pod's own words
+    assert "unknown random preset 'nope'" in status(mesh)["load_errors"]["epsilon"]
+    assert chat(mesh, "alpha", max_tokens=2).status_code == 200  # nothing else is affected
+    # Redeployed with a model that loads: served, and the error is gone.
+    spec["model"] = LLAMA
+    assert httpx.post(api, json=spec, headers=auth, timeout=10).status_code == 201
+    # (the activator learns the new table by long-poll, a moment after the 201)
+    r = wait_until(lambda: (x := chat(mesh, "epsilon", max_tokens=3)).status_code != 503 and x, "epsilon is served", 30)
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length", r.text
+    assert "epsilon" not in status(mesh)["load_errors"]
+
+
 @pytest.mark.slow
 def test_smollm2_example_function_from_zero_through_the_openai_client() -> None:
     """The shipped example `chat` (bundled SmolLM2) in a mesh of one pod: the first request

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -14,6 +15,16 @@ class AdminError(Exception):
     def __init__(self, node: NodeSpec, status: int, message: str) -> None:
         super().__init__(f"{node.node_id}: {status} {message}")
         self.status = status
+        self.detail = _error_message(message)  # the pod's own words, for users
+
+
+def _error_message(text: str) -> str:
+    """The message of an OpenAI-shaped error body, else the text as it is."""
+    try:
+        message = json.loads(text)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return text
+    return message if isinstance(message, str) else text
 
 
 class AdminClient:
@@ -28,7 +39,7 @@ class AdminClient:
     async def _call(self, node: NodeSpec, method: str, path: str, timeout_s: float, **kw: Any) -> dict[str, Any]:
         r = await self.client.request(method, node.url + path, headers=self.headers, timeout=timeout_s, **kw)
         if r.status_code >= 400:
-            raise AdminError(node, r.status_code, r.text[:300])
+            raise AdminError(node, r.status_code, r.text[:2000])
         body: dict[str, Any] = r.json()
         return body
 

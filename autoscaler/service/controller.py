@@ -59,7 +59,10 @@ class ControllerSettings:
     token: str
     interval_s: float = 0.5  # demand and finished loads wake the loop sooner
     demand_ttl_s: float = 2.0
+    # A function whose model a pod refused to load is retried after this, doubling with each
+    # failure in a row up to the max (its requests are answered 503 meanwhile, not held).
     load_failure_backoff_s: float = 5.0
+    max_load_failure_backoff_s: float = 300.0
     fresh_grace_s: float = 2.0  # a new instance is not unloaded for idleness this soon
     profile: bool = True  # profile a model on first load (its latency estimates); false is faster
     rate_window_s: float = DEFAULT_RATE_WINDOW_S  # functions' arrival rates (preemption spares busier ones)
@@ -90,6 +93,10 @@ class Controller:
         self.lost: set[str] = set()
         self.grew: dict[str, int] = {}  # function -> route version that first listed its newest endpoint
         self.failed: dict[str, float] = {}  # function -> until when its loads are not retried
+        # function -> why its model cannot load (a pod refused it: 4xx), until a load succeeds or
+        # it is redeployed; published with the routes so the activator answers at once
+        self.load_errors: dict[str, str] = {}
+        self.load_failures: dict[str, int] = {}  # function -> failed loads in a row
         self.last_plan = Plan()
         # Versions grow across restarts (wall-clock ms): an activator that followed the old
         # autoscaler sees the new one's first table as newer.
@@ -121,6 +128,10 @@ class Controller:
 
     def deploy(self, spec: FunctionSpec) -> None:
         self.functions[spec.name] = spec
+        self.failed.pop(spec.name, None)  # a new spec may fix what failed: try it at once
+        self.load_errors.pop(spec.name, None)
+        self.load_failures.pop(spec.name, None)
+        self._publish(list(self.pods.values()))  # the activator sees the new spec without a round's wait
         if self.store_dir is not None:
             self.store_dir.mkdir(parents=True, exist_ok=True)
             (self.store_dir / f"{spec.name}.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
@@ -128,6 +139,10 @@ class Controller:
 
     def delete(self, name: str) -> bool:
         found = self.functions.pop(name, None) is not None
+        self.failed.pop(name, None)
+        self.load_errors.pop(name, None)
+        self.load_failures.pop(name, None)
+        self._publish(list(self.pods.values()))
         if self.store_dir is not None:
             with contextlib.suppress(FileNotFoundError):
                 (self.store_dir / f"{name}.yaml").unlink()
@@ -194,6 +209,11 @@ class Controller:
                    if until >= now and fn in self.functions and self.failed.get(fn, 0.0) <= now]
         waiting = {p.function for p in pending}
         pending += [PendingDemand(FunctionId(fn), 1) for fn in sorted(self.lost - waiting) if fn in self.functions]
+        # A function that failed to load has no demand (its requests are answered at once): retry
+        # it by itself once its backoff has passed, so a fixed model comes up without a redeploy.
+        asked = {str(fn) for fn in waiting} | self.lost
+        pending += [PendingDemand(FunctionId(fn), 1) for fn in sorted(self.load_errors)
+                    if fn not in asked and fn in self.functions and self.failed.get(fn, 0.0) <= now]
         self.demand = {fn: d for fn, d in self.demand.items() if d[1] >= now}
         plan = decide(snap, pending)
         self.last_plan = plan
@@ -265,6 +285,8 @@ class Controller:
                         continue
                     log.info("load %s on %s", a.function, node.node_id)
                     await self.admin.load(node, spec)
+                    self.load_errors.pop(a.function, None)
+                    self.load_failures.pop(a.function, None)
                 elif isinstance(a, Unload):
                     log.info("unload %s (drain=%s)", a.instance_id, a.drain)
                     await self.admin.unload(node, a.instance_id.split("@", 1)[0], a.drain)
@@ -273,22 +295,28 @@ class Controller:
                     await self.admin.evict(node, a.instance_id.split("@", 1)[0])
             except (AdminError, httpx.HTTPError) as e:
                 log.warning("%s on %s failed: %s", type(a).__name__, node.node_id, e)
-                if isinstance(a, Load) and isinstance(e, AdminError) and e.status < 500:
-                    self.failed[a.function] = self.clock() + self.settings.load_failure_backoff_s
+                if (isinstance(a, Load) and isinstance(e, AdminError) and e.status < 500
+                        and self.functions.get(a.function) is spec):  # (not redeployed meanwhile)
+                    n = self.load_failures[a.function] = self.load_failures.get(a.function, 0) + 1
+                    s = self.settings
+                    backoff = min(s.max_load_failure_backoff_s, s.load_failure_backoff_s * 2 ** min(n - 1, 30))
+                    self.failed[a.function] = self.clock() + backoff
+                    self.load_errors[a.function] = f"{node.node_id} could not load it: {e.detail}"
             finally:
                 if isinstance(a, Load):
                     self.loading.discard((a.function, a.node_id))
         self._poke.set()  # look again now: a load finished, routes change
 
     def _publish(self, pods: list[PodStatus]) -> None:
-        table = routes(self.table.version, pods, self.functions)
-        if table.functions != self.table.functions or table.endpoints != self.table.endpoints:
+        table = routes(self.table.version, pods, self.functions, self.load_errors)
+        if (table.functions != self.table.functions or table.endpoints != self.table.endpoints
+                or table.unavailable != self.table.unavailable):
             version = max(self.table.version + 1, int(time.time() * 1000))
             for fn, eps in table.endpoints.items():
                 if set(eps) - set(self.table.endpoints_of(fn)):
                     self.grew[fn] = version
                     self.demand.pop(fn, None)
-            self.table = RouteTable(version, table.functions, table.endpoints)
+            self.table = RouteTable(version, table.functions, table.endpoints, table.unavailable)
             self._changed.set()
             self._changed = asyncio.Event()
 
@@ -310,6 +338,7 @@ class Controller:
             "demand": {fn: n for fn, (n, until) in sorted(self.demand.items()) if until >= now},
             "arrival_rate_per_s": {fn: round(r, 4) for fn, r in sorted(self.rates.rates(now).items())},
             "lost": sorted(self.lost),
+            "load_errors": dict(sorted(self.load_errors.items())),
             "loads_in_flight": [{"function": fn, "node": node} for fn, node in sorted(self.loading)],
             "routes_version": self.table.version,
             "rounds": self.rounds,

@@ -117,13 +117,16 @@ def snapshot(now_s: float, pods: Iterable[PodStatus], functions: Mapping[str, Fu
     return ClusterSnapshot(now_s, tuple(nodes), fns)
 
 
-def routes(version: int, pods: Iterable[PodStatus], functions: Mapping[str, FunctionSpec]) -> RouteTable:
-    """Deployed functions and their READY instances (by instance id)."""
+def routes(version: int, pods: Iterable[PodStatus], functions: Mapping[str, FunctionSpec],
+           load_errors: Mapping[str, str] | None = None) -> RouteTable:
+    """Deployed functions and their READY instances (by instance id); a function with none whose
+    model failed to load is ``unavailable``, with why."""
     eps: dict[str, list[Endpoint]] = {}
     for p in pods:
         for i in p.instances:
             if i.state == "ready" and i.function in functions:
                 eps.setdefault(i.function, []).append(
                     Endpoint(instance_id(i.function, p.node.node_id), p.node.node_id, p.node.url))
-    return RouteTable(version, dict(functions),
-                      {fn: tuple(sorted(lst, key=lambda e: e.instance_id)) for fn, lst in sorted(eps.items())})
+    endpoints = {fn: tuple(sorted(lst, key=lambda e: e.instance_id)) for fn, lst in sorted(eps.items())}
+    unavailable = {fn: why for fn, why in sorted((load_errors or {}).items()) if fn in functions and fn not in endpoints}
+    return RouteTable(version, dict(functions), endpoints, unavailable)
