@@ -304,3 +304,18 @@ def test_demand_reports_are_validated(body: dict[str, Any] | bytes, status: int)
             assert r.json()["error"]["code"] == "invalid_demand"
         elif isinstance(body, dict) and "arrived" in body:
             assert ctl.status()["arrival_rate_per_s"] == {"a": round(2 / 300, 4)}
+
+
+def test_cli_list_shows_why_a_function_cannot_load(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from autoscaler.service import cli
+
+    h = Harness([fn("a"), fn("b")])
+    h.ctl.load_errors["a"] = "pod-0 could not load it: model '/m' not found"
+    monkeypatch.setattr(cli, "_mesh", lambda state_dir: {})
+    monkeypatch.setattr(cli, "_control", lambda info, method, path: httpx.Response(200, json=h.ctl.status()))
+    cli.list_([])
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith(("a ", "b "))}
+    assert lines["a"].endswith("none: cannot load (pod-0 could not load it: model '/m' not found)")
+    assert lines["b"].endswith("none (scaled to zero)")
+    run(h.client.aclose())

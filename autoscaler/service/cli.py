@@ -190,7 +190,8 @@ def list_(argv: list[str]) -> None:
             where.setdefault(i["function"], []).append(f"{node['node']} {i['state']} (batch {i['batch']}{idle})")
     print(f"{'FUNCTION':<20} {'MODEL':<36} {'KEEP-ALIVE':>10}  INSTANCES")
     for f in st["functions"]:
-        insts = "; ".join(where.get(f["name"], [])) or "none (scaled to zero)"
+        why = st.get("load_errors", {}).get(f["name"])
+        insts = "; ".join(where.get(f["name"], [])) or (f"none: cannot load ({why})" if why else "none (scaled to zero)")
         print(f"{f['name']:<20} {f['model']:<36} {f['keep_alive_s']:>9g}s  {insts}")
     print("\nPODS")
     for node in st["nodes"]:
