@@ -31,7 +31,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from activator import events
-from activator.dispatch import Dispatcher, DispatchTimeout, FunctionUnavailable, Upstream
+from activator.dispatch import Dispatcher, DispatchTimeout, Elapsed, FunctionUnavailable, Upstream
 from activator.metrics import ActivatorMetrics
 from activator.relay import EventStreamResponse, StreamRelay, complete_moving
 from activator.routes import HTTPRouteSource, RouteSource, RouteView
@@ -150,10 +150,11 @@ class Activator:
         return None
 
     # -- forwarding ---------------------------------------------------------------------------
-    async def open(self, spec: FunctionSpec, path: str, body: dict[str, Any], raw: bytes | None = None) -> Upstream:
+    async def open(self, spec: FunctionSpec, path: str, body: dict[str, Any], raw: bytes | None = None,
+                   elapsed: Elapsed | None = None) -> Upstream:
         assert self.dispatcher is not None
         try:
-            return await self.dispatcher.open(spec, path, body, raw)
+            return await self.dispatcher.open(spec, path, body, raw, elapsed=elapsed)
         except QueueFull as e:
             retry = str(self.settings.queue_full_retry_after_s)
             raise APIError(503, str(e), "queue_full", "server_error", {"Retry-After": retry}) from e
@@ -166,10 +167,11 @@ class Activator:
                       raw: bytes | None = None) -> Response:
         t0 = time.monotonic()
         self.room.arrivals[spec.name] += 1  # once per client request (reopen is a continuation)
-        up = await self.open(spec, path, body, raw)
+        elapsed = Elapsed(t0)  # its deadlines keep running across the instances it visits
+        up = await self.open(spec, path, body, raw, elapsed)
 
         async def reopen(p: str, b: dict[str, Any]) -> Upstream:
-            return await self.open(spec, p, b)
+            return await self.open(spec, p, b, elapsed=elapsed)
 
         status = up.response.status_code
         self.metrics.requests.labels(spec.name, str(status)).inc()

@@ -11,6 +11,11 @@ function's ``timeout_s`` has passed (``DispatchTimeout`` -> 504). Any other runt
 instance whose model a pod refused to load (the route table's ``unavailable``) is answered at
 once (``FunctionUnavailable``): waiting would only end in a timeout.
 
+Every try carries the ``slinfer-elapsed-s`` header: the time the client request has spent so far
+(``Elapsed``: from its arrival, across holds and the instances it visits, less the waits while its
+function had no instance, i.e. model loads, which the paper excuses), so the pod's deadlines for it
+keep counting from its arrival rather than restart (``runtime.device.DeviceLoop.anchor``).
+
 Errors raised (the app maps them to statuses): ``QueueFull`` (503), ``FunctionUnavailable`` (503),
 ``DispatchTimeout`` (504).
 """
@@ -29,7 +34,7 @@ from activator.metrics import ActivatorMetrics
 from activator.routes import Endpoint, RouteView
 from activator.upstream import UpstreamClient, UpstreamError, UpstreamResponse
 from activator.waiting import WaitingRoom
-from functions import FunctionSpec
+from functions import ELAPSED_HEADER, FunctionSpec
 
 RETRY_STATUSES = frozenset({404, 429, 503})  # instance refuses, is going, or is gone
 RECHECK_S = 0.25  # a waiting request re-tries at least this often (admission frees up by itself)
@@ -46,6 +51,17 @@ class FunctionUnavailable(Exception):
     def __init__(self, function: str, why: str) -> None:
         super().__init__(f"function '{function}' cannot start: {why}")
         self.function = function
+
+
+@dataclass
+class Elapsed:
+    """One client request's time before it reaches a pod, across every instance it visits."""
+
+    arrived_s: float  # time.monotonic() when the client request arrived
+    excused_s: float = 0.0  # held while its function had no instance: a model load
+
+    def header(self) -> str:
+        return f"{max(0.0, time.monotonic() - self.arrived_s - self.excused_s):.4f}"
 
 
 @dataclass
@@ -101,11 +117,13 @@ class Dispatcher:
         return resp
 
     async def open(self, spec: FunctionSpec, path: str, body: Mapping[str, Any], raw: bytes | None = None,
-                   deadline: float | None = None) -> Upstream:
+                   deadline: float | None = None, elapsed: Elapsed | None = None) -> Upstream:
         """An open response from an instance of ``spec`` (see the module doc). ``raw`` is the
-        body already serialised (the client's own bytes, when they need no change)."""
+        body already serialised (the client's own bytes, when they need no change); ``elapsed``
+        the client request's clock (a new one from now if None), which this open adds to."""
         name = spec.name
         t0 = time.monotonic()
+        elapsed = elapsed or Elapsed(t0)
         deadline = t0 + spec.timeout_s if deadline is None else deadline
         content = raw if raw is not None else json.dumps(body).encode()
         hdrs = {"content-type": "application/json"}
@@ -118,6 +136,7 @@ class Dispatcher:
                     raise FunctionUnavailable(name, why)
                 for ep in endpoints:
                     self.inflight[ep.instance_id] = self.inflight.get(ep.instance_id, 0) + 1
+                    hdrs[ELAPSED_HEADER] = elapsed.header()
                     if waiting:
                         with self.room.trying(name):
                             resp = await self._try(ep, path, content, hdrs)
@@ -138,7 +157,10 @@ class Dispatcher:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise DispatchTimeout(name, time.monotonic() - t0)
+                held = time.monotonic()
                 await self._wait_for_change(name, min(left, RECHECK_S))
+                if not endpoints:  # nothing to refuse it: it waited for a load
+                    elapsed.excused_s += time.monotonic() - held
 
     async def _wait_for_change(self, name: str, timeout_s: float) -> None:
         routes = asyncio.ensure_future(self.routes.changed(timeout_s))

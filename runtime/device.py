@@ -23,6 +23,7 @@ from runtime.core.admission import (
     PendingDecode,
     PendingPrefill,
     admit,
+    prefill_time,
 )
 from runtime.core.arbiter import (
     MAX_PREFILL_STEP_S,
@@ -74,8 +75,17 @@ class Instance:
         return self.spec.slo.ttft_s(prompt_tokens) * (1 - SLO_MARGIN)
 
     def deadline(self, req: Request) -> float:
+        k = req.deadline_resumed
+        if k:  # a continued stream on its original schedule: the paper's formula, from its arrival
+            return next_token_deadline(req.arrival_s, self.ttft_s(len(req.prompt_token_ids) - k), self.tpot_s,
+                                       k + len(req.output_token_ids), self.load_delay_s)
         return next_token_deadline(req.arrival_s, self.ttft_s(len(req.prompt_token_ids)), self.tpot_s,
                                    len(req.output_token_ids), self.load_delay_s, req.first_token_s)
+
+    def first_deadline(self, prompt_tokens: int, arrival_s: float, resumed: int = 0) -> float:
+        """When the next token of a request not yet started here is due (``deadline`` of it)."""
+        return next_token_deadline(arrival_s, self.ttft_s(prompt_tokens - resumed), self.tpot_s, resumed,
+                                   self.load_delay_s)
 
     def kv_holding(self, lookahead_tokens: int) -> KVHolding:
         eng = self.engine
@@ -212,11 +222,37 @@ class DeviceLoop:
     def has_work(self) -> bool:
         return any(i.engine.has_work for i in self.instances.values())
 
+    def anchor(self, iid: str, prompt_tokens: int, now: float, received_s: float, elapsed_s: float = 0.0,
+               resumed: int = 0) -> tuple[float, int]:
+        """Where a request's deadlines count from: ``(arrival_s, deadline_resumed)`` for ``admit``
+        and ``LLMEngine.add_request``.
+
+        ``elapsed_s`` is the time the request had already spent before it reached this pod (held
+        by the activator while instances refused it, or served on an instance that was
+        preempted; the activator leaves out waits for a model load, which the paper excuses), and
+        ``resumed`` the output tokens a continued stream already has. As the paper has it, the
+        deadlines keep running: from ``received_s - elapsed_s``, with the resumed tokens counted
+        as emitted. A request that could not meet that first deadline even alone on the device
+        is served as if it had just arrived (best effort) rather than refused everywhere: late
+        work never takes priority over work that can still be on time.
+        """
+        if elapsed_s <= 0:
+            return received_s, 0
+        inst = self.instances[iid]
+        arrival = received_s - elapsed_s
+        due = inst.first_deadline(prompt_tokens, arrival, resumed)
+        alone = inst.load(self.prefill_chunk_tokens(inst))
+        slack = inst.spec.slo.ttft_s(prompt_tokens - resumed) * SLO_MARGIN if self.newcomer_slack else 0.0
+        if now + prefill_time(alone, prompt_tokens) > due + slack:
+            return received_s, 0
+        return arrival, resumed
+
     def admit(self, iid: str, prompt_tokens: int, now: float, arrival_s: float | None = None,
-              max_tokens: int | None = None) -> Decision:
+              max_tokens: int | None = None, resumed: int = 0) -> Decision:
         """May a request join iid now? arrival_s (default now) anchors its TTFT deadline, so a
         retried request keeps the deadline it arrived with; max_tokens bounds its output (None:
-        up to the context), which lets admission see when its work ends."""
+        up to the context), which lets admission see when its work ends; ``resumed``: output
+        tokens of a continued stream counted as emitted (``anchor``)."""
         inst = self.instances[iid]
         eng = inst.engine
         la = self.memory.lookahead_tokens
@@ -227,9 +263,8 @@ class DeviceLoop:
         arrival = now if arrival_s is None else arrival_s
         room = eng.max_model_len - prompt_tokens
         outputs = max(0, (room if max_tokens is None else min(max_tokens, room)) - 1)
-        slack = inst.spec.slo.ttft_s(prompt_tokens) * SLO_MARGIN if self.newcomer_slack else 0.0
-        req = NewRequest(prompt_tokens, arrival + inst.load_delay_s + inst.ttft_s(prompt_tokens), need,
-                         outputs, slack)
+        slack = inst.spec.slo.ttft_s(prompt_tokens - resumed) * SLO_MARGIN if self.newcomer_slack else 0.0
+        req = NewRequest(prompt_tokens, inst.first_deadline(prompt_tokens, arrival, resumed), need, outputs, slack)
         t = time.perf_counter()
         loads = [i.load(self.prefill_chunk_tokens(i)) for i in self.instances.values()]
         d = admit(loads, iid, req, free, now, displace=self.displace)

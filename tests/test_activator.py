@@ -389,3 +389,60 @@ def test_held_requests_are_demand_only_once_they_have_tried_the_current_routes()
         with room.trying("f"):  # being tried on an instance: not demand either
             assert room.demand(6) == {}
     assert room.demand() == {} and "f" not in room.tried
+
+
+class _Refusing:
+    """An upstream client that answers 429 (admission refused) ``refusals`` times, then 200;
+    records the elapsed-time header of every try."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals = refusals
+        self.elapsed: list[float] = []
+
+    async def post(self, url: str, content: bytes, headers: dict[str, str]) -> Any:
+        from functions import ELAPSED_HEADER
+
+        self.elapsed.append(float(headers[ELAPSED_HEADER]))
+        status = 429 if len(self.elapsed) <= self.refusals else 200
+
+        class Resp:
+            status_code = status
+
+            async def aclose(self) -> None:
+                pass
+        return Resp()
+
+
+@pytest.mark.parametrize("case", ["refused", "loading", "continued"])
+def test_each_try_tells_the_pod_how_long_the_request_has_run(case: str) -> None:
+    # Held while instances refuse it, the time counts (its deadlines keep running at the pod);
+    # held while its function has no instance (a model load), it does not; a continuation
+    # counts from the client request's arrival.
+    import asyncio
+
+    from activator.dispatch import Dispatcher, Elapsed
+    from activator.metrics import ActivatorMetrics
+    from activator.routes import RouteView
+    from activator.waiting import WaitingRoom
+
+    f = spec("f")
+    ready = RouteTable(2, {"f": f}, {"f": (Endpoint("f@a", "a", "http://a"),)})
+
+    async def go() -> list[float]:
+        routes = RouteView(ready if case != "loading" else RouteTable(1, {"f": f}, {}))
+        client = _Refusing(2 if case == "refused" else 0)
+        d = Dispatcher(routes, WaitingRoom(4), client, ActivatorMetrics())  # type: ignore[arg-type]
+        if case == "loading":
+            asyncio.get_running_loop().call_later(0.6, routes.publish, ready)  # the load is done
+        elapsed = Elapsed(time.monotonic() - 2.0) if case == "continued" else None
+        up = await d.open(f, "/v1/completions", {}, elapsed=elapsed)
+        await up.close()
+        return client.elapsed
+
+    sent = asyncio.run(go())
+    if case == "refused":
+        assert len(sent) == 3 and sent[0] < 0.1 and sent[2] >= 0.45  # two rechecks, 0.25 s apart
+    elif case == "loading":
+        assert len(sent) == 1 and sent[0] < 0.2  # 0.6 s waited for the load, excused
+    else:
+        assert len(sent) == 1 and 2.0 <= sent[0] < 2.2

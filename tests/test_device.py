@@ -287,6 +287,40 @@ def test_a_retried_request_keeps_its_arrival_deadline(tiny):
     assert not late.admitted and late.reason is RefusalReason.PREFILL
 
 
+def test_deadlines_keep_running_from_arrival_while_they_can_be_met(tiny):
+    dev = DeviceLoop()
+    dev.add_instance(make_instance(tiny, "a", ttft_base_s=0.5))
+    keep = 1 - SLO_MARGIN
+    assert dev.anchor("a", 10, now=10.0, received_s=10.0) == (10.0, 0)  # nothing before the pod
+    # Held 0.3 s by the activator: its first token stays due 0.5 s (planned: 0.475) after arrival.
+    assert dev.anchor("a", 10, now=10.0, received_s=10.0, elapsed_s=0.3) == pytest.approx((9.7, 0))
+    # Held 0.6 s: late even alone on the device, so served as if it had just arrived (best
+    # effort) rather than refused everywhere or put ahead of work that can still be on time.
+    assert dev.anchor("a", 10, now=10.0, received_s=10.0, elapsed_s=0.6) == (10.0, 0)
+    # A stream continued after 20 tokens, 1 s after it arrived: its 21st token is due on its
+    # original schedule, arrival + TTFT(its own prompt) + 20 x TPOT.
+    arrival, k = dev.anchor("a", 30, now=10.0, received_s=10.0, elapsed_s=1.0, resumed=20)
+    assert (arrival, k) == (pytest.approx(9.0), 20)
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, resumed_tokens=20)
+    dev.instances["a"].engine.add_request(RequestId("c"), list(range(5, 35)), sp, arrival, k)
+    req = dev.instances["a"].engine.scheduler.get(RequestId("c"))
+    due = 9.0 + (0.5 + 20 * 0.25) * keep
+    assert dev.instances["a"].deadline(req) == pytest.approx(due)
+    assert dev.instances["a"].first_deadline(30, arrival, k) == pytest.approx(due)  # what admission plans with
+    # Continued 6 s after arrival: its 21st token was due at 5.7 s: late, so it starts afresh.
+    assert dev.anchor("a", 30, now=10.0, received_s=10.0, elapsed_s=6.0, resumed=20) == (10.0, 0)
+
+
+def test_a_request_held_before_the_pod_goes_before_one_that_just_arrived(tiny):
+    dev = DeviceLoop(DeviceKind.CPU, clock=lambda: 10.0)
+    for iid in "ab":
+        dev.add_instance(make_instance(tiny, iid))
+    for iid, elapsed in (("a", 0.0), ("b", 0.3)):  # same SLO, same prompt, b held 0.3 s before
+        arrival, k = dev.anchor(iid, 4, now=10.0, received_s=10.0, elapsed_s=elapsed)
+        dev.instances[iid].engine.add_request(RequestId(iid), [5, 6, 7, 8], GREEDY_4, arrival, k)
+    assert dev.step()[0].instance_id == "b"  # restarted at the pod, the tie would go to a by id
+
+
 def test_a_long_prompt_shares_steps_with_a_decode_in_chunks_that_keep_its_deadline(tiny):
     # a decodes (next token due 0.2375 s after its first, at 0.0); a 200-token prompt arrives for
     # the same instance at 0.2. At 1 ms per prompt token, the whole prompt in that step would end

@@ -348,7 +348,7 @@ def admit(instances: Sequence[InstanceLoad], target: str, req: NewRequest, free_
         # Refusing it on a pessimistic estimate would also starve the estimator of the very
         # observations that correct it (a profile taken on a busy host would refuse forever).
         return ADMIT
-    own_s = _prefill_time(inst, req.prompt_tokens)
+    own_s = prefill_time(inst, req.prompt_tokens)
     if now + own_s > req.ttft_deadline_s + req.own_slack_s + LATENESS_TOLERANCE_S:
         # Late even if it ran alone from now: no replay can do better, and no eviction would help
         # (a COMPUTE reason here would invite the autoscaler to preempt an instance for nothing).
@@ -403,7 +403,8 @@ DISPLACE_MIN_GAIN = 1.5  # a handed-back prefill has at least this x the newcome
 DISPLACE_TRIES = 3  # the longest candidates tried (two replays each at most)
 
 
-def _prefill_time(inst: InstanceLoad, tokens: int) -> float:
+def prefill_time(inst: InstanceLoad, tokens: int) -> float:
+    """Estimated time to prefill ``tokens`` on ``inst``'s device alone, in its chunks."""
     chunk = inst.prefill_chunk_tokens
     return sum(inst.estimator.prefill_s(min(chunk, tokens - start)) for start in range(0, tokens, chunk))
 
@@ -420,7 +421,7 @@ def displacing(instances: Sequence[InstanceLoad], target: str, newcomer: Pending
     the newcomer is on time and no other job is later than on the device as it is."""
     if any(not p.key for i in instances for p in i.prefills):
         return None  # lateness is compared job by job, which needs every job named
-    work = ((-_prefill_time(i, p.tokens_left), i.instance_id, p.key, i, n)
+    work = ((-prefill_time(i, p.tokens_left), i.instance_id, p.key, i, n)
             for i in instances for n, p in enumerate(i.prefills) if p.displaceable)
     cands = sorted((c for c in work if -c[0] >= DISPLACE_MIN_GAIN * own_s), key=lambda c: c[:3])
     if not cands:

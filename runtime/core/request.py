@@ -65,6 +65,10 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     first_token_s: float | None = None  # when its first output token existed (the caller's clock)
+    # Output tokens of a continued stream (the last ``deadline_resumed`` prompt tokens, produced on
+    # an earlier instance) that count as emitted in its deadlines: 0 unless its deadlines keep
+    # running from its original arrival (runtime.device.DeviceLoop.anchor).
+    deadline_resumed: int = 0
 
     @property
     def num_tokens(self) -> int:

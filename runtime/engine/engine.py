@@ -123,7 +123,10 @@ class LLMEngine:
         return frozenset([eid]) if isinstance(eid, int) else frozenset()
 
     # -- intake -----------------------------------------------------------------------------
-    def add_request(self, rid: RequestId, prompt_token_ids: list[int], params: SamplingParams, now: float) -> None:
+    def add_request(self, rid: RequestId, prompt_token_ids: list[int], params: SamplingParams, now: float,
+                    deadline_resumed: int = 0) -> None:
+        """Queue a request arriving at ``now`` (its deadlines' origin); ``deadline_resumed``: see
+        ``Request.deadline_resumed``."""
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -133,7 +136,7 @@ class LLMEngine:
                              f"{len(prompt_token_ids)} tokens")
         self.scheduler.add(Request(
             rid=rid, prompt_token_ids=tuple(prompt_token_ids), params=params, arrival_s=now,
-            eos_token_ids=self.eos_ids,
+            eos_token_ids=self.eos_ids, deadline_resumed=min(deadline_resumed, params.resumed_tokens),
         ))
         detok = self._detok[rid] = IncrementalDetokenizer(self.tokenizer, params.stop)
         if params.resumed_tokens:  # the client has this text already: prime, do not emit

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from functions import FunctionSpec
+from functions import ELAPSED_HEADER, FunctionSpec
 from runtime.core.lifecycle import InstanceState
 from runtime.core.request import SamplingParams
 from runtime.device_thread import AdmissionRefused, EngineDeadError, InstanceUnavailable
@@ -174,7 +174,7 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
         public_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         met.prompt_tokens.labels(m.name).inc(len(ids))
-        gen = timed(m.name, pod.device.generate(m.name, rid, ids, params))
+        gen = timed(m.name, pod.device.generate(m.name, rid, ids, params, elapsed_s=elapsed_of(request)))
         if stream:
             first = await first_output(m.name, gen)  # admission decides before any byte is sent
             return StreamingResponse(
@@ -307,6 +307,25 @@ def api_error(e: BaseException) -> APIError:
     if isinstance(e, EngineDeadError):
         return APIError(503, str(e), type_="server_error", code="engine_unavailable")
     return APIError(400, str(e))
+
+
+MAX_ELAPSED_S = 86400.0
+
+
+def elapsed_of(request: Request) -> float:
+    """The ``slinfer-elapsed-s`` header (the activator's): 0 when absent; a 400 when it is not a
+    number of seconds in [0, 1 day]."""
+    raw = request.headers.get(ELAPSED_HEADER)
+    if raw is None:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= MAX_ELAPSED_S:  # also refuses nan and inf
+        raise APIError(400, f"header {ELAPSED_HEADER} must be a number of seconds in [0, {MAX_ELAPSED_S:g}], "
+                            f"got {raw[:40]!r}", code="invalid_header", param=ELAPSED_HEADER)
+    return value
 
 
 def continuation_of(out: RequestOutput) -> dict[str, Any]:
