@@ -170,7 +170,9 @@ class Activator:
         elapsed = Elapsed(t0)  # its deadlines keep running across the instances it visits
         up = await self.open(spec, path, body, raw, elapsed)
 
-        async def reopen(p: str, b: dict[str, Any]) -> Upstream:
+        async def reopen(p: str, b: dict[str, Any], first_token_at: float | None) -> Upstream:
+            if elapsed.first_token_at is None:
+                elapsed.first_token_at = first_token_at
             return await self.open(spec, p, b, elapsed=elapsed)
 
         status = up.response.status_code

@@ -14,7 +14,8 @@ once (``FunctionUnavailable``): waiting would only end in a timeout.
 Every try carries the ``slinfer-elapsed-s`` header: the time the client request has spent so far
 (``Elapsed``: from its arrival, across holds and the instances it visits, less the waits while its
 function had no instance, i.e. model loads, which the paper excuses), so the pod's deadlines for it
-keep counting from its arrival rather than restart (``runtime.device.DeviceLoop.anchor``).
+keep counting from its arrival rather than restart (``runtime.device.DeviceLoop.anchor``); a
+continued stream's tries also carry ``slinfer-first-token-age-s``, when its first token came.
 
 Errors raised (the app maps them to statuses): ``QueueFull`` (503), ``FunctionUnavailable`` (503),
 ``DispatchTimeout`` (504).
@@ -34,7 +35,7 @@ from activator.metrics import ActivatorMetrics
 from activator.routes import Endpoint, RouteView
 from activator.upstream import UpstreamClient, UpstreamError, UpstreamResponse
 from activator.waiting import WaitingRoom
-from functions import ELAPSED_HEADER, FunctionSpec
+from functions import ELAPSED_HEADER, FIRST_TOKEN_AGE_HEADER, FunctionSpec
 
 RETRY_STATUSES = frozenset({404, 429, 503})  # instance refuses, is going, or is gone
 RECHECK_S = 0.25  # a waiting request re-tries at least this often (admission frees up by itself)
@@ -59,9 +60,14 @@ class Elapsed:
 
     arrived_s: float  # time.monotonic() when the client request arrived
     excused_s: float = 0.0  # held while its function had no instance: a model load
+    first_token_at: float | None = None  # a continued stream's first token (a runtime reported it)
 
-    def header(self) -> str:
-        return f"{max(0.0, time.monotonic() - self.arrived_s - self.excused_s):.4f}"
+    def headers(self) -> dict[str, str]:
+        now = time.monotonic()
+        out = {ELAPSED_HEADER: f"{max(0.0, now - self.arrived_s - self.excused_s):.4f}"}
+        if self.first_token_at is not None:
+            out[FIRST_TOKEN_AGE_HEADER] = f"{max(0.0, now - self.first_token_at):.4f}"
+        return out
 
 
 @dataclass
@@ -136,7 +142,7 @@ class Dispatcher:
                     raise FunctionUnavailable(name, why)
                 for ep in endpoints:
                     self.inflight[ep.instance_id] = self.inflight.get(ep.instance_id, 0) + 1
-                    hdrs[ELAPSED_HEADER] = elapsed.header()
+                    hdrs.update(elapsed.headers())
                     if waiting:
                         with self.room.trying(name):
                             resp = await self._try(ep, path, content, hdrs)

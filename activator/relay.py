@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -32,8 +33,9 @@ from activator.upstream import UpstreamError
 DONE = b"data: [DONE]\n\n"
 CONTINUE_KEYS = ("temperature", "top_p", "seed", "stop")
 
-# (path, body) -> an open upstream response: the app's dispatcher bound to one function
-Reopen = Callable[[str, dict[str, Any]], Awaitable[Upstream]]
+# (path, body, when the stream's first token came: time.monotonic() or None) -> an open upstream
+# response: the app's dispatcher bound to one function and one client request
+Reopen = Callable[[str, dict[str, Any], float | None], Awaitable[Upstream]]
 
 
 @dataclass
@@ -43,11 +45,15 @@ class Moved:
     prompt_ids: list[int]
     output_ids: list[int] = field(default_factory=list)
     max_tokens: int = 0
+    first_token_at: float | None = None  # time.monotonic() of the stream's first token, if reported
 
     def absorb(self, cont: dict[str, Any]) -> None:
         """Take a continuation; ``prompt_token_ids`` there include earlier moves' output."""
         full = [*cont["prompt_token_ids"], *cont["output_token_ids"]]
         self.output_ids = full[len(self.prompt_ids):]
+        age = cont.get("first_token_age_s")
+        if self.first_token_at is None and isinstance(age, (int, float)) and 0 <= age < math.inf:
+            self.first_token_at = time.monotonic() - age
 
     def body(self, model: str, original: dict[str, Any], stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {k: original[k] for k in CONTINUE_KEYS if k in original}
@@ -150,7 +156,8 @@ class StreamRelay:
             self.moved = start_moved(cont, self.moved)
             self.metrics.moves.labels(self.function).inc()
             try:
-                self.up = await self.reopen("/v1/completions", self.moved.body(self.function, self.original, True))
+                self.up = await self.reopen("/v1/completions", self.moved.body(self.function, self.original, True),
+                                            self.moved.first_token_at)
             except Exception as e:
                 yield _error_event(f"the request was preempted and could not be continued: {e}")
                 break
@@ -237,7 +244,7 @@ async def complete_moving(first: Upstream, reopen: Reopen, original: dict[str, A
                 return 200, _joined(head, body, texts, moved, chat)
             moved = start_moved(cont, moved)
             metrics.moves.labels(function).inc()
-            up = await reopen("/v1/completions", moved.body(function, original, False))
+            up = await reopen("/v1/completions", moved.body(function, original, False), moved.first_token_at)
     finally:
         await up.close()
 

@@ -20,10 +20,14 @@ EXAMPLES_DIR = Path(__file__).parent / "examples"
 # instances refused it, or served on an instance that was preempted; waits for a model load left
 # out). The pod's SLO deadlines for it keep counting from its arrival (runtime.device.DeviceLoop.anchor).
 ELAPSED_HEADER = "slinfer-elapsed-s"
+# With it, for a continued stream: how long ago the stream's first token came (its later tokens are
+# due TPOT apart from it; the runtime reports it in a continuation as ``first_token_age_s``).
+FIRST_TOKEN_AGE_HEADER = "slinfer-first-token-age-s"
 
 __all__ = [
     "ELAPSED_HEADER",
     "EXAMPLES_DIR",
+    "FIRST_TOKEN_AGE_HEADER",
     "SLO",
     "DevicePreference",
     "FunctionSpec",

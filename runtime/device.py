@@ -54,6 +54,15 @@ from runtime.engine.engine import LLMEngine, RequestOutput
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Anchor:
+    """Where a request's deadlines count from (``DeviceLoop.anchor``)."""
+
+    arrival_s: float
+    resumed: int = 0  # a continued stream's earlier output tokens, counted as emitted
+    first_token_s: float | None = None  # when that stream's first token came, if known
+
+
 @dataclass
 class Instance:
     iid: str
@@ -76,16 +85,17 @@ class Instance:
 
     def deadline(self, req: Request) -> float:
         k = req.deadline_resumed
-        if k:  # a continued stream on its original schedule: the paper's formula, from its arrival
+        if k:  # a continued stream on its original schedule: from its first token if known, else arrival
             return next_token_deadline(req.arrival_s, self.ttft_s(len(req.prompt_token_ids) - k), self.tpot_s,
-                                       k + len(req.output_token_ids), self.load_delay_s)
+                                       k + len(req.output_token_ids), self.load_delay_s, req.deadline_first_s)
         return next_token_deadline(req.arrival_s, self.ttft_s(len(req.prompt_token_ids)), self.tpot_s,
                                    len(req.output_token_ids), self.load_delay_s, req.first_token_s)
 
-    def first_deadline(self, prompt_tokens: int, arrival_s: float, resumed: int = 0) -> float:
+    def first_deadline(self, prompt_tokens: int, arrival_s: float, resumed: int = 0,
+                       first_token_s: float | None = None) -> float:
         """When the next token of a request not yet started here is due (``deadline`` of it)."""
         return next_token_deadline(arrival_s, self.ttft_s(prompt_tokens - resumed), self.tpot_s, resumed,
-                                   self.load_delay_s)
+                                   self.load_delay_s, first_token_s if resumed else None)
 
     def kv_holding(self, lookahead_tokens: int) -> KVHolding:
         eng = self.engine
@@ -223,36 +233,44 @@ class DeviceLoop:
         return any(i.engine.has_work for i in self.instances.values())
 
     def anchor(self, iid: str, prompt_tokens: int, now: float, received_s: float, elapsed_s: float = 0.0,
-               resumed: int = 0) -> tuple[float, int]:
-        """Where a request's deadlines count from: ``(arrival_s, deadline_resumed)`` for ``admit``
-        and ``LLMEngine.add_request``.
+               resumed: int = 0, first_token_age_s: float | None = None) -> Anchor:
+        """Where a request's deadlines count from, for ``admit`` and ``LLMEngine.add_request``.
 
         ``elapsed_s`` is the time the request had already spent before it reached this pod (held
         by the activator while instances refused it, or served on an instance that was
-        preempted; the activator leaves out waits for a model load, which the paper excuses), and
-        ``resumed`` the output tokens a continued stream already has. As the paper has it, the
-        deadlines keep running: from ``received_s - elapsed_s``, with the resumed tokens counted
-        as emitted. A request that could not meet that first deadline even alone on the device
-        is served as if it had just arrived (best effort) rather than refused everywhere: late
-        work never takes priority over work that can still be on time.
+        preempted; the activator leaves out waits for a model load, which the paper excuses);
+        ``resumed`` the output tokens a continued stream already has, and ``first_token_age_s``
+        how long ago its first token came. As the paper has it, the deadlines keep running: from
+        ``received_s - elapsed_s``, with the resumed tokens counted as emitted and timed from the
+        stream's first token (the mean-TPOT rule, as for any stream) when its age is known. A
+        request that could not meet that next deadline even alone on the device is served as if
+        it had just arrived (best effort) rather than refused everywhere: late work never takes
+        priority over work that can still be on time.
         """
         if elapsed_s <= 0:
-            return received_s, 0
+            return Anchor(received_s)
         inst = self.instances[iid]
-        arrival = received_s - elapsed_s
-        due = inst.first_deadline(prompt_tokens, arrival, resumed)
+        first = received_s - first_token_age_s if resumed and first_token_age_s is not None else None
+        kept = Anchor(received_s - elapsed_s, resumed, first)
+        due = inst.first_deadline(prompt_tokens, kept.arrival_s, resumed, first)
         alone = inst.load(self.prefill_chunk_tokens(inst))
-        slack = inst.spec.slo.ttft_s(prompt_tokens - resumed) * SLO_MARGIN if self.newcomer_slack else 0.0
-        if now + prefill_time(alone, prompt_tokens) > due + slack:
-            return received_s, 0
-        return arrival, resumed
+        if now + prefill_time(alone, prompt_tokens) > due + self._own_slack(inst, prompt_tokens, resumed):
+            return Anchor(received_s)
+        return kept
+
+    def _own_slack(self, inst: Instance, prompt_tokens: int, resumed: int) -> float:
+        """How far past its planning deadline a newcomer's own first token may be planned (its
+        SLO's margin; runtime.core.admission.NewRequest.own_slack_s); none for a continuation's."""
+        if not self.newcomer_slack or resumed:
+            return 0.0
+        return inst.spec.slo.ttft_s(prompt_tokens) * SLO_MARGIN
 
     def admit(self, iid: str, prompt_tokens: int, now: float, arrival_s: float | None = None,
-              max_tokens: int | None = None, resumed: int = 0) -> Decision:
+              max_tokens: int | None = None, anchor: Anchor | None = None) -> Decision:
         """May a request join iid now? arrival_s (default now) anchors its TTFT deadline, so a
         retried request keeps the deadline it arrived with; max_tokens bounds its output (None:
-        up to the context), which lets admission see when its work ends; ``resumed``: output
-        tokens of a continued stream counted as emitted (``anchor``)."""
+        up to the context), which lets admission see when its work ends; ``anchor`` (from
+        ``anchor``) replaces arrival_s for a request whose deadlines began before this pod."""
         inst = self.instances[iid]
         eng = inst.engine
         la = self.memory.lookahead_tokens
@@ -260,11 +278,12 @@ class DeviceLoop:
                                   context_bound(prompt_tokens, max_tokens, eng.max_model_len))
         holdings = {name: i.kv_holding(la) for name, i in self.instances.items()}
         free = admissible_blocks(self.actions.free, holdings.values(), holdings[iid])
-        arrival = now if arrival_s is None else arrival_s
+        if anchor is None:
+            anchor = Anchor(now if arrival_s is None else arrival_s)
         room = eng.max_model_len - prompt_tokens
         outputs = max(0, (room if max_tokens is None else min(max_tokens, room)) - 1)
-        slack = inst.spec.slo.ttft_s(prompt_tokens - resumed) * SLO_MARGIN if self.newcomer_slack else 0.0
-        req = NewRequest(prompt_tokens, inst.first_deadline(prompt_tokens, arrival, resumed), need, outputs, slack)
+        due = inst.first_deadline(prompt_tokens, anchor.arrival_s, anchor.resumed, anchor.first_token_s)
+        req = NewRequest(prompt_tokens, due, need, outputs, self._own_slack(inst, prompt_tokens, anchor.resumed))
         t = time.perf_counter()
         loads = [i.load(self.prefill_chunk_tokens(i)) for i in self.instances.values()]
         d = admit(loads, iid, req, free, now, displace=self.displace)

@@ -56,6 +56,7 @@ class _Add:
     # wait for the device thread to finish its current step is not free.
     received_s: float
     elapsed_s: float = 0.0  # spent before it reached the pod (DeviceLoop.anchor)
+    first_token_age_s: float | None = None  # a continued stream's first token came this long ago
 
 
 @dataclass(frozen=True)
@@ -129,16 +130,18 @@ class AsyncDevice:
         return await fut
 
     async def generate(self, iid: str, rid: RequestId, prompt_ids: list[int], params: SamplingParams,
-                       admission: bool = True, elapsed_s: float = 0.0) -> AsyncGenerator[RequestOutput, None]:
+                       admission: bool = True, elapsed_s: float = 0.0,
+                       first_token_age_s: float | None = None) -> AsyncGenerator[RequestOutput, None]:
         """Yield outputs until the request finishes. Raises AdmissionRefused before any output
         if the device refuses it. Closing the iterator early aborts the request, which frees
         its KV blocks before the next iteration. ``elapsed_s``: time the request spent before it
-        reached this pod, which its deadlines keep counting (``DeviceLoop.anchor``)."""
+        reached this pod, which its deadlines keep counting, and ``first_token_age_s`` for a
+        continued stream (``DeviceLoop.anchor``)."""
         if self._error is not None or not self.alive:
             raise EngineDeadError(f"device is not running: {self._error!r}")
         q: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[rid] = q
-        self._cmds.put(_Add(iid, rid, prompt_ids, params, admission, time.monotonic(), elapsed_s))
+        self._cmds.put(_Add(iid, rid, prompt_ids, params, admission, time.monotonic(), elapsed_s, first_token_age_s))
         finished = False
         try:
             while True:
@@ -181,17 +184,18 @@ class AsyncDevice:
                 return []
             now = time.monotonic()
             try:
-                arrival, resumed = dev.anchor(cmd.iid, len(cmd.prompt_ids), now, min(cmd.received_s, now),
-                                              cmd.elapsed_s, cmd.params.resumed_tokens)
+                received = min(cmd.received_s, now)
+                anchor = dev.anchor(cmd.iid, len(cmd.prompt_ids), now, received, cmd.elapsed_s,
+                                    cmd.params.resumed_tokens, cmd.first_token_age_s)
                 if cmd.admission:
-                    d = dev.admit(cmd.iid, len(cmd.prompt_ids), now, arrival_s=arrival,
-                                  max_tokens=cmd.params.max_tokens, resumed=resumed)
+                    d = dev.admit(cmd.iid, len(cmd.prompt_ids), now, max_tokens=cmd.params.max_tokens, anchor=anchor)
                     if handed_back := dev.take_handed_back():  # a longer prompt gave way: it goes elsewhere
                         loop.call_soon_threadsafe(self._deliver, handed_back)
                     if not d.admitted:
                         loop.call_soon_threadsafe(self._fail, cmd.rid, AdmissionRefused(d))
                         return []
-                inst.engine.add_request(cmd.rid, cmd.prompt_ids, cmd.params, arrival, resumed)
+                inst.engine.add_request(cmd.rid, cmd.prompt_ids, cmd.params, anchor.arrival_s, anchor.resumed,
+                                        anchor.first_token_s)
             except ValueError as e:  # the request's own fault (e.g. too long): a 400
                 loop.call_soon_threadsafe(self._fail, cmd.rid, e)
             except Exception as e:  # our fault: this request fails, the device goes on

@@ -398,11 +398,14 @@ class _Refusing:
     def __init__(self, refusals: int) -> None:
         self.refusals = refusals
         self.elapsed: list[float] = []
+        self.first_token_age: list[float | None] = []
 
     async def post(self, url: str, content: bytes, headers: dict[str, str]) -> Any:
-        from functions import ELAPSED_HEADER
+        from functions import ELAPSED_HEADER, FIRST_TOKEN_AGE_HEADER
 
         self.elapsed.append(float(headers[ELAPSED_HEADER]))
+        age = headers.get(FIRST_TOKEN_AGE_HEADER)
+        self.first_token_age.append(None if age is None else float(age))
         status = 429 if len(self.elapsed) <= self.refusals else 200
 
         class Resp:
@@ -428,21 +431,42 @@ def test_each_try_tells_the_pod_how_long_the_request_has_run(case: str) -> None:
     f = spec("f")
     ready = RouteTable(2, {"f": f}, {"f": (Endpoint("f@a", "a", "http://a"),)})
 
-    async def go() -> list[float]:
+    async def go() -> _Refusing:
         routes = RouteView(ready if case != "loading" else RouteTable(1, {"f": f}, {}))
         client = _Refusing(2 if case == "refused" else 0)
         d = Dispatcher(routes, WaitingRoom(4), client, ActivatorMetrics())  # type: ignore[arg-type]
         if case == "loading":
             asyncio.get_running_loop().call_later(0.6, routes.publish, ready)  # the load is done
-        elapsed = Elapsed(time.monotonic() - 2.0) if case == "continued" else None
+        now = time.monotonic()
+        elapsed = Elapsed(now - 2.0, first_token_at=now - 1.5) if case == "continued" else None
         up = await d.open(f, "/v1/completions", {}, elapsed=elapsed)
         await up.close()
-        return client.elapsed
+        return client
 
-    sent = asyncio.run(go())
+    client = asyncio.run(go())
+    sent = client.elapsed
     if case == "refused":
         assert len(sent) == 3 and sent[0] < 0.1 and sent[2] >= 0.45  # two rechecks, 0.25 s apart
     elif case == "loading":
         assert len(sent) == 1 and sent[0] < 0.2  # 0.6 s waited for the load, excused
     else:
         assert len(sent) == 1 and 2.0 <= sent[0] < 2.2
+        (age,) = client.first_token_age
+        assert age is not None and 1.5 <= age < 1.7  # when its first token came
+    if case != "continued":
+        assert set(client.first_token_age) == {None}
+
+
+def test_a_continuation_tells_when_the_stream_s_first_token_came() -> None:
+    from activator.relay import Moved
+
+    m = Moved([1, 2])
+    m.absorb({"prompt_token_ids": [1, 2], "output_token_ids": [3], "first_token_age_s": 2.0})
+    assert m.first_token_at is not None and abs(time.monotonic() - 2.0 - m.first_token_at) < 0.1
+    first = m.first_token_at
+    m.absorb({"prompt_token_ids": [1, 2, 3], "output_token_ids": [4], "first_token_age_s": 0.1})
+    assert m.first_token_at == first and m.output_ids == [3, 4]  # the stream's first, not a later move's
+    for bad in ("soon", -1.0, float("inf"), None):
+        fresh = Moved([1])
+        fresh.absorb({"prompt_token_ids": [1], "output_token_ids": [], "first_token_age_s": bad})
+        assert fresh.first_token_at is None

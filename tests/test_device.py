@@ -12,7 +12,7 @@ from runtime.core.arbiter import SLO_MARGIN, DeviceKind
 from runtime.core.estimator import LatencyEstimator, LatencyProfile
 from runtime.core.ids import RequestId
 from runtime.core.request import SamplingParams
-from runtime.device import DeviceLoop, Instance
+from runtime.device import Anchor, DeviceLoop, Instance
 from runtime.engine.engine import EngineConfig, LLMEngine
 from runtime.engine.profiler import profile_engine
 from runtime.models.loader import load_model
@@ -291,24 +291,34 @@ def test_deadlines_keep_running_from_arrival_while_they_can_be_met(tiny):
     dev = DeviceLoop()
     dev.add_instance(make_instance(tiny, "a", ttft_base_s=0.5))
     keep = 1 - SLO_MARGIN
-    assert dev.anchor("a", 10, now=10.0, received_s=10.0) == (10.0, 0)  # nothing before the pod
+    assert dev.anchor("a", 10, now=10.0, received_s=10.0) == Anchor(10.0)  # nothing before the pod
     # Held 0.3 s by the activator: its first token stays due 0.5 s (planned: 0.475) after arrival.
-    assert dev.anchor("a", 10, now=10.0, received_s=10.0, elapsed_s=0.3) == pytest.approx((9.7, 0))
+    assert dev.anchor("a", 10, now=10.0, received_s=10.0, elapsed_s=0.3).arrival_s == pytest.approx(9.7)
     # Held 0.6 s: late even alone on the device, so served as if it had just arrived (best
     # effort) rather than refused everywhere or put ahead of work that can still be on time.
-    assert dev.anchor("a", 10, now=10.0, received_s=10.0, elapsed_s=0.6) == (10.0, 0)
+    assert dev.anchor("a", 10, now=10.0, received_s=10.0, elapsed_s=0.6) == Anchor(10.0)
     # A stream continued after 20 tokens, 1 s after it arrived: its 21st token is due on its
-    # original schedule, arrival + TTFT(its own prompt) + 20 x TPOT.
-    arrival, k = dev.anchor("a", 30, now=10.0, received_s=10.0, elapsed_s=1.0, resumed=20)
-    assert (arrival, k) == (pytest.approx(9.0), 20)
+    # original schedule, arrival + TTFT(its own prompt) + 20 x TPOT (the paper's formula) ...
+    a = dev.anchor("a", 30, now=10.0, received_s=10.0, elapsed_s=1.0, resumed=20)
+    assert (a.arrival_s, a.resumed, a.first_token_s) == (pytest.approx(9.0), 20, None)
+    assert dev.instances["a"].first_deadline(30, a.arrival_s, 20) == pytest.approx(9.0 + (0.5 + 20 * 0.25) * keep)
+    # ... or, when the runtime that ran it said when its first token came (0.9 s ago), TPOT x 20
+    # after that: the mean-TPOT rule every stream keeps to.
+    a = dev.anchor("a", 30, now=10.0, received_s=10.0, elapsed_s=1.0, resumed=20, first_token_age_s=0.9)
+    assert (a.arrival_s, a.resumed, a.first_token_s) == (pytest.approx(9.0), 20, pytest.approx(9.1))
     sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, resumed_tokens=20)
-    dev.instances["a"].engine.add_request(RequestId("c"), list(range(5, 35)), sp, arrival, k)
+    dev.instances["a"].engine.add_request(RequestId("c"), list(range(5, 35)), sp, a.arrival_s, a.resumed,
+                                          a.first_token_s)
     req = dev.instances["a"].engine.scheduler.get(RequestId("c"))
-    due = 9.0 + (0.5 + 20 * 0.25) * keep
+    due = 9.1 + 20 * 0.25 * keep
     assert dev.instances["a"].deadline(req) == pytest.approx(due)
-    assert dev.instances["a"].first_deadline(30, arrival, k) == pytest.approx(due)  # what admission plans with
-    # Continued 6 s after arrival: its 21st token was due at 5.7 s: late, so it starts afresh.
-    assert dev.anchor("a", 30, now=10.0, received_s=10.0, elapsed_s=6.0, resumed=20) == (10.0, 0)
+    assert dev.instances["a"].first_deadline(30, a.arrival_s, 20, a.first_token_s) == pytest.approx(due)
+    while req.num_computed_tokens < 30 or not req.output_token_ids:  # its first new token here
+        dev.step()
+    assert dev.instances["a"].deadline(req) == pytest.approx(9.1 + 21 * 0.25 * keep)  # still from 9.1
+    # Continued 6 s after its first token: its 21st token was due at 4.75 s after it: late, so
+    # it starts afresh.
+    assert dev.anchor("a", 30, now=10.0, received_s=10.0, elapsed_s=6.5, resumed=20, first_token_age_s=6.0) == Anchor(10.0)
 
 
 def test_a_request_held_before_the_pod_goes_before_one_that_just_arrived(tiny):
@@ -316,8 +326,8 @@ def test_a_request_held_before_the_pod_goes_before_one_that_just_arrived(tiny):
     for iid in "ab":
         dev.add_instance(make_instance(tiny, iid))
     for iid, elapsed in (("a", 0.0), ("b", 0.3)):  # same SLO, same prompt, b held 0.3 s before
-        arrival, k = dev.anchor(iid, 4, now=10.0, received_s=10.0, elapsed_s=elapsed)
-        dev.instances[iid].engine.add_request(RequestId(iid), [5, 6, 7, 8], GREEDY_4, arrival, k)
+        a = dev.anchor(iid, 4, now=10.0, received_s=10.0, elapsed_s=elapsed)
+        dev.instances[iid].engine.add_request(RequestId(iid), [5, 6, 7, 8], GREEDY_4, a.arrival_s)
     assert dev.step()[0].instance_id == "b"  # restarted at the pod, the tie would go to a by id
 
 

@@ -96,6 +96,7 @@ def test_evict_mid_stream_ends_with_a_continuation_that_resumes_exactly(pod_url,
     cont = last["continuation"]
     streamed = "".join(c["choices"][0]["text"] for c in chunks)
     assert 0 < len(cont["output_token_ids"]) < n
+    assert 0 <= cont["first_token_age_s"] < 30  # its later tokens stay due TPOT apart from the first
     # Another instance of the same checkpoint continues from prompt + tokens so far.
     rest = complete(pod_url, "base", cont["prompt_token_ids"] + cont["output_token_ids"],
                     max_tokens=n - len(cont["output_token_ids"]))

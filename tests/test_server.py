@@ -385,28 +385,33 @@ def test_smollm2_with_openai_client() -> None:
         assert "Paris" in comp.choices[0].text
 
 
+@pytest.mark.parametrize("header", ["slinfer-elapsed-s", "slinfer-first-token-age-s"])
 @pytest.mark.parametrize("value", ["soon", "-1", "nan", "inf", "1e400", "86401", ""])
-def test_a_bad_elapsed_header_is_400_and_harms_nothing(http: httpx.Client, value: str) -> None:
-    r = http.post("/v1/completions", json=completion_body(), headers={"slinfer-elapsed-s": value})
+def test_a_bad_activator_header_is_400_and_harms_nothing(http: httpx.Client, header: str, value: str) -> None:
+    r = http.post("/v1/completions", json=completion_body(), headers={header: value})
     assert r.status_code == 400, r.text
     err = r.json()["error"]
-    assert err["code"] == "invalid_header" and err["param"] == "slinfer-elapsed-s" and value[:40] in err["message"]
+    assert err["code"] == "invalid_header" and err["param"] == header and repr(value) in err["message"]
     assert complete(http)["choices"][0]["finish_reason"] == "length"
 
 
 def test_the_elapsed_header_reaches_the_device_anchor(http: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
     from runtime.device import DeviceLoop
 
-    seen: list[tuple[float, int]] = []
+    seen: list[tuple[float, int, float | None]] = []
     real = DeviceLoop.anchor
 
     def spy(self: DeviceLoop, iid: str, prompt_tokens: int, now: float, received_s: float,
-            elapsed_s: float = 0.0, resumed: int = 0) -> tuple[float, int]:
-        seen.append((elapsed_s, resumed))
-        return real(self, iid, prompt_tokens, now, received_s, elapsed_s, resumed)
+            elapsed_s: float = 0.0, resumed: int = 0, first_token_age_s: float | None = None) -> Any:
+        seen.append((elapsed_s, resumed, first_token_age_s))
+        return real(self, iid, prompt_tokens, now, received_s, elapsed_s, resumed, first_token_age_s)
 
     monkeypatch.setattr(DeviceLoop, "anchor", spy)
     plain = complete(http)
     r = http.post("/v1/completions", json=completion_body(), headers={"slinfer-elapsed-s": "0.25"})
     assert r.status_code == 200 and r.json()["choices"] == plain["choices"]  # same greedy text
-    assert seen == [(0.0, 0), (0.25, 0)]
+    ids = byte_tokenizer().encode(PROMPT)
+    r = http.post("/v1/completions", json=completion_body(prompt=ids, resumed_tokens=3),
+                  headers={"slinfer-elapsed-s": "2", "slinfer-first-token-age-s": "1.5"})
+    assert r.status_code == 200, r.text
+    assert seen == [(0.0, 0, None), (0.25, 0, None), (2.0, 3, 1.5)]

@@ -67,8 +67,10 @@ class Request:
     first_token_s: float | None = None  # when its first output token existed (the caller's clock)
     # Output tokens of a continued stream (the last ``deadline_resumed`` prompt tokens, produced on
     # an earlier instance) that count as emitted in its deadlines: 0 unless its deadlines keep
-    # running from its original arrival (runtime.device.DeviceLoop.anchor).
+    # running from its original arrival (runtime.device.DeviceLoop.anchor); and when the stream's
+    # first token came (the caller's clock; None if unknown), which its later tokens are timed from.
     deadline_resumed: int = 0
+    deadline_first_s: float | None = None
 
     @property
     def num_tokens(self) -> int:

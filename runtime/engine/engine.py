@@ -48,6 +48,7 @@ class Continuation:
     prompt_token_ids: tuple[int, ...]
     output_token_ids: tuple[int, ...]
     params: SamplingParams
+    first_token_s: float | None = None  # when the stream's first token came (the engine's clock)
 
     def resume(self) -> tuple[list[int], SamplingParams]:
         left = max(1, self.params.max_tokens - len(self.output_token_ids))
@@ -124,9 +125,9 @@ class LLMEngine:
 
     # -- intake -----------------------------------------------------------------------------
     def add_request(self, rid: RequestId, prompt_token_ids: list[int], params: SamplingParams, now: float,
-                    deadline_resumed: int = 0) -> None:
-        """Queue a request arriving at ``now`` (its deadlines' origin); ``deadline_resumed``: see
-        ``Request.deadline_resumed``."""
+                    deadline_resumed: int = 0, deadline_first_s: float | None = None) -> None:
+        """Queue a request arriving at ``now`` (its deadlines' origin); ``deadline_resumed`` and
+        ``deadline_first_s``: see ``Request``."""
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -137,6 +138,7 @@ class LLMEngine:
         self.scheduler.add(Request(
             rid=rid, prompt_token_ids=tuple(prompt_token_ids), params=params, arrival_s=now,
             eos_token_ids=self.eos_ids, deadline_resumed=min(deadline_resumed, params.resumed_tokens),
+            deadline_first_s=deadline_first_s if deadline_resumed else None,
         ))
         detok = self._detok[rid] = IncrementalDetokenizer(self.tokenizer, params.stop)
         if params.resumed_tokens:  # the client has this text already: prime, do not emit
@@ -161,7 +163,8 @@ class LLMEngine:
         text = detok.add((), final=True) if detok is not None else ""  # flush held-back text
         self._forget(rid)
         self.scheduler.finish(rid, FinishReason.PREEMPTED)
-        cont = Continuation(req.prompt_token_ids, tuple(req.output_token_ids), req.params)
+        first = req.deadline_first_s if req.deadline_resumed else req.first_token_s  # the stream's, if known
+        cont = Continuation(req.prompt_token_ids, tuple(req.output_token_ids), req.params, first)
         return RequestOutput(rid, (), text, FinishReason.PREEMPTED, len(req.prompt_token_ids),
                              len(req.output_token_ids), cont)
 

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from functions import ELAPSED_HEADER, FunctionSpec
+from functions import ELAPSED_HEADER, FIRST_TOKEN_AGE_HEADER, FunctionSpec
 from runtime.core.lifecycle import InstanceState
 from runtime.core.request import SamplingParams
 from runtime.device_thread import AdmissionRefused, EngineDeadError, InstanceUnavailable
@@ -174,7 +174,9 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
         public_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         met.prompt_tokens.labels(m.name).inc(len(ids))
-        gen = timed(m.name, pod.device.generate(m.name, rid, ids, params, elapsed_s=elapsed_of(request)))
+        age = seconds_header(request, FIRST_TOKEN_AGE_HEADER)
+        gen = timed(m.name, pod.device.generate(m.name, rid, ids, params, elapsed_s=seconds_header(request) or 0.0,
+                                                first_token_age_s=age))
         if stream:
             first = await first_output(m.name, gen)  # admission decides before any byte is sent
             return StreamingResponse(
@@ -312,19 +314,19 @@ def api_error(e: BaseException) -> APIError:
 MAX_ELAPSED_S = 86400.0
 
 
-def elapsed_of(request: Request) -> float:
-    """The ``slinfer-elapsed-s`` header (the activator's): 0 when absent; a 400 when it is not a
-    number of seconds in [0, 1 day]."""
-    raw = request.headers.get(ELAPSED_HEADER)
+def seconds_header(request: Request, name: str = ELAPSED_HEADER) -> float | None:
+    """One of the activator's headers (``ELAPSED_HEADER``, ``FIRST_TOKEN_AGE_HEADER``): None when
+    absent; a 400 when it is not a number of seconds in [0, 1 day]."""
+    raw = request.headers.get(name)
     if raw is None:
-        return 0.0
+        return None
     try:
         value = float(raw)
     except ValueError:
         value = math.nan
     if not 0.0 <= value <= MAX_ELAPSED_S:  # also refuses nan and inf
-        raise APIError(400, f"header {ELAPSED_HEADER} must be a number of seconds in [0, {MAX_ELAPSED_S:g}], "
-                            f"got {raw[:40]!r}", code="invalid_header", param=ELAPSED_HEADER)
+        raise APIError(400, f"header {name} must be a number of seconds in [0, {MAX_ELAPSED_S:g}], "
+                            f"got {raw[:40]!r}", code="invalid_header", param=name)
     return value
 
 
@@ -333,9 +335,11 @@ def continuation_of(out: RequestOutput) -> dict[str, Any]:
     c = out.continuation
     if c is None:
         return {}
+    age = {} if c.first_token_s is None else {"first_token_age_s": round(max(0.0, time.monotonic() - c.first_token_s), 4)}
     return {"continuation": {"prompt_token_ids": list(c.prompt_token_ids),
                              "output_token_ids": list(c.output_token_ids),
                              "max_tokens": c.params.max_tokens,
+                             **age,  # how long ago the stream's first token came (the pod's clock)
                              # text held back until eviction flushed it (an incomplete character
                              # or a possible stop-string prefix): a client continuing with
                              # resumed_tokens drops it, the next instance emits it exactly
