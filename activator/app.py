@@ -31,7 +31,14 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from activator import events
-from activator.dispatch import Dispatcher, DispatchTimeout, Elapsed, FunctionUnavailable, Upstream
+from activator.dispatch import (
+    DEFAULT_RETRY_SLOTS,
+    Dispatcher,
+    DispatchTimeout,
+    Elapsed,
+    FunctionUnavailable,
+    Upstream,
+)
 from activator.metrics import ActivatorMetrics
 from activator.relay import EventStreamResponse, StreamRelay, complete_moving
 from activator.routes import HTTPRouteSource, RouteSource, RouteView
@@ -50,6 +57,8 @@ class ActivatorSettings:
     demand_interval_s: float = 0.5
     first_routes_timeout_s: float = 5.0
     queue_full_retry_after_s: int = 1
+    # Held requests of a function retrying at once (activator.dispatch.RetryGate); 0: no gate.
+    retry_slots: int = DEFAULT_RETRY_SLOTS
 
 
 class APIError(Exception):
@@ -109,7 +118,7 @@ class Activator:
         async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0)) as client:
             self.client = client
             source = self._source or HTTPRouteSource(self.settings.autoscaler_url, self.settings.token, client)
-            self.dispatcher = Dispatcher(self.routes, self.room, upstream, self.metrics)
+            self.dispatcher = Dispatcher(self.routes, self.room, upstream, self.metrics, self.settings.retry_slots)
             tasks = [asyncio.create_task(self.routes.follow(source), name="routes"),
                      asyncio.create_task(DemandReporter(self.room, source, self.routes, self.settings.demand_interval_s).run(),
                                          name="demand")]

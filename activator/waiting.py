@@ -41,6 +41,7 @@ class WaitingRoom:
         # autoscaler each function's arrival rate (preemption spares busier functions).
         self.arrivals: Counter[str] = Counter()
         self._trying: dict[str, int] = {}
+        self.wakes: Counter[str] = Counter()  # per function: changes that may have freed room
         # function -> the route-table version on which its held requests last found no room. Only
         # a function whose requests have tried the current table is demand: one still on its way
         # to a freshly published instance would otherwise scale the function out again.
@@ -91,6 +92,7 @@ class WaitingRoom:
 
     def wake(self, function: str) -> None:
         """Something changed for ``function`` (a request finished): waiters try again."""
+        self.wakes[function] += 1
         ev = self._wake.pop(function, None)
         if ev is not None:
             ev.set()

@@ -470,3 +470,62 @@ def test_a_continuation_tells_when_the_stream_s_first_token_came() -> None:
         fresh = Moved([1])
         fresh.absorb({"prompt_token_ids": [1], "output_token_ids": [], "first_token_age_s": bad})
         assert fresh.first_token_at is None
+
+
+def test_held_requests_retry_through_the_gate_without_a_storm() -> None:
+    # 30 requests find no room and are held; then room frees one request at a time, each with a
+    # wake-up (a request finished). Ungated, every held request retries on every change; through
+    # the gate, a change costs about one refusal. Both serve everyone.
+    import asyncio
+
+    from activator.dispatch import Dispatcher
+    from activator.metrics import ActivatorMetrics
+    from activator.routes import RouteView
+    from activator.waiting import WaitingRoom
+
+    class Pod:
+        def __init__(self) -> None:
+            self.free = 0
+            self.tries = 0
+
+        async def post(self, url: str, content: bytes, headers: dict[str, str]) -> Any:
+            self.tries += 1
+            await asyncio.sleep(0.003)  # admission runs between device steps
+            admitted = self.free > 0
+            self.free -= admitted
+
+            class Resp:
+                status_code = 200 if admitted else 429
+
+                async def aclose(self) -> None:
+                    pass
+            return Resp()
+
+    f = spec("f", timeout_s=30.0)
+    table = RouteTable(1, {"f": f}, {"f": (Endpoint("f@a", "a", "http://a"),)})
+
+    async def go(slots: int) -> tuple[int, int]:
+        pod, room = Pod(), WaitingRoom(100)
+        d = Dispatcher(RouteView(table), room, pod, ActivatorMetrics(), retry_slots=slots)  # type: ignore[arg-type]
+
+        async def one() -> None:
+            up = await d.open(f, "/v1/completions", {})
+            await up.close()  # no wake-up: the test decides when room frees
+
+        tasks = [asyncio.ensure_future(one()) for _ in range(30)]
+        await asyncio.sleep(0.05)
+        held = pod.tries
+        for _ in range(10):
+            pod.free += 1
+            room.wake("f")
+            await asyncio.sleep(0.02)
+        pod.free += 100
+        room.wake("f")
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        return held, pod.tries - held
+
+    first_gated, gated = asyncio.run(go(2))
+    first_ungated, ungated = asyncio.run(go(0))
+    assert first_gated == first_ungated == 30  # a fresh request's first try is never held back
+    assert ungated > 150, ungated  # ~every held request on each of 11 changes
+    assert gated < ungated / 3, (gated, ungated)
