@@ -17,9 +17,10 @@ function had no instance, i.e. model loads, which the paper excuses), so the pod
 keep counting from its arrival rather than restart (``runtime.device.DeviceLoop.anchor``); a
 continued stream's tries also carry ``slinfer-first-token-age-s``, when its first token came.
 
-Held requests of a function retry through a gate (``RetryGate``): at most ``retry_slots`` start
-at a time, and none once one of them has been refused by every instance since the last change
-(a finish, new routes, or the recheck period); a fresh request's first try does not wait for it.
+Held requests of a function retry through a gate (``RetryGate``): a few tries out at a time (a
+window that starts at ``retry_slots`` and doubles while they are admitted), and none once one of
+them has been refused by every instance since the last change (a finish, new routes, or the
+recheck period); a fresh request's first try does not wait for it.
 
 Errors raised (the app maps them to statuses): ``QueueFull`` (503), ``FunctionUnavailable`` (503),
 ``DispatchTimeout`` (504).
@@ -62,14 +63,39 @@ class FunctionUnavailable(Exception):
         self.function = function
 
 
-@dataclass
 class RetryGate:
     """How the held requests of one function retry. Without it every held request tries every
     instance on every change, and under a burst a pod spends more of its time refusing than
-    serving (400 concurrent requests through `make run`: 14-31 refusals per request served)."""
+    serving (400 concurrent requests through `make run`: 14-31 refusals per request served).
 
-    slots: asyncio.Semaphore
-    refused: tuple[int, int, int] | None = None  # the change after which a held request found no room
+    At most ``window`` tries are out at once. The window starts at ``slots``, doubles with each
+    try the pod admits within RETRY_HANDOFF_S (up to ``MAX_WINDOW``: an idle fresh instance takes
+    a crowd of held requests in a few rounds; a busy one answers later, and the window stays) and
+    falls back to ``slots`` at a refusal, after which no held request tries until the next change
+    (``refused``)."""
+
+    MAX_WINDOW = 256
+
+    def __init__(self, slots: int) -> None:
+        self.slots = max(1, slots)
+        self.window = self.slots
+        self.out = 0  # tries holding a place in the window
+        self.refused: tuple[int, int, int] | None = None  # the change after which one found no room
+        self._moved = asyncio.Condition()
+
+    async def enter(self) -> None:
+        async with self._moved:
+            await self._moved.wait_for(lambda: self.out < self.window)
+            self.out += 1
+
+    async def leave(self, admitted: bool | None) -> None:
+        """Give a place back: after a try the pod admitted (True), refused (False), or had not
+        answered yet (None: the window stays as it is)."""
+        async with self._moved:
+            self.out -= 1
+            if admitted is not None:
+                self.window = min(self.MAX_WINDOW, self.window * 2) if admitted else self.slots
+            self._moved.notify_all()
 
 
 @dataclass
@@ -124,22 +150,24 @@ class Dispatcher:
 
     async def _try_gated(self, gate: RetryGate, change: tuple[int, int, int], ep: Endpoint, path: str,
                          content: bytes, headers: dict[str, str]) -> UpstreamResponse | None | Literal[False]:
-        """``_try`` holding one of the function's retry slots until the answer or RETRY_HANDOFF_S;
-        False, without trying, when a held request was refused everywhere since ``change``."""
-        await gate.slots.acquire()
+        """``_try`` holding a place in the function's retry window until the answer, or
+        RETRY_HANDOFF_S (then taken as admitted); False, without trying, when a held request was
+        refused everywhere since ``change``."""
+        await gate.enter()
         if gate.refused == change:
-            gate.slots.release()
+            await gate.leave(admitted=False)
             return False
         task = asyncio.ensure_future(self._try(ep, path, content, headers))
         held = True
         try:
             await asyncio.wait({task}, timeout=RETRY_HANDOFF_S)
-            gate.slots.release()
             held = False
+            answered = task.done() and not task.cancelled() and task.exception() is None
+            await gate.leave(admitted=(task.result() is not None) if answered else None)
             return await task
         finally:
-            if held:  # cancelled while the try was out: it must not leak a connection
-                gate.slots.release()
+            if held:  # cancelled while the try was out: give its place back, leak no connection
+                asyncio.ensure_future(gate.leave(admitted=False))
                 if not task.done():
                     task.cancel()
                 elif not task.cancelled() and task.exception() is None and (resp := task.result()) is not None:
@@ -187,7 +215,7 @@ class Dispatcher:
                 endpoints = self.order(name)
                 if not endpoints and (why := self.routes.table.unavailable.get(name)) is not None:
                     raise FunctionUnavailable(name, why)
-                gate = self._gates.setdefault(name, RetryGate(asyncio.Semaphore(self.retry_slots or 1)))
+                gate = self._gates.setdefault(name, RetryGate(self.retry_slots))
                 change = self._change(name)
                 for ep in endpoints:
                     gated = waiting and self.retry_slots > 0

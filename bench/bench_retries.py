@@ -1,10 +1,15 @@
 """How held requests retry under a burst: the activator's retry gate against none.
 
-A mesh of one runtime pod (a tiny random model, so the device is not what is measured) gets a
-burst of concurrent streaming requests through the activator, more than the instance admits at
-once, so most are held and retried. Run with the retry gate (``--slots``, the default 2 held
-requests trying at a time, none after one was refused since the last change) and without it (0:
-every held request retries every instance on every change), alternating, ``--reps`` times each:
+A mesh of one runtime pod (a tiny random model, so the device is not what is measured) gets bursts
+of concurrent streaming requests through the activator. Two scenarios:
+  warm   --requests (300) streams of --tokens (200) tokens on a loaded instance: more than it
+         admits at once, so most are held and retried as room frees
+  cold   --cold-requests (60) streams of 30 tokens while the function is scaled to zero: all are
+         held through the load, then the fresh instance takes them
+each run with the retry gate (``--slots``, default 2: the window of tries out at once starts
+there, doubles while they are admitted, and no held request tries after one was refused since
+the last change) and without it (0: every held request retries every instance on every change),
+alternating, ``--reps`` times each:
   refusals/req  admission refusals the pod answered (its slinfer_admission_refusals_total) per
                 request served
   wall          from the first request sent to the last stream ended
@@ -12,7 +17,7 @@ every held request retries every instance on every change), alternating, ``--rep
 Medians over the repetitions; the ratios are gated / ungated. The LAST line printed is one JSON
 object.
 
-Usage: python bench/bench_retries.py [--requests 300] [--tokens 200] [--reps 3] [--slots 2]
+Usage: python bench/bench_retries.py [--requests 300] [--tokens 200] [--cold-requests 60] [--reps 3] [--slots 2]
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from functions import FunctionSpec  # noqa: E402
 
 TOKEN = "bench-retries"
 FN = FunctionSpec(name="echo", model="random:llama-tiny?seed=0", max_context_tokens=512, max_output_tokens=400,
-                  keep_alive_s=600.0)
+                  keep_alive_s=1.0)
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def refusals(pod_urls: list[str]) -> float:
@@ -73,15 +79,23 @@ async def burst(url: str, n: int, tokens: int) -> tuple[float, list[float], dict
     return wall, sorted(t for _, t in res if t == t), statuses
 
 
-def run(slots: int, n: int, tokens: int) -> dict[str, float]:
+def run(slots: int, scenario: str, n: int, tokens: int) -> dict[str, float]:
     settings = MeshSettings((FN,), TOKEN, pods=1, port=0, autoscaler_port=0,
                             resources=PodResources(kv_budget_mb=64, weight_cache_mb=256, memory_mb=1024, threads=1),
                             controller=ControllerSettings(TOKEN, profile=True),
                             activator=ActivatorSettings(demand_interval_s=0.1, retry_slots=slots))
     with mesh_in_thread(settings) as mesh:
-        st = httpx.get(f"{mesh.autoscaler_url}/status", headers={"Authorization": f"Bearer {TOKEN}"}).json()
-        pods = [node["url"] for node in st["nodes"]]
-        asyncio.run(burst(mesh.url, 4, 8))  # load the instance, warm the paths
+        pods = [node["url"] for node in httpx.get(f"{mesh.autoscaler_url}/status", headers=AUTH).json()["nodes"]]
+        if scenario == "warm":  # load the instance and warm the paths; the burst keeps it loaded
+            asyncio.run(burst(mesh.url, 4, 8))
+        else:  # load it once (its profile is taken then), and wait until its 1 s keep-alive unloads it
+            asyncio.run(burst(mesh.url, 2, 4))
+            deadline = time.monotonic() + 60
+            while any(i["function"] == "echo" for node in httpx.get(f"{mesh.autoscaler_url}/status",
+                                                                   headers=AUTH).json()["nodes"]
+                      for i in node["instances"]):
+                assert time.monotonic() < deadline, "the function was never unloaded"
+                time.sleep(0.1)
         before = refusals(pods)
         wall, ttfts, statuses = asyncio.run(burst(mesh.url, n, tokens))
         refused = refusals(pods) - before
@@ -94,23 +108,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--tokens", type=int, default=200)
+    ap.add_argument("--cold-requests", type=int, default=60)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--slots", type=int, default=2)
     a = ap.parse_args()
-    rows: dict[int, list[dict[str, float]]] = {a.slots: [], 0: []}
-    for rep in range(a.reps):
-        for slots in (a.slots, 0) if rep % 2 == 0 else (0, a.slots):
-            row = run(slots, a.requests, a.tokens)
-            rows[slots].append(row)
-            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     keys = ("refusals_per_request", "wall_s", "ttft_p50_s", "ttft_p90_s")
-    med = {s: {k: statistics.median(r[k] for r in rs) for k in keys} for s, rs in rows.items()}
-    for k in keys:
-        print(f"{k:>22}: gated {med[a.slots][k]:8.3f}   ungated {med[0][k]:8.3f}   ratio {med[a.slots][k] / med[0][k]:.2f}")
-    out: dict[str, Any] = {"requests": a.requests, "tokens": a.tokens, "reps": a.reps, "slots": a.slots,
-                           "gated": med[a.slots], "ungated": med[0],
-                           "ratio": {k: round(med[a.slots][k] / med[0][k], 3) for k in keys},
-                           "all_served": all(r["served"] == a.requests for rs in rows.values() for r in rs)}
+    out: dict[str, Any] = {"requests": a.requests, "tokens": a.tokens, "cold_requests": a.cold_requests,
+                           "reps": a.reps, "slots": a.slots}
+    for scenario, n, tokens in (("warm", a.requests, a.tokens), ("cold", a.cold_requests, 30)):
+        rows: dict[int, list[dict[str, float]]] = {a.slots: [], 0: []}
+        for rep in range(a.reps):
+            for slots in (a.slots, 0) if rep % 2 == 0 else (0, a.slots):
+                row = run(slots, scenario, n, tokens)
+                rows[slots].append(row)
+                print(scenario, json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}),
+                      flush=True)
+        med = {s: {k: statistics.median(r[k] for r in rs) for k in keys} for s, rs in rows.items()}
+        for k in keys:
+            ratio = med[a.slots][k] / med[0][k] if med[0][k] else float("nan")
+            print(f"{scenario} {k:>22}: gated {med[a.slots][k]:8.3f}   ungated {med[0][k]:8.3f}   ratio {ratio:.2f}")
+        out[scenario] = {"gated": med[a.slots], "ungated": med[0],
+                         "ratio": {k: round(med[a.slots][k] / med[0][k], 3) if med[0][k] else None for k in keys},
+                         "all_served": all(r["served"] == n for rs in rows.values() for r in rs)}
     print(json.dumps(out))
 
 
