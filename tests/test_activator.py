@@ -529,3 +529,33 @@ def test_held_requests_retry_through_the_gate_without_a_storm() -> None:
     assert first_gated == first_ungated == 30  # a fresh request's first try is never held back
     assert ungated > 150, ungated  # ~every held request on each of 11 changes
     assert gated < ungated / 3, (gated, ungated)
+
+
+def test_the_retry_window_doubles_while_tries_are_admitted_and_falls_back_at_a_refusal() -> None:
+    import asyncio
+
+    from activator.dispatch import RetryGate
+
+    async def go() -> list[int]:
+        gate = RetryGate(2)
+        seen = []
+        for _ in range(2):
+            await gate.enter()
+        third = asyncio.ensure_future(gate.enter())
+        await asyncio.sleep(0.01)
+        assert not third.done()  # the window (2) is full
+        await gate.leave(admitted=True)  # admitted: 4
+        await asyncio.wait_for(third, 1)
+        seen.append(gate.window)
+        await gate.enter()  # 3 out of 4
+        await gate.leave(admitted=None)  # no answer yet: the window stays
+        seen.append(gate.window)
+        await gate.leave(admitted=False)  # refused: back to 2
+        seen.append(gate.window)
+        for _ in range(20):
+            await gate.leave(admitted=True)
+            await gate.enter()
+        seen.append(gate.window)  # capped
+        return seen
+
+    assert asyncio.run(go()) == [4, 4, 2, RetryGate.MAX_WINDOW]
