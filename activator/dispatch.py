@@ -29,6 +29,7 @@ Errors raised (the app maps them to statuses): ``QueueFull`` (503), ``FunctionUn
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import time
@@ -81,21 +82,36 @@ class RetryGate:
         self.window = self.slots
         self.out = 0  # tries holding a place in the window
         self.refused: tuple[int, int, int] | None = None  # the change after which one found no room
-        self._moved = asyncio.Condition()
+        self._queue: collections.deque[asyncio.Future[None]] = collections.deque()  # first come, first in
 
     async def enter(self) -> None:
-        async with self._moved:
-            await self._moved.wait_for(lambda: self.out < self.window)
+        """Take a place in the window, waiting (in arrival order) while it is full."""
+        if self.out < self.window and not self._queue:
             self.out += 1
+            return
+        turn = asyncio.get_running_loop().create_future()
+        self._queue.append(turn)
+        try:
+            await turn  # leave() counted this place in ``out`` when it granted the turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.leave(admitted=None)  # granted, then cancelled: give the place on
+            elif turn in self._queue:  # (leave() drops a cancelled turn it comes to)
+                self._queue.remove(turn)
+            raise
 
-    async def leave(self, admitted: bool | None) -> None:
-        """Give a place back: after a try the pod admitted (True), refused (False), or had not
-        answered yet (None: the window stays as it is)."""
-        async with self._moved:
-            self.out -= 1
-            if admitted is not None:
-                self.window = min(self.MAX_WINDOW, self.window * 2) if admitted else self.slots
-            self._moved.notify_all()
+    def leave(self, admitted: bool | None) -> None:
+        """Give a place back after a try the pod admitted (True), refused (False), or had not
+        answered yet (None: the window stays as it is). Synchronous, so a cancellation cannot
+        lose a place."""
+        self.out -= 1
+        if admitted is not None:
+            self.window = min(self.MAX_WINDOW, self.window * 2) if admitted else self.slots
+        while self._queue and self.out < self.window:
+            turn = self._queue.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                self.out += 1
 
 
 @dataclass
@@ -150,12 +166,12 @@ class Dispatcher:
 
     async def _try_gated(self, gate: RetryGate, change: tuple[int, int, int], ep: Endpoint, path: str,
                          content: bytes, headers: dict[str, str]) -> UpstreamResponse | None | Literal[False]:
-        """``_try`` holding a place in the function's retry window until the answer, or
-        RETRY_HANDOFF_S (then taken as admitted); False, without trying, when a held request was
-        refused everywhere since ``change``."""
+        """``_try`` holding a place in the function's retry window until the answer, or at most
+        RETRY_HANDOFF_S; False, without trying, when a held request was refused everywhere since
+        ``change``."""
         await gate.enter()
         if gate.refused == change:
-            await gate.leave(admitted=False)
+            gate.leave(admitted=None)
             return False
         task = asyncio.ensure_future(self._try(ep, path, content, headers))
         held = True
@@ -163,11 +179,11 @@ class Dispatcher:
             await asyncio.wait({task}, timeout=RETRY_HANDOFF_S)
             held = False
             answered = task.done() and not task.cancelled() and task.exception() is None
-            await gate.leave(admitted=(task.result() is not None) if answered else None)
+            gate.leave(admitted=(task.result() is not None) if answered else None)
             return await task
         finally:
             if held:  # cancelled while the try was out: give its place back, leak no connection
-                asyncio.ensure_future(gate.leave(admitted=False))
+                gate.leave(admitted=None)
                 if not task.done():
                     task.cancel()
                 elif not task.cancelled() and task.exception() is None and (resp := task.result()) is not None:

@@ -3,6 +3,7 @@ models) and an activator given a fixed route table (no autoscaler: its seam is t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -544,18 +545,29 @@ def test_the_retry_window_doubles_while_tries_are_admitted_and_falls_back_at_a_r
         third = asyncio.ensure_future(gate.enter())
         await asyncio.sleep(0.01)
         assert not third.done()  # the window (2) is full
-        await gate.leave(admitted=True)  # admitted: 4
+        gate.leave(admitted=True)  # admitted: 4
         await asyncio.wait_for(third, 1)
         seen.append(gate.window)
         await gate.enter()  # 3 out of 4
-        await gate.leave(admitted=None)  # no answer yet: the window stays
+        gate.leave(admitted=None)  # no answer yet: the window stays
         seen.append(gate.window)
-        await gate.leave(admitted=False)  # refused: back to 2
+        gate.leave(admitted=False)  # refused: back to 2
         seen.append(gate.window)
         for _ in range(20):
-            await gate.leave(admitted=True)
+            gate.leave(admitted=True)
             await gate.enter()
         seen.append(gate.window)  # capped
+        # A waiter cancelled while it waits, or right after its turn came, loses no place.
+        while gate.out < gate.window:
+            await gate.enter()
+        waiting = [asyncio.ensure_future(gate.enter()) for _ in range(2)]
+        await asyncio.sleep(0)
+        waiting[0].cancel()
+        gate.leave(admitted=None)  # turns go to the second waiter; the first was cancelled
+        await asyncio.sleep(0)
+        seen.append(int(waiting[1].done() and gate.out == gate.window))
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting[0]  # cancelled, and nothing else
         return seen
 
-    assert asyncio.run(go()) == [4, 4, 2, RetryGate.MAX_WINDOW]
+    assert asyncio.run(go()) == [4, 4, 2, RetryGate.MAX_WINDOW, 1]
