@@ -13,7 +13,7 @@ import pytest
 
 from activator.routes import RouteTable
 from autoscaler.core import DeviceKind, FunctionId, Load, NodeId
-from autoscaler.service.controller import Controller, ControllerSettings
+from autoscaler.service.controller import Controller, ControllerSettings, LoadFailure
 from autoscaler.service.nodes import NodeSpec, StaticNodes
 from autoscaler.service.observe import parse_status, routes, snapshot
 from functions import FunctionSpec
@@ -184,7 +184,7 @@ def test_a_model_that_cannot_load_is_published_as_unavailable_until_redeployed()
         assert "Load a@pod-0" not in await h.round()
         h.now = 15.3
         assert "Load a@pod-0" in await h.round()
-        assert h.ctl.load_failures["a"] == 3
+        assert h.ctl.load_failures["a"].count == 3
         before = h.ctl.table.version
         del h.pods.refuse["a"]
         h.ctl.deploy(fn("a", keep_alive_s=5.0))  # fixed: published at once, retried at once
@@ -311,7 +311,7 @@ def test_cli_list_shows_why_a_function_cannot_load(monkeypatch: pytest.MonkeyPat
     from autoscaler.service import cli
 
     h = Harness([fn("a"), fn("b")])
-    h.ctl.load_errors["a"] = "pod-0 could not load it: model '/m' not found"
+    h.ctl.load_failures["a"] = LoadFailure("pod-0 could not load it: model '/m' not found", 1, 5.0)
     monkeypatch.setattr(cli, "_mesh", lambda state_dir: {})
     monkeypatch.setattr(cli, "_control", lambda info, method, path: httpx.Response(200, json=h.ctl.status()))
     cli.list_([])

@@ -30,17 +30,20 @@ def route_order(snapshot: ClusterSnapshot, function: FunctionId, *,
     """The function's ready instances: by position of their node's kind in ``device_order``, then
     largest batch first, then by instance id."""
     rank = {kind: i for i, kind in reversed(list(enumerate(device_order)))}
-    ready = (i for i in snapshot.instances if i.function == function and not i.loading)
-    return sorted(ready, key=lambda i: (rank.get(snapshot.node(i.node_id).kind, len(rank)), -i.batch,
+    return sorted(_ready(snapshot, function), key=lambda i: (rank.get(snapshot.node(i.node_id).kind, len(rank)), -i.batch,
                                         i.instance_id))
 
 
 def round_robin_order(snapshot: ClusterSnapshot, function: FunctionId, last: str | None) -> list[InstanceView]:
     """The function's ready instances by instance id, starting after ``last`` (the instance that
     took the function's previous request, whether or not it is still there; None: from the first)."""
-    ready = sorted((i for i in snapshot.instances if i.function == function and not i.loading),
-                   key=lambda i: i.instance_id)
+    ready = sorted(_ready(snapshot, function), key=lambda i: i.instance_id)
     if last is None:
         return ready
     k = next((n for n, i in enumerate(ready) if i.instance_id > last), 0)
     return ready[k:] + ready[:k]
+
+
+def _ready(snapshot: ClusterSnapshot, function: FunctionId) -> list[InstanceView]:
+    """The function's instances that admit requests (a loading one does not yet)."""
+    return [i for i in snapshot.instances if i.function == function and not i.loading]

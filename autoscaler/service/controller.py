@@ -68,6 +68,15 @@ class ControllerSettings:
     rate_window_s: float = DEFAULT_RATE_WINDOW_S  # functions' arrival rates (preemption spares busier ones)
 
 
+@dataclass(frozen=True)
+class LoadFailure:
+    """A function's model failed to load (a pod refused it) ``count`` times in a row."""
+
+    why: str
+    count: int
+    retry_at_s: float  # its next load is not tried before this (the controller's clock)
+
+
 class Controller:
     def __init__(self, nodes: NodeSource, functions: Mapping[str, FunctionSpec], settings: ControllerSettings,
                  client: httpx.AsyncClient, store_dir: Path | None = None,
@@ -92,11 +101,9 @@ class Controller:
         self.ever_ready: dict[InstanceId, str] = {}
         self.lost: set[str] = set()
         self.grew: dict[str, int] = {}  # function -> route version that first listed its newest endpoint
-        self.failed: dict[str, float] = {}  # function -> until when its loads are not retried
-        # function -> why its model cannot load (a pod refused it: 4xx), until a load succeeds or
-        # it is redeployed; published with the routes so the activator answers at once
-        self.load_errors: dict[str, str] = {}
-        self.load_failures: dict[str, int] = {}  # function -> failed loads in a row
+        # function -> its model's failed loads (a pod refused them: 4xx), until a load succeeds or
+        # it is redeployed; why is published with the routes so the activator answers at once
+        self.load_failures: dict[str, LoadFailure] = {}
         self.last_plan = Plan()
         # Versions grow across restarts (wall-clock ms): an activator that followed the old
         # autoscaler sees the new one's first table as newer.
@@ -128,9 +135,7 @@ class Controller:
 
     def deploy(self, spec: FunctionSpec) -> None:
         self.functions[spec.name] = spec
-        self.failed.pop(spec.name, None)  # a new spec may fix what failed: try it at once
-        self.load_errors.pop(spec.name, None)
-        self.load_failures.pop(spec.name, None)
+        self.load_failures.pop(spec.name, None)  # a new spec may fix what failed: try it at once
         self._publish(list(self.pods.values()))  # the activator sees the new spec without a round's wait
         if self.store_dir is not None:
             self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -139,8 +144,6 @@ class Controller:
 
     def delete(self, name: str) -> bool:
         found = self.functions.pop(name, None) is not None
-        self.failed.pop(name, None)
-        self.load_errors.pop(name, None)
         self.load_failures.pop(name, None)
         self._publish(list(self.pods.values()))
         if self.store_dir is not None:
@@ -206,14 +209,14 @@ class Controller:
         self._publish(pods)  # first: a new endpoint makes the demand that asked for it stale
         snap = snapshot(now, pods, self.functions, self.idle_since, self.loading, rates=self.rates.rates(now))
         pending = [PendingDemand(FunctionId(fn), n) for fn, (n, until) in sorted(self.demand.items())
-                   if until >= now and fn in self.functions and self.failed.get(fn, 0.0) <= now]
+                   if until >= now and fn in self.functions and self._may_load(fn, now)]
         waiting = {p.function for p in pending}
         pending += [PendingDemand(FunctionId(fn), 1) for fn in sorted(self.lost - waiting) if fn in self.functions]
         # A function that failed to load has no demand (its requests are answered at once): retry
         # it by itself once its backoff has passed, so a fixed model comes up without a redeploy.
         asked = {str(fn) for fn in waiting} | self.lost
-        pending += [PendingDemand(FunctionId(fn), 1) for fn in sorted(self.load_errors)
-                    if fn not in asked and fn in self.functions and self.failed.get(fn, 0.0) <= now]
+        pending += [PendingDemand(FunctionId(fn), 1) for fn in sorted(self.load_failures)
+                    if fn not in asked and fn in self.functions and self._may_load(fn, now)]
         self.demand = {fn: d for fn, d in self.demand.items() if d[1] >= now}
         plan = decide(snap, pending)
         self.last_plan = plan
@@ -285,7 +288,6 @@ class Controller:
                         continue
                     log.info("load %s on %s", a.function, node.node_id)
                     await self.admin.load(node, spec)
-                    self.load_errors.pop(a.function, None)
                     self.load_failures.pop(a.function, None)
                 elif isinstance(a, Unload):
                     log.info("unload %s (drain=%s)", a.instance_id, a.drain)
@@ -297,18 +299,27 @@ class Controller:
                 log.warning("%s on %s failed: %s", type(a).__name__, node.node_id, e)
                 if (isinstance(a, Load) and isinstance(e, AdminError) and e.status < 500
                         and self.functions.get(a.function) is spec):  # (not redeployed meanwhile)
-                    n = self.load_failures[a.function] = self.load_failures.get(a.function, 0) + 1
+                    prev = self.load_failures.get(a.function)
+                    n = 1 if prev is None else prev.count + 1
                     s = self.settings
                     backoff = min(s.max_load_failure_backoff_s, s.load_failure_backoff_s * 2 ** min(n - 1, 30))
-                    self.failed[a.function] = self.clock() + backoff
-                    self.load_errors[a.function] = f"{node.node_id} could not load it: {e.detail}"
+                    self.load_failures[a.function] = LoadFailure(
+                        f"{node.node_id} could not load it: {e.detail}", n, self.clock() + backoff)
             finally:
                 if isinstance(a, Load):
                     self.loading.discard((a.function, a.node_id))
         self._poke.set()  # look again now: a load finished, routes change
 
+    def _may_load(self, function: str, now: float) -> bool:
+        failure = self.load_failures.get(function)
+        return failure is None or failure.retry_at_s <= now
+
+    def load_errors(self) -> dict[str, str]:
+        """Why each function whose model failed to load cannot start, by function."""
+        return {fn: f.why for fn, f in sorted(self.load_failures.items())}
+
     def _publish(self, pods: list[PodStatus]) -> None:
-        table = routes(self.table.version, pods, self.functions, self.load_errors)
+        table = routes(self.table.version, pods, self.functions, self.load_errors())
         if (table.functions != self.table.functions or table.endpoints != self.table.endpoints
                 or table.unavailable != self.table.unavailable):
             version = max(self.table.version + 1, int(time.time() * 1000))
@@ -338,7 +349,7 @@ class Controller:
             "demand": {fn: n for fn, (n, until) in sorted(self.demand.items()) if until >= now},
             "arrival_rate_per_s": {fn: round(r, 4) for fn, r in sorted(self.rates.rates(now).items())},
             "lost": sorted(self.lost),
-            "load_errors": dict(sorted(self.load_errors.items())),
+            "load_errors": self.load_errors(),
             "loads_in_flight": [{"function": fn, "node": node} for fn, node in sorted(self.loading)],
             "routes_version": self.table.version,
             "rounds": self.rounds,

@@ -175,8 +175,8 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
         created = int(time.time())
         met.prompt_tokens.labels(m.name).inc(len(ids))
         age = seconds_header(request, FIRST_TOKEN_AGE_HEADER)
-        gen = timed(m.name, pod.device.generate(m.name, rid, ids, params, elapsed_s=seconds_header(request) or 0.0,
-                                                first_token_age_s=age))
+        elapsed = seconds_header(request, ELAPSED_HEADER) or 0.0
+        gen = timed(m.name, pod.device.generate(m.name, rid, ids, params, elapsed_s=elapsed, first_token_age_s=age))
         if stream:
             first = await first_output(m.name, gen)  # admission decides before any byte is sent
             return StreamingResponse(
@@ -314,7 +314,7 @@ def api_error(e: BaseException) -> APIError:
 MAX_ELAPSED_S = 86400.0
 
 
-def seconds_header(request: Request, name: str = ELAPSED_HEADER) -> float | None:
+def seconds_header(request: Request, name: str) -> float | None:
     """One of the activator's headers (``ELAPSED_HEADER``, ``FIRST_TOKEN_AGE_HEADER``): None when
     absent; a 400 when it is not a number of seconds in [0, 1 day]."""
     raw = request.headers.get(name)
