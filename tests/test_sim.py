@@ -19,8 +19,8 @@ from autoscaler.sim.clock import EventKind, EventQueue, PastEventError
 from autoscaler.sim.config import ClusterSpec, ModelSpec, model_from_published, system_config
 from autoscaler.sim.loading import HostCache, LoadModel, LoadSource
 from autoscaler.sim.node import SimInstance, SimNode, SimRequest
-from autoscaler.sim.scoring import meets_slo, score, ttft_s
-from autoscaler.sim.simulator import RequestRecord, Simulator, simulate
+from autoscaler.sim.scoring import MissCause, meets_slo, miss_cause, rank_bands, score, ttft_s
+from autoscaler.sim.simulator import RequestRecord, RunResult, Simulator, simulate
 from autoscaler.sim.sweep import capacity, capacity_any
 from autoscaler.sim.trace import Arrival, Trace, synthetic_trace
 from runtime.core.arbiter import DeviceKind, Phase
@@ -394,6 +394,34 @@ def test_slo_formula(r, counted, excluded):
     assert meets_slo(r, count_cold_start=False) is excluded
 
 
+@pytest.mark.parametrize("r, cause", [
+    (rec(), None),
+    (rec(first=None, finish=None), MissCause.DROPPED),
+    (rec(first=1.2, finish=3.7, load=0.8), MissCause.TTFT_LOAD),
+    (rec(first=0.51, finish=3.0), MissCause.TTFT),
+    (rec(first=0.51, finish=9.0), MissCause.TTFT),  # late and slow: the first token comes first
+    (rec(finish=2.91), MissCause.TPOT),
+    (rec(first=0.4, finish=2.9, load=0.3), None),  # a load, still on time
+])
+def test_miss_cause(r, cause):
+    assert miss_cause(r) is cause
+    assert (cause is None) is meets_slo(r)
+
+
+def test_rank_bands_group_functions_by_request_count():
+    # 20 functions: f00 sends 20 requests, f01 19, ..., f19 1; each function's first request is
+    # dropped, the rest met
+    recs = [replace(rec(), function=f"f{i:02d}") if k else
+            replace(rec(first=None, finish=None), function=f"f{i:02d}", device=None)
+            for i in range(20) for k in range(20 - i)]
+    bands = rank_bands(RunResult("s", "toy", 20, tuple(recs), None))  # type: ignore[arg-type]
+    assert [(b.first, b.last, b.functions) for b in bands] == [(1, 8, 8), (9, 16, 8), (17, 20, 4)]
+    assert [b.requests for b in bands] == [sum(range(13, 21)), sum(range(5, 13)), sum(range(1, 5))]
+    assert [b.misses["dropped"] for b in bands] == [8, 8, 4]
+    assert all(b.slo_met == b.requests - b.functions for b in bands)
+    assert bands[0].served_on == {"gpu": bands[0].slo_met}
+
+
 @pytest.mark.parametrize("attainment, target, expected", [
     ({16: 1.0, 32: 0.97, 48: 0.95, 64: 0.9}, 0.95, 48),
     ({16: 1.0, 32: 0.97, 48: 0.95, 64: 0.9}, 0.90, 64),
@@ -424,6 +452,8 @@ def test_score_counts_dropped_as_misses_and_reports_nodes():
     assert s.requests == len(trace.arrivals) == len(res.requests)
     assert s.slo_met == sum(meets_slo(r) for r in res.requests) <= s.requests - s.dropped
     assert s.slo_met <= s.slo_met_excl_cold
+    assert sum(s.misses.values()) == s.requests - s.slo_met and s.misses["dropped"] == s.dropped
+    assert sum(b.requests for b in s.by_rank) == s.requests and sum(b.slo_met for b in s.by_rank) == s.slo_met
     assert 0 < s.avg_nodes_in_use["gpu"] <= 1.0 and s.avg_nodes_in_use["cpu"] == 0.0
     assert s.decode_tok_per_node_s["gpu"] > 0
 

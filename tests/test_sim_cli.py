@@ -36,8 +36,14 @@ def test_simulate_sweep_writes_json_csv_png_and_ends_with_a_json_line(tmp_path, 
     assert (out / "slo_attainment.png").read_bytes()[:4] == b"\x89PNG"
     rows = list(csv.DictReader((out / "runs.csv").open()))
     assert len(rows) == 16 and {r["system"] for r in rows} == {"sllm", "slinfer"}
+    for r in rows:  # every miss has one cause
+        assert sum(int(r[f"missed_{c}"]) for c in ("dropped", "ttft_load", "ttft", "tpot")) == \
+            int(r["requests"]) - int(r["slo_met"])
     doc = json.loads((out / "runs.json").read_text())
     assert doc["summary"] == last and len(doc["runs"]) == 16 and doc["runs"][0]["ttft_cdf"]
+    top = doc["runs"][-1]["by_rank"]
+    assert top[0]["first"] == 1 and sum(b["requests"] for b in top) == doc["runs"][-1]["requests"]
+    assert "met by function rank: 1-8 " in captured.err
 
 
 def test_slinfer_simulate_dispatches_and_reports_bad_input(tmp_path, profile, capsys):

@@ -1,6 +1,6 @@
-"""Writing a simulation's results: runs.json (every score and TTFT CDF), runs.csv (one row per run),
-and PNG plots (SLO attainment vs functions per system, TTFT CDF, nodes in use). Plots use
-matplotlib's Agg backend (no display)."""
+"""Writing a simulation's results: runs.json (every score, with its misses by cause and by function
+rank, and TTFT CDF), runs.csv (one row per run) and PNG plots (SLO attainment vs functions per
+system, TTFT CDF, nodes in use). Plots use matplotlib's Agg backend (no display)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from autoscaler.sim.scoring import Score, ttft_cdf
+from autoscaler.sim.scoring import MissCause, Score, ttft_cdf
 from autoscaler.sim.simulator import RunResult
 
 Runs = Mapping[str, Mapping[int, tuple[Score, RunResult]]]
@@ -20,7 +20,8 @@ Runs = Mapping[str, Mapping[int, tuple[Score, RunResult]]]
 CSV_FIELDS = ("system", "model", "functions", "requests", "slo_met", "attainment", "slo_met_excl_cold",
               "attainment_excl_cold", "dropped", "ttft_p50_s", "ttft_p99_s", "decode_tok_per_node_s_cpu",
               "decode_tok_per_node_s_gpu", "avg_nodes_cpu", "avg_nodes_gpu", "avg_nodes_total", "preemptions",
-              "preempted_requests", "loads", "loads_from_disk", "wall_s")
+              "preempted_requests", "loads", "loads_from_disk", "missed_dropped", "missed_ttft_load",
+              "missed_ttft", "missed_tpot", "wall_s")
 
 
 def _finite(x: float) -> float | None:
@@ -49,7 +50,8 @@ def write_csv(path: Path, runs: Runs, wall_s: Mapping[tuple[str, int], float]) -
                             f"{s.decode_tok_per_node_s.get('gpu', 0.0):.2f}",
                             f"{s.avg_nodes_in_use.get('cpu', 0.0):.3f}", f"{s.avg_nodes_in_use.get('gpu', 0.0):.3f}",
                             f"{s.avg_nodes_in_use['total']:.3f}", s.preemptions, s.preempted_requests, s.loads,
-                            s.loads_from_disk, f"{wall_s.get((name, n), 0.0):.2f}"])
+                            s.loads_from_disk, *(s.misses[c.value] for c in MissCause),
+                            f"{wall_s.get((name, n), 0.0):.2f}"])
 
 
 def write_plots(out: Path, runs: Runs, model: str) -> list[Path]:
