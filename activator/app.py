@@ -17,7 +17,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -201,6 +201,42 @@ class Activator:
         return JSONResponse(payload, status_code=code)
 
 
+def _function_label(request: Request) -> str:
+    """The function a request named, once resolved (its metrics label)."""
+    spec = getattr(request.state, "function", None)
+    return spec.name if isinstance(spec, FunctionSpec) else request.path_params.get("name") or "-"
+
+
+class ClientLeft(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def _unless_client_leaves(request: Request, work: Coroutine[Any, Any, Response]) -> Response:
+    """Run a handler, cancelled if the client disconnects first (a timeout on its side): a request
+    held for capacity leaves the queue, and a non-streaming answer being computed is dropped,
+    which closes the upstream connection, so the pod stops generating it instead of finishing
+    work nobody will read. (A stream's response watches for itself once it is under way.)
+    The body must have been read: after it, the server's receive() only reports a disconnect."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this request is cancelled (shutdown): neither task outlives it
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    if task.cancelled():
+        raise ClientLeft
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _error_code(raw: bytes, status: int) -> str:
     with contextlib.suppress(ValueError, AttributeError, TypeError):
         code = json.loads(raw)["error"]["code"]
@@ -226,12 +262,15 @@ def create_app(settings: ActivatorSettings, source: RouteSource | None = None) -
     def guarded(handler: Any) -> Any:
         async def endpoint(request: Request) -> Response:
             try:
-                resp: Response = await handler(request)
+                await request.body()  # read (and kept for the handler) before watching for a disconnect
+                resp: Response = await _unless_client_leaves(request, handler(request))
                 return resp
             except APIError as e:
-                name = request.path_params.get("name") or "-"
-                act.metrics.errors.labels(name, e.code).inc()
+                act.metrics.errors.labels(_function_label(request), e.code).inc()
                 return e.response()
+            except (ClientLeft, ClientDisconnect):
+                act.metrics.errors.labels(_function_label(request), "client_closed").inc()
+                return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         return endpoint
 
     async def openai(request: Request, path: str, chat: bool) -> Response:
@@ -239,7 +278,7 @@ def create_app(settings: ActivatorSettings, source: RouteSource | None = None) -
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             raise APIError(400, "'model' must be a string: the function's name", "invalid_value", param="model")
-        spec = act.function(model or act.knative_function(request))
+        spec = request.state.function = act.function(model or act.knative_function(request))
         if model == spec.name:  # as the runtime wants it: forward the client's bytes
             return await act.forward(spec, path, body, chat, raw)
         body["model"] = spec.name
@@ -263,6 +302,7 @@ def create_app(settings: ActivatorSettings, source: RouteSource | None = None) -
 
     async def invoke(request: Request, spec: FunctionSpec) -> Response:
         """The function's default invocation: a CloudEvent, an OpenAI chat body, or a prompt."""
+        request.state.function = spec
         try:
             mode = events.event_mode(request.headers)
         except events.BadEvent as e:

@@ -239,18 +239,22 @@ class Dispatcher:
                         break  # another held request found no room since the last change: wait for one
                     self.inflight[ep.instance_id] = self.inflight.get(ep.instance_id, 0) + 1
                     hdrs.update(elapsed.headers())
-                    if gated:
-                        with self.room.trying(name):
-                            got = await self._try_gated(gate, change, ep, path, content, hdrs)
-                        if got is False:
-                            self.release(name, ep, finished=False)
-                            break
-                        resp = got
-                    elif waiting:
-                        with self.room.trying(name):
+                    try:
+                        if gated:
+                            with self.room.trying(name):
+                                got = await self._try_gated(gate, change, ep, path, content, hdrs)
+                            if got is False:
+                                self.release(name, ep, finished=False)
+                                break
+                            resp = got
+                        elif waiting:
+                            with self.room.trying(name):
+                                resp = await self._try(ep, path, content, hdrs)
+                        else:
                             resp = await self._try(ep, path, content, hdrs)
-                    else:
-                        resp = await self._try(ep, path, content, hdrs)
+                    except asyncio.CancelledError:  # the client left (or shutdown) mid-try
+                        self.release(name, ep, finished=False)
+                        raise
                     if resp is not None:
                         waited = time.monotonic() - t0
                         if waiting:

@@ -150,13 +150,16 @@ class UpstreamClient:
             conn.close()
             if not reused:
                 raise
-            # A pooled connection the server had closed meanwhile: once more on a fresh one.
-            conn = await self._connect(key)
-            try:
-                return await self._exchange(key, conn, request)
-            except UpstreamError:
-                conn.close()
-                raise
+        except BaseException:  # cancelled mid-exchange: the server sees the request end
+            conn.close()
+            raise
+        # A pooled connection the server had closed meanwhile: once more on a fresh one.
+        conn = await self._connect(key)
+        try:
+            return await self._exchange(key, conn, request)
+        except BaseException:
+            conn.close()
+            raise
 
     async def _exchange(self, key: tuple[str, int], conn: _Conn, request: bytes) -> UpstreamResponse:
         try:

@@ -348,6 +348,84 @@ def test_client_leaving_a_stream_aborts_the_request_on_the_runtime(setup: Setup,
     still_serving(setup.url)
 
 
+def test_client_leaving_a_non_streaming_request_aborts_it_on_the_runtime(setup: Setup, paced_device: float) -> None:
+    # A client that times out (its own 0.5 s here): the pod stops generating the ~250 tokens
+    # (>= 2.5 s paced) nobody will read, as it does for a stream.
+    before = metric(setup.pods[0], "slinfer_generation_tokens_total", 0.0, model="tiny")
+    gone = metric(setup.url, "slinfer_activator_errors_total", 0.0, function="tiny", code="client_closed")
+    body = {"model": "tiny", "prompt": "hello", "temperature": 0, "max_tokens": 255}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(setup.url + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+    deadline = time.monotonic() + 10
+    last = -1.0
+    while True:  # until the pod stops generating for this function
+        time.sleep(0.3)
+        now = metric(setup.pods[0], "slinfer_generation_tokens_total", 0.0, model="tiny")
+        if now == last:
+            break
+        assert time.monotonic() < deadline, "the pod kept generating after the client left"
+        last = now
+    assert 0 < now - before < 200, now - before
+    assert metric(setup.url, "slinfer_activator_errors_total", function="tiny", code="client_closed") == gone + 1
+    still_serving(setup.url)
+
+
+def test_a_held_request_whose_client_leaves_gives_up_its_place(setup: Setup) -> None:
+    # "cold" has no instance and a queue of 1: the client that gave up on waiting no longer holds
+    # it (before, its place was taken until the function's 2 s timeout, answering nobody).
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{setup.url}/v1/completions", json={"model": "cold", "prompt": "x", "max_tokens": 2},
+                   timeout=httpx.Timeout(60, read=0.3))
+    t0 = time.monotonic()
+    while metric(setup.url, "slinfer_activator_queue_depth", 0.0, function="cold") > 0:
+        assert time.monotonic() - t0 < 0.5, "the abandoned request is still queued"
+        time.sleep(0.02)
+    assert metric(setup.url, "slinfer_activator_errors_total", function="cold", code="client_closed") >= 1
+    r = complete(setup.url, "cold", "my turn", max_tokens=2)  # holds the place, then times out itself
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+
+
+def test_a_try_cancelled_mid_flight_closes_its_connection_and_gives_its_place_back() -> None:
+    # The pod has the request but has not answered when the client leaves: the connection closes
+    # (the pod aborts the request) and the instance's in-flight count (routing's order) drops back.
+    import asyncio
+
+    from activator.dispatch import Dispatcher
+    from activator.metrics import ActivatorMetrics
+    from activator.routes import RouteView
+    from activator.upstream import UpstreamClient
+    from activator.waiting import WaitingRoom
+
+    async def go() -> None:
+        got_request = asyncio.Event()
+        closed = asyncio.Event()
+
+        async def silent_pod(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            got_request.set()
+            while await reader.read(1024):  # never answers; reads until the activator hangs up
+                pass
+            closed.set()
+            writer.close()
+
+        server = await asyncio.start_server(silent_pod, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        f = spec("f")
+        routes = RouteView(RouteTable(1, {"f": f}, {"f": (Endpoint("f@a", "a", f"http://127.0.0.1:{port}"),)}))
+        d = Dispatcher(routes, WaitingRoom(4), UpstreamClient(), ActivatorMetrics())
+        opening = asyncio.ensure_future(d.open(f, "/v1/completions", {"prompt": "x"}))
+        await asyncio.wait_for(got_request.wait(), 5)
+        assert d.inflight == {"f@a": 1}
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        assert d.inflight == {}
+        await asyncio.wait_for(closed.wait(), 5)
+        server.close()
+
+    asyncio.run(go())
+
+
 def test_non_streaming_request_moved_by_preemption_is_joined(setup: Setup, request: pytest.FixtureRequest) -> None:
     n = 150
     plain = complete(setup.pods[1], "tiny", "hello", max_tokens=n).json()
