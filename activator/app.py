@@ -45,6 +45,7 @@ from activator.routes import HTTPRouteSource, RouteSource, RouteView
 from activator.upstream import UpstreamClient
 from activator.waiting import DemandReporter, QueueFull, WaitingRoom
 from functions import FunctionSpec
+from functions.http import MAX_REQUEST_BYTES, BodyLimit
 
 _REVISION_SUFFIX = re.compile(r"-\d{5}$")  # Knative revision names: <service>-00001
 
@@ -59,6 +60,7 @@ class ActivatorSettings:
     queue_full_retry_after_s: int = 1
     # Held requests of a function retrying at once (activator.dispatch.RetryGate); 0: no gate.
     retry_slots: int = DEFAULT_RETRY_SLOTS
+    max_request_bytes: int = MAX_REQUEST_BYTES  # 413 above it (functions.http.BodyLimit); 0: none
 
 
 class APIError(Exception):
@@ -365,4 +367,4 @@ def create_app(settings: ActivatorSettings, source: RouteSource | None = None) -
         Route("/{path:path}", guarded(invoke_knative), methods=["POST"]),
     ], lifespan=act.lifespan)
     app.state.activator = act
-    return ProbeMiddleware(app)
+    return ProbeMiddleware(BodyLimit(app, settings.max_request_bytes))

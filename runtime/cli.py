@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 
 from functions import FunctionSpec, SpecError, load_function_dir, load_function_spec
+from functions.http import MAX_REQUEST_BYTES
 from runtime.core.arbiter import MAX_PREFILL_STEP_S, DeviceKind
 from runtime.pod import PodConfig
 
@@ -23,6 +24,7 @@ class ServeSettings:
     pod: PodConfig
     threads: int | None
     admin_token: str
+    max_request_bytes: int = MAX_REQUEST_BYTES
 
 
 def _served_name(ref: str) -> str:
@@ -61,6 +63,8 @@ def parse_serve(argv: list[str], env: dict[str, str] | None = None) -> ServeSett
                     help="admission plans a new request's first token against the 5%%-tighter deadline it "
                          "plans admitted work against, rather than against the request's SLO")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--max-request-mb", type=float, default=MAX_REQUEST_BYTES / (1 << 20),
+                    help="largest request body accepted, MiB (413 above it; 0: no limit)")
     ap.add_argument("--admin-token", default=env.get("SLINFER_ADMIN_TOKEN"),
                     help="bearer token for /admin (default: $SLINFER_ADMIN_TOKEN, else a random one, printed)")
     a = ap.parse_args(argv)
@@ -88,7 +92,9 @@ def parse_serve(argv: list[str], env: dict[str, str] | None = None) -> ServeSett
                     max_prefill_step_s=a.max_prefill_step_ms / 1000 if a.max_prefill_step_ms > 0 else math.inf,
                     displace=a.displace, newcomer_slack=a.newcomer_slack)
     token = a.admin_token or secrets.token_urlsafe(24)
-    return ServeSettings(tuple(specs), a.host, a.port, pod, a.threads, token)
+    if not a.max_request_mb >= 0:
+        ap.error(f"--max-request-mb must be >= 0, got {a.max_request_mb}")
+    return ServeSettings(tuple(specs), a.host, a.port, pod, a.threads, token, int(a.max_request_mb * (1 << 20)))
 
 
 def serve(settings: ServeSettings) -> None:
@@ -101,7 +107,8 @@ def serve(settings: ServeSettings) -> None:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     pod = Pod(settings.pod)
-    app = create_app(pod, admin_token=settings.admin_token, functions=list(settings.functions))
+    app = create_app(pod, admin_token=settings.admin_token, functions=list(settings.functions),
+                     max_request_bytes=settings.max_request_bytes)
     base = f"http://{settings.host}:{settings.port}"
     first = settings.functions[0].name if settings.functions else "<function>"
     print(f"[slinfer] loading {', '.join(s.name for s in settings.functions)}; then serving the OpenAI API at "

@@ -124,6 +124,21 @@ def test_unknown_function_is_404_listing_the_deployed_ones(setup: Setup) -> None
     still_serving(setup.url)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_over_the_size_limit_is_413(setup: Setup, chunked: bool) -> None:
+    # 9 MiB (the limit is 8): refused before anything reads it whole, the pods never see it
+    from functions.http import MAX_REQUEST_BYTES
+
+    raw = json.dumps({"model": "tiny", "prompt": "x" * (9 << 20), "max_tokens": 2}).encode()
+    content: Any = (raw[i:i + (1 << 20)] for i in range(0, len(raw), 1 << 20)) if chunked else raw
+    r = httpx.post(f"{setup.url}/v1/completions", content=content, headers={"content-type": "application/json"},
+                   timeout=60)
+    assert r.status_code == 413, r.text
+    err = r.json()["error"]
+    assert err["code"] == "request_too_large" and str(MAX_REQUEST_BYTES) in err["message"]
+    still_serving(setup.url)
+
+
 @pytest.mark.parametrize("body", [b"{not json", b"[1, 2]"])
 def test_malformed_body_is_400(setup: Setup, body: bytes) -> None:
     r = httpx.post(f"{setup.url}/v1/completions", content=body, headers={"content-type": "application/json"})

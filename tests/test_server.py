@@ -236,6 +236,43 @@ def test_prompt_longer_than_context_is_400(http: httpx.Client) -> None:
     assert_still_serving(http)
 
 
+def test_a_prompt_far_over_the_context_is_refused_from_its_head(http: httpx.Client) -> None:
+    # 1 MB of prompt for a 256-token model: refused after tokenising its first 256 x 16
+    # characters, not all of it (a 20 MB prompt took a pod 20 s, blocking its event loop)
+    for path, body in (("/v1/completions", completion_body(prompt="a" * 1_000_000)),
+                       ("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": "a" * 1_000_000}]))):
+        err = assert_error(http.post(path, json=body), 400, "context_length_exceeded")
+        assert "256" in err["message"] and "its first 4096 characters alone are" in err["message"], err
+    assert_still_serving(http)
+
+
+@pytest.mark.parametrize("size, chunked, status", [
+    (1000, False, 200),
+    (1000, True, 200),  # read here up to the limit, then handed on
+    (5000, False, 413),  # refused on its Content-Length, before the body is read
+    (5000, True, 413),  # refused while reading
+])
+def test_a_body_over_the_size_limit_is_413(size: int, chunked: bool, status: int) -> None:
+    from conftest import ADMIN_TOKEN, TINY_MODELS, TINY_POD
+
+    from runtime.pod import Pod
+    from runtime.server.app import create_app
+
+    app = create_app(Pod(TINY_POD), admin_token=ADMIN_TOKEN, functions=[tiny_spec("tiny", TINY_MODELS["tiny"])],
+                     max_request_bytes=4096)
+    raw = json.dumps(completion_body(prompt="ab", max_tokens=2)).encode()
+    raw += b" " * (size - len(raw))  # JSON allows trailing whitespace
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        content: Any = iter([raw[:100], raw[100:]]) if chunked else raw
+        r = c.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+        if status == 413:
+            err = assert_error(r, 413, "request_too_large")
+            assert "4096 bytes" in err["message"]
+        else:
+            assert r.status_code == 200, r.text
+        assert c.post("/v1/completions", json=completion_body(max_tokens=2)).status_code == 200
+
+
 def test_prompt_too_long_names_the_prompt_param(http: httpx.Client) -> None:
     err = assert_error(http.post("/v1/completions", json=completion_body(prompt="a" * 300)), 400)
     assert err["param"] == "prompt"
@@ -415,3 +452,17 @@ def test_the_elapsed_header_reaches_the_device_anchor(http: httpx.Client, monkey
                   headers={"slinfer-elapsed-s": "2", "slinfer-first-token-age-s": "1.5"})
     assert r.status_code == 200, r.text
     assert seen == [(0.0, 0, None), (0.25, 0, None), (2.0, 3, 1.5)]
+
+
+def test_the_body_limit_is_a_serve_option_and_reaches_the_mesh_s_pods() -> None:
+    from autoscaler.service.local import LocalPods, PodResources
+    from runtime.cli import parse_serve
+
+    assert parse_serve(["--no-functions", "--max-request-mb", "0.5"], env={}).max_request_bytes == 512 << 10
+    assert parse_serve(["--no-functions"], env={}).max_request_bytes == 8 << 20
+    with pytest.raises(SystemExit):
+        parse_serve(["--no-functions", "--max-request-mb", "-1"], env={})
+    pods = LocalPods(1, "t", PodResources(max_request_mb=2.0))
+    cmd = pods._command(pods.children[0])
+    assert cmd[cmd.index("--max-request-mb") + 1] == "2.0"
+    assert parse_serve(cmd[cmd.index("serve") + 1:], env={}).max_request_bytes == 2 << 20

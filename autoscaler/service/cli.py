@@ -25,6 +25,7 @@ from platformdirs import user_state_dir
 import functions as functions_pkg
 from autoscaler.core import DeviceKind
 from functions import SpecError, load_function_dir, load_function_spec
+from functions.http import MAX_REQUEST_BYTES
 
 EXAMPLES_DIR = Path(functions_pkg.__file__).resolve().parent / "examples"
 COMMANDS = ("up", "deploy", "delete", "list", "invoke", "logs")
@@ -47,6 +48,7 @@ def _fail(message: str) -> None:
 
 # -- up --------------------------------------------------------------------------------------
 def up(argv: list[str]) -> None:
+    from activator.app import ActivatorSettings
     from autoscaler.service.controller import ControllerSettings
     from autoscaler.service.local import PodResources
     from autoscaler.service.mesh import Mesh, MeshSettings, new_event_loop
@@ -65,6 +67,8 @@ def up(argv: list[str]) -> None:
     ap.add_argument("--pod-memory-mb", type=int, default=4096, help="memory each pod declares for weights + KV")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per pod (default: cores / pods)")
     ap.add_argument("--no-profile", action="store_true", help="skip latency profiling on first load")
+    ap.add_argument("--max-request-mb", type=float, default=MAX_REQUEST_BYTES / (1 << 20),
+                    help="largest request body the activator and pods accept, MiB (413 above it; 0: no limit)")
     ap.add_argument("--log-level", default="info")
     _state_arg(ap)
     a = ap.parse_args(argv)
@@ -80,9 +84,13 @@ def up(argv: list[str]) -> None:
     (state / "logs").mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(24)
     threads = a.threads or max(1, (os.cpu_count() or 1) // a.pods)
-    resources = PodResources(DeviceKind(a.device), a.kv_budget_mb, a.weight_cache_mb, a.pod_memory_mb, threads)
+    if not a.max_request_mb >= 0:
+        ap.error(f"--max-request-mb must be >= 0, got {a.max_request_mb}")
+    resources = PodResources(DeviceKind(a.device), a.kv_budget_mb, a.weight_cache_mb, a.pod_memory_mb, threads,
+                             a.max_request_mb)
     settings = MeshSettings(specs, token, a.pods, a.host, a.port, a.autoscaler_port, resources, state,
-                            ControllerSettings(token, profile=not a.no_profile))
+                            ControllerSettings(token, profile=not a.no_profile),
+                            ActivatorSettings(max_request_bytes=int(a.max_request_mb * (1 << 20))))
     logging.getLogger().addHandler(logging.FileHandler(state / "logs" / "mesh.log"))
     logging.getLogger().setLevel(a.log_level.upper())
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request otherwise

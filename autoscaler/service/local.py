@@ -41,6 +41,7 @@ class PodResources:
     weight_cache_mb: int = 2048
     memory_mb: int = 4096  # declared to the autoscaler: weights + KV this pod may hold
     threads: int | None = None
+    max_request_mb: float | None = None  # the pods' body limit (None: their default)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -95,6 +96,8 @@ class LocalPods:
                "--weight-cache-mb", str(r.weight_cache_mb)]
         if r.threads:
             cmd += ["--threads", str(r.threads)]
+        if r.max_request_mb is not None:
+            cmd += ["--max-request-mb", str(r.max_request_mb)]
         return cmd
 
     def _spawn(self, c: _Child) -> None:

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from functions import ELAPSED_HEADER, FIRST_TOKEN_AGE_HEADER, FunctionSpec
+from functions.http import MAX_REQUEST_BYTES, BodyLimit
 from runtime.core.lifecycle import InstanceState
 from runtime.core.request import SamplingParams
 from runtime.device_thread import AdmissionRefused, EngineDeadError, InstanceUnavailable
@@ -36,10 +37,21 @@ class APIError(Exception):
         self.headers: dict[str, str] = {}
 
 
+# Prompts longer than this (characters) are tokenised in a worker thread; shorter ones, the usual
+# case, inline (a thread hop costs more than tokenising a few thousand characters).
+ASYNC_TOKENIZE_CHARS = 16_384
+# A prompt longer than the context x this many characters is first tokenised from its head: real
+# text runs 3-5 characters a token, so a head this long that is already over the context (by more
+# than the margin a cut word can add) means the whole prompt is.
+HEAD_CHARS_PER_TOKEN = 16
+HEAD_MARGIN_TOKENS = 16
+
+
 def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str | None = None,
-               functions: list[FunctionSpec] | None = None) -> FastAPI:
+               functions: list[FunctionSpec] | None = None, max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
     """The pod's HTTP app. `functions` are loaded at start-up; the admin API (under /admin,
-    bearer-token auth) loads more, unloads, evicts and reports status."""
+    bearer-token auth) loads more, unloads, evicts and reports status. Bodies over
+    `max_request_bytes` get 413 (`functions.http.BodyLimit`; 0: no limit)."""
     met = metrics or ServerMetrics()
     if pod.device.on_tick is None:
         pod.device.on_tick = met.observe_device
@@ -53,6 +65,7 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
         pod.device.stop()
 
     app = FastAPI(title="slinfer runtime", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     app.state.pod = pod
     app.state.metrics = met
     if admin_token is not None:
@@ -125,9 +138,9 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
                 code="context_length_exceeded", param=param,
             )
 
-    def prompt_ids(eng: Any, prompt: str | list[str] | list[int]) -> list[int]:
+    async def prompt_ids(eng: Any, prompt: str | list[str] | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            return list(eng.encode_prompt(prompt))
+            return await encode(eng, prompt, "prompt")
         if prompt and all(isinstance(x, int) for x in prompt):
             ids = [int(x) for x in prompt]
             vocab = eng.loaded.config.vocab_size
@@ -136,7 +149,23 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
             return ids
         if len(prompt) != 1 or not isinstance(prompt[0], str):
             raise APIError(400, "exactly one prompt per request is supported", param="prompt")
-        return list(eng.encode_prompt(prompt[0]))
+        return await encode(eng, prompt[0], "prompt")
+
+    async def encode(eng: Any, text: str, param: str) -> list[int]:
+        """A prompt's token ids. A long text is tokenised off the event loop (a megabyte takes
+        seconds, and every stream of the pod waits on the loop), and one far over the context is
+        refused from its head alone (tokenising it whole is what took the time)."""
+        if len(text) <= ASYNC_TOKENIZE_CHARS:
+            return list(eng.encode_prompt(text))
+        limit = eng.max_model_len
+        head_chars = limit * HEAD_CHARS_PER_TOKEN
+        if len(text) > head_chars:
+            head = await asyncio.to_thread(eng.encode_prompt, text[:head_chars])
+            if len(head) > limit + HEAD_MARGIN_TOKENS:
+                raise APIError(400, f"this model's maximum context length is {limit} tokens; your prompt is "
+                               f"longer (its first {head_chars} characters alone are {len(head)} tokens)",
+                               code="context_length_exceeded", param=param)
+        return list(await asyncio.to_thread(eng.encode_prompt, text))
 
     def params_of(req: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
@@ -145,7 +174,7 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         m = lookup(body.model)
-        ids = prompt_ids(m.engine, body.prompt)
+        ids = await prompt_ids(m.engine, body.prompt)
         check_prompt(m, ids, "prompt")
         if body.resumed_tokens and (isinstance(body.prompt, str) or body.resumed_tokens >= len(ids)):
             raise APIError(400, "resumed_tokens needs a token-id prompt longer than it", param="resumed_tokens")
@@ -160,7 +189,7 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
         eng = m.engine
         assert eng is not None
         msgs = [{"role": "system" if x.role == "developer" else x.role, "content": x.text()} for x in body.messages]
-        ids = eng.encode_prompt(eng.render_chat(msgs, m.spec.system_prompt))
+        ids = await encode(eng, eng.render_chat(msgs, m.spec.system_prompt), "messages")
         check_prompt(m, ids, "messages")
         asked = body.max_completion_tokens or body.max_tokens or eng.max_model_len
         max_tokens = min(asked, m.spec.max_output_tokens)  # the function's own output limit
