@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Coroutine
@@ -47,6 +48,7 @@ from activator.waiting import DemandReporter, QueueFull, WaitingRoom
 from functions import FunctionSpec
 from functions.http import MAX_REQUEST_BYTES, BodyLimit
 
+log = logging.getLogger("slinfer.activator")
 _REVISION_SUFFIX = re.compile(r"-\d{5}$")  # Knative revision names: <service>-00001
 
 
@@ -253,6 +255,8 @@ async def _json_body(request: Request) -> tuple[dict[str, Any], bytes]:
         body = json.loads(raw)
     except ValueError:
         raise APIError(400, "request body is not valid JSON", "invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply", "invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object", "invalid_request")
     return body, raw
@@ -273,6 +277,11 @@ def create_app(settings: ActivatorSettings, source: RouteSource | None = None) -
             except (ClientLeft, ClientDisconnect):
                 act.metrics.errors.labels(_function_label(request), "client_closed").inc()
                 return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+            except Exception:  # a bug of ours: logged, and the client still gets an answer in shape
+                log.exception("unexpected error answering %s %s", request.method, request.url.path)
+                act.metrics.errors.labels(_function_label(request), "internal_error").inc()
+                return APIError(500, "internal error in the activator (logged)", "internal_error",
+                                "server_error").response()
         return endpoint
 
     async def openai(request: Request, path: str, chat: bool) -> Response:

@@ -3,11 +3,11 @@
 Order: the function's ready instances with the most requests in flight (from this activator)
 first, ties by instance id: load piles onto few instances so idle ones reach their keep-alive.
 A runtime 429 (admission refused: compute, prefill, memory or context), 503 or 404 (the instance
-is going or gone), or a connection failure means: try the next one. When all miss, the request
+is going or gone), a proxy's 502 or 504, or a connection failure means: try the next one. When all miss, the request
 waits in the function's ``WaitingRoom`` (which drives the demand reported to the autoscaler) until
 the routes change or one of the function's requests finishes, then tries again, until the
 function's ``timeout_s`` has passed (``DispatchTimeout`` -> 504). Any other runtime answer (a
-2xx, or a 4xx about the request itself) goes back to the caller as it is. A function with no
+2xx, a 4xx about the request itself, or a 500: the pod failed on it) goes back to the caller as it is. A function with no
 instance whose model a pod refused to load (the route table's ``unavailable``) is answered at
 once (``FunctionUnavailable``): waiting would only end in a timeout.
 
@@ -43,7 +43,10 @@ from activator.upstream import UpstreamClient, UpstreamError, UpstreamResponse
 from activator.waiting import WaitingRoom
 from functions import ELAPSED_HEADER, FIRST_TOKEN_AGE_HEADER, FunctionSpec
 
-RETRY_STATUSES = frozenset({404, 429, 503})  # instance refuses, is going, or is gone
+# Instance refuses (429), is going or gone (503, 404), or a proxy in front of it says so (502, 504).
+# Any other answer, a 500 included (the pod failed on this request: elsewhere it would too), goes
+# back to the client as it is.
+RETRY_STATUSES = frozenset({404, 429, 502, 503, 504})
 RECHECK_S = 0.25  # a waiting request re-tries at least this often (admission frees up by itself)
 # A held request's try keeps its retry slot until the pod answers, or this long: a refusal comes
 # back within a device step, while an admitted non-streaming request answers only when it is done.
@@ -208,7 +211,7 @@ class Dispatcher:
             resp = await self.client.post(ep.url + path, content, headers)
         except UpstreamError:
             return None  # the pod is gone or restarting; the autoscaler re-places its instances
-        if resp.status_code in RETRY_STATUSES or resp.status_code >= 500:
+        if resp.status_code in RETRY_STATUSES:
             await resp.aclose()
             return None
         return resp

@@ -139,10 +139,29 @@ def test_a_body_over_the_size_limit_is_413(setup: Setup, chunked: bool) -> None:
     still_serving(setup.url)
 
 
-@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]"])
-def test_malformed_body_is_400(setup: Setup, body: bytes) -> None:
-    r = httpx.post(f"{setup.url}/v1/completions", content=body, headers={"content-type": "application/json"})
-    assert r.status_code == 400 and r.json()["error"]["code"] in ("invalid_json", "invalid_request")
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"])
+@pytest.mark.parametrize("path", ["/v1/completions", "/functions/tiny"])
+def test_malformed_body_is_400(setup: Setup, body: bytes, path: str) -> None:
+    r = httpx.post(f"{setup.url}{path}", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] in ("invalid_json", "invalid_request"), r.text
+    still_serving(setup.url)
+
+
+def test_an_unexpected_error_is_a_500_in_shape_and_logged(setup: Setup, monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    from activator import events
+
+    def broken(_: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(events, "event_mode", broken)
+    r = httpx.post(f"{setup.url}/functions/tiny", content=b"hello")
+    assert r.status_code == 500
+    assert r.json()["error"] == {"message": "internal error in the activator (logged)", "type": "server_error",
+                                 "param": None, "code": "internal_error"}
+    assert any("unexpected error answering POST /functions/tiny" in m for m in caplog.messages)
+    assert metric(setup.url, "slinfer_activator_errors_total", function="tiny", code="internal_error") >= 1
+    monkeypatch.undo()
     still_serving(setup.url)
 
 
@@ -508,6 +527,47 @@ class _Refusing:
             async def aclose(self) -> None:
                 pass
         return Resp()
+
+
+@pytest.mark.parametrize("status, tries", [
+    (500, 1),  # the pod failed on this request: the answer goes back at once, not retried until timeout_s
+    (502, 2), (503, 2), (504, 2), (404, 2), (429, 2),  # refused, going, gone: tried again (the 2nd try: 200)
+])
+def test_which_answers_are_tried_elsewhere(status: int, tries: int) -> None:
+    import asyncio
+
+    from activator.dispatch import Dispatcher
+    from activator.metrics import ActivatorMetrics
+    from activator.routes import RouteView
+    from activator.waiting import WaitingRoom
+
+    class Answers:
+        def __init__(self) -> None:
+            self.tries = 0
+
+        async def post(self, url: str, content: bytes, headers: dict[str, str]) -> Any:
+            self.tries += 1
+            code = status if self.tries == 1 else 200
+
+            class Resp:
+                status_code = code
+
+                async def aclose(self) -> None:
+                    pass
+            return Resp()
+
+    f = spec("f")
+    table = RouteTable(1, {"f": f}, {"f": (Endpoint("f@a", "a", "http://a"),)})
+
+    async def go() -> tuple[int, int]:
+        client = Answers()
+        d = Dispatcher(RouteView(table), WaitingRoom(4), client, ActivatorMetrics())  # type: ignore[arg-type]
+        up = await d.open(f, "/v1/completions", {})
+        await up.close()
+        return up.response.status_code, client.tries
+
+    got, n = asyncio.run(go())
+    assert n == tries and got == (500 if status == 500 else 200)
 
 
 @pytest.mark.parametrize("case", ["refused", "loading", "continued"])

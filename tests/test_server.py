@@ -278,11 +278,58 @@ def test_prompt_too_long_names_the_prompt_param(http: httpx.Client) -> None:
     assert err["param"] == "prompt"
 
 
-def test_malformed_json_is_400(http: httpx.Client) -> None:
-    r = http.post("/v1/completions", content=b'{"model": "tiny", "prompt": ',
-                  headers={"content-type": "application/json"})
+@pytest.mark.parametrize("body", [b'{"model": "tiny", "prompt": ',
+                                  b'{"model": "tiny", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"])
+def test_malformed_json_is_400(http: httpx.Client, body: bytes) -> None:
+    r = http.post("/v1/completions", content=body, headers={"content-type": "application/json"})
     err = assert_error(r, 400, "invalid_json")
     assert err["param"] is None
+    assert_still_serving(http)
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", b'{"model": "tiny", "prompt": "a\\ud800b", "max_tokens": 2}', "prompt"),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udc00"}]}', "messages"),
+])
+def test_text_with_a_lone_surrogate_is_400(http: httpx.Client, path: str, body: bytes, param: str) -> None:
+    # valid JSON, not valid text: the tokenizer raised, and the activator retried the 500 until timeout_s
+    err = assert_error(http.post(path, content=body, headers={"content-type": "application/json"}), 400,
+                       "invalid_value")
+    assert err["param"] == param and "not valid Unicode" in err["message"]
+    assert_still_serving(http)
+
+
+def test_an_unknown_path_is_404_in_shape(http: httpx.Client) -> None:
+    assert_error(http.post("/v1/nope", json={}), 404)
+
+
+def test_a_bug_is_a_500_in_shape(tiny_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime.engine.engine import LLMEngine
+
+    def broken(self: object, prompt: str) -> list[int]:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(LLMEngine, "encode_prompt", broken)
+    # the server runs in this process: the patched method is the one it calls
+    r = httpx.post(f"{tiny_server}/v1/completions", json=completion_body(), timeout=30)
+    assert r.status_code == 500
+    assert r.json()["error"] == {"message": "internal error in the runtime: RuntimeError (logged)",
+                                 "type": "server_error", "param": None, "code": "internal_error"}
+    monkeypatch.undo()
+    assert httpx.post(f"{tiny_server}/v1/completions", json=completion_body(max_tokens=2)).status_code == 200
+
+
+@pytest.mark.parametrize("body, param, status", [
+    (chat_body(messages=[{"role": "user", "content": "a"}] * 300), "messages", 400),  # > 256-token context
+    (chat_body(messages=[{"role": "user", "content": ""}] * 70_000), "messages", 422),  # counted before parsing
+    (chat_body(stop=["x"] * 17), "stop", 422),
+    (chat_body(stop="x" * 1025), "stop", 422),
+])
+def test_request_shapes_past_any_use_are_refused(http: httpx.Client, body: dict[str, Any], param: str,
+                                                 status: int) -> None:
+    t0 = time.monotonic()
+    err = assert_error(http.post("/v1/chat/completions", json=body), status)
+    assert err["param"] == param and time.monotonic() - t0 < 2.0
     assert_still_serving(http)
 
 

@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from functions import ELAPSED_HEADER, FIRST_TOKEN_AGE_HEADER, FunctionSpec
 from functions.http import MAX_REQUEST_BYTES, BodyLimit
@@ -45,6 +46,9 @@ ASYNC_TOKENIZE_CHARS = 16_384
 # than the margin a cut word can add) means the whole prompt is.
 HEAD_CHARS_PER_TOKEN = 16
 HEAD_MARGIN_TOKENS = 16
+# A chat of more messages than this (or that much text) is rendered through its template in a
+# worker thread too (~4 us a message).
+ASYNC_RENDER_MESSAGES = 1_000
 
 
 def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str | None = None,
@@ -83,6 +87,22 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
         met.errors.labels(str(e.status)).inc()
         return JSONResponse(error_body(e.message, e.type, e.code, e.param), status_code=e.status,
                             headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own (a body it cannot parse): in OpenAI's shape like every other error here
+        met.errors.labels(str(e.status_code)).inc()
+        code = "invalid_json" if e.status_code == 400 else None
+        return JSONResponse(error_body(str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error",
+                                       code), status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception) -> JSONResponse:
+        # A bug of ours: an answer in shape (the activator passes a 500 on rather than retrying
+        # it elsewhere); Starlette still logs the traceback.
+        met.errors.labels("500").inc()
+        return JSONResponse(error_body(f"internal error in the runtime: {type(e).__name__} (logged)", "server_error",
+                                       "internal_error"), status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -155,6 +175,11 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
         """A prompt's token ids. A long text is tokenised off the event loop (a megabyte takes
         seconds, and every stream of the pod waits on the loop), and one far over the context is
         refused from its head alone (tokenising it whole is what took the time)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON can carry a lone UTF-16 surrogate ("\ud800"); text cannot
+            raise APIError(400, f"'{param}' contains text that is not valid Unicode ({e.reason})",
+                           code="invalid_value", param=param) from None
         if len(text) <= ASYNC_TOKENIZE_CHARS:
             return list(eng.encode_prompt(text))
         limit = eng.max_model_len
@@ -188,8 +213,17 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
         m = lookup(body.model)
         eng = m.engine
         assert eng is not None
+        if len(body.messages) >= eng.max_model_len:  # each message is at least a token of the prompt
+            raise APIError(400, f"this model's maximum context length is {eng.max_model_len} tokens; "
+                           f"{len(body.messages)} messages cannot fit in it", code="context_length_exceeded",
+                           param="messages")
         msgs = [{"role": "system" if x.role == "developer" else x.role, "content": x.text()} for x in body.messages]
-        ids = await encode(eng, eng.render_chat(msgs, m.spec.system_prompt), "messages")
+        size = sum(len(x["content"]) for x in msgs)
+        if size > ASYNC_TOKENIZE_CHARS or len(msgs) > ASYNC_RENDER_MESSAGES:
+            text = await asyncio.to_thread(eng.render_chat, msgs, m.spec.system_prompt)
+        else:
+            text = eng.render_chat(msgs, m.spec.system_prompt)
+        ids = await encode(eng, text, "messages")
         check_prompt(m, ids, "messages")
         asked = body.max_completion_tokens or body.max_tokens or eng.max_model_len
         max_tokens = min(asked, m.spec.max_output_tokens)  # the function's own output limit

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+
+# Stop strings are matched against the text after every token of the request, on the device's
+# thread: a few short ones is what they are for (OpenAI takes up to 4).
+MAX_STOPS = 16
+MAX_STOP_CHARS = 1024
 
 
 class StreamOptions(BaseModel):
@@ -23,6 +28,16 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None  # what torch's generators take
+
+    @field_validator("stop")
+    @classmethod
+    def _few_short_stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else v or []
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(stops)}")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS} characters")
+        return v
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -62,10 +77,23 @@ class ChatMessage(BaseModel):
         return "".join(p.text for p in self.content)
 
 
+# More messages than any context holds (each costs a chat template at least a token, and 64k is
+# past every model here): refused while parsing, before they cost the pod's event loop anything.
+MAX_MESSAGES = 65_536
+
+
 class ChatCompletionRequest(_SamplingFields):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _count_first(cls, v: object) -> object:
+        # pydantic checks max_length after validating every item (200k messages: seconds)
+        if isinstance(v, list) and len(v) > MAX_MESSAGES:
+            raise ValueError(f"at most {MAX_MESSAGES} messages, got {len(v)}")
+        return v
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, object]:
