@@ -9,6 +9,7 @@ import os
 import secrets
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from functions import FunctionSpec, SpecError, load_function_dir, load_function_spec
 from functions.http import MAX_REQUEST_BYTES
@@ -63,6 +64,9 @@ def parse_serve(argv: list[str], env: dict[str, str] | None = None) -> ServeSett
                     help="admission plans a new request's first token against the 5%%-tighter deadline it "
                          "plans admitted work against, rather than against the request's SLO")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--shutdown-drain-s", type=float, default=PodConfig.shutdown_drain_s,
+                    help="on SIGTERM, how long running requests may finish here before the rest are handed "
+                         "off (continued on other pods by the activator)")
     ap.add_argument("--max-request-mb", type=float, default=MAX_REQUEST_BYTES / (1 << 20),
                     help="largest request body accepted, MiB (413 above it; 0: no limit)")
     ap.add_argument("--admin-token", default=env.get("SLINFER_ADMIN_TOKEN"),
@@ -90,10 +94,12 @@ def parse_serve(argv: list[str], env: dict[str, str] | None = None) -> ServeSett
                     weight_cache_bytes=a.weight_cache_mb << 20, block_size=a.block_size,
                     max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_batched_tokens,
                     max_prefill_step_s=a.max_prefill_step_ms / 1000 if a.max_prefill_step_ms > 0 else math.inf,
-                    displace=a.displace, newcomer_slack=a.newcomer_slack)
+                    displace=a.displace, newcomer_slack=a.newcomer_slack, shutdown_drain_s=a.shutdown_drain_s)
     token = a.admin_token or secrets.token_urlsafe(24)
     if not a.max_request_mb >= 0:
         ap.error(f"--max-request-mb must be >= 0, got {a.max_request_mb}")
+    if not a.shutdown_drain_s >= 0:
+        ap.error(f"--shutdown-drain-s must be >= 0, got {a.shutdown_drain_s}")
     return ServeSettings(tuple(specs), a.host, a.port, pod, a.threads, token, int(a.max_request_mb * (1 << 20)))
 
 
@@ -117,7 +123,16 @@ def serve(settings: ServeSettings) -> None:
           f"-d '{{\"model\": \"{first}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'\n"
           f"[slinfer] admin API: {base}/admin (Authorization: Bearer {settings.admin_token})",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[Any] | None = None) -> None:
+            # SIGTERM/SIGINT: running requests finish or leave with continuations before uvicorn
+            # waits for open responses to end (a long stream would run on, then break at SIGKILL)
+            moved = await pod.hand_off()
+            if moved:
+                logging.getLogger("slinfer.pod").info("shutting down: handed off %d running requests", moved)
+            await super().shutdown(sockets)
+
+    Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info")).run()
 
 
 MESH_COMMANDS = ("up", "deploy", "delete", "list", "invoke", "logs")

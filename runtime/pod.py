@@ -8,6 +8,7 @@ an instance admits (a dict lookup). Instance lifetimes follow runtime.core.lifec
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,9 @@ class PodConfig:
     profile_prefill: tuple[int, ...] = (32, 128)
     profile_decode: tuple[tuple[int, tuple[int, ...]], ...] = ((128, (1, 4)),)
     drain_timeout_s: float = 60.0
+    # SIGTERM: running requests get this long to finish before the rest leave with continuations
+    # (Kubernetes allows 30 s by default before it kills the pod)
+    shutdown_drain_s: float = 10.0
 
 
 @dataclass
@@ -73,6 +77,8 @@ class Pod:
                                   admittable=self._admittable)
         self.served: dict[str, Served] = {}
         self._profiles: dict[str, LatencyProfile] = {}  # by model ref; device thread only
+        self.terminating = False  # set by hand_off(): the pod is going away
+        self._drain_until = math.inf  # hand_off() cuts every drain short at this time
 
     def _admittable(self, name: str) -> bool:
         s = self.served.get(name)
@@ -92,6 +98,8 @@ class Pod:
 
     # -- load ------------------------------------------------------------------------------
     async def load(self, spec: FunctionSpec, profile: bool = True) -> Served:
+        if self.terminating:
+            raise PodError(503, "this pod is shutting down", "pod_terminating")
         old = self.served.get(spec.name)
         if old is not None and old.state not in TERMINAL:
             raise PodError(409, f"function '{spec.name}' is already {old.state.value} here", "already_loaded")
@@ -151,7 +159,7 @@ class Pod:
             self._set(s, InstanceEvent.DRAIN)
             deadline = time.monotonic() + self.config.drain_timeout_s
             while await self.device.call(lambda dev: dev.instances[name].engine.has_work):
-                if time.monotonic() > deadline:
+                if time.monotonic() > min(deadline, self._drain_until):
                     break  # what is still running is evicted with continuations below
                 await asyncio.sleep(0.02)
         evicted = await self.device.call_delivering(lambda dev: self._remove(dev, name))
@@ -163,6 +171,20 @@ class Pod:
 
     async def evict(self, name: str) -> dict[str, Any]:
         return await self.unload(name, drain=False)
+
+    async def hand_off(self, drain_s: float | None = None) -> int:
+        """The pod is going away (SIGTERM: a rolling update, a node drain, scale-in): take no more
+        work, let running requests finish for up to ``drain_s`` (default: the config's
+        ``shutdown_drain_s``), and evict what is left, so it leaves with continuations, as when
+        preempted, and the activator continues it on other pods instead of the streams breaking
+        when the process ends. Returns the requests handed off."""
+        self.terminating = True
+        self._drain_until = time.monotonic() + (self.config.shutdown_drain_s if drain_s is None else drain_s)
+        ready = [name for name, s in self.served.items() if s.state is InstanceState.READY]
+        done = await asyncio.gather(*(self.unload(name) for name in ready))  # every instance drains at once
+        while any(s.state is InstanceState.DRAINING for s in self.served.values()):
+            await asyncio.sleep(0.02)  # a scale-down's drain, cut short by _drain_until
+        return sum(int(d["evicted_requests"]) for d in done)
 
     def _live(self, name: str) -> Served:
         s = self.served.get(name)
@@ -182,7 +204,8 @@ class Pod:
                       "weights_cached": s.weights_cached} for n, s in self.served.items()}
         for inst in dev_status["instances"]:
             inst.update(states.get(inst["name"], {}))
-        return {**dev_status, "functions": states, "weights_cache": self.weights.status(), "rss_bytes": rss_bytes()}
+        return {**dev_status, "functions": states, "weights_cache": self.weights.status(), "rss_bytes": rss_bytes(),
+                "terminating": self.terminating}
 
 
 def _device_status(dev: DeviceLoop) -> dict[str, Any]:

@@ -6,6 +6,7 @@ needs a quiet mesh waits for it by polling the autoscaler's status, never by sle
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,7 +43,8 @@ FUNCTIONS = (
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[MeshHandle]:
     settings = MeshSettings(FUNCTIONS, TOKEN, pods=2, port=0, autoscaler_port=0,
-                            resources=PodResources(kv_budget_mb=32, weight_cache_mb=512, memory_mb=2048, threads=1),
+                            resources=PodResources(kv_budget_mb=32, weight_cache_mb=512, memory_mb=2048, threads=1,
+                                                   shutdown_drain_s=0.0),  # SIGTERM hands off at once
                             controller=ControllerSettings(TOKEN, profile=False),
                             activator=ActivatorSettings(demand_interval_s=0.1))
     with mesh_in_thread(settings) as handle:
@@ -81,6 +83,13 @@ def wait_until(cond: Callable[[], Any], what: str, timeout_s: float = 30.0) -> A
 def chat(mesh: MeshHandle, function: str, content: str = "hello", **kw: Any) -> httpx.Response:
     body = {"model": function, "messages": [{"role": "user", "content": content}], "temperature": 0, **kw}
     return httpx.post(f"{mesh.url}/v1/chat/completions", json=body, timeout=120)
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def pod_admin(mesh: MeshHandle, node: str) -> dict[str, Any]:
@@ -143,6 +152,45 @@ def test_killed_pod_requests_complete_elsewhere_and_lost_instances_are_replaced(
     wait_until(lambda: placed(mesh, "gamma"), "the lost gamma instance is re-placed", 60)
     wait_until(lambda: all(n["up"] for n in status(mesh)["nodes"]), "the killed pod is restarted", 60)
     assert mesh.mesh.pods.children[index].restarts == 1
+
+
+def test_a_terminated_pod_hands_its_streams_off_to_another(mesh: MeshHandle) -> None:
+    # SIGTERM (a rolling update, a node drain) mid-stream: the pod evicts its instances with
+    # continuations before it exits, and the activator continues the stream on the other pod;
+    # the client sees one unbroken stream, equal to an uninterrupted greedy run.
+    wait_until(lambda: all(n["up"] for n in status(mesh)["nodes"]), "both pods are up", 60)
+    n = 255
+    for prompt in ("hello", "a rolling update", "go on", "more", "and then"):  # one that runs long (random weights)
+        plain = chat(mesh, "beta", prompt, max_tokens=n).json()["choices"][0]
+        want, want_finish = plain["message"]["content"], plain["finish_reason"]
+        if len(want) > 100:  # long enough to be cut mid-stream
+            break
+    assert len(want) > 100
+    (node,) = placed(mesh, "beta")
+    index = int(node.removeprefix("pod-"))
+    moves = metric(mesh.url, "slinfer_activator_continuations_total", function="beta")
+    body = {"model": "beta", "messages": [{"role": "user", "content": prompt}], "temperature": 0,
+            "max_tokens": n, "stream": True}
+    pieces: list[str] = []
+    finish, errors = None, []
+    with httpx.stream("POST", f"{mesh.url}/v1/chat/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                errors.append(chunk["error"])
+                continue
+            if len(pieces) == 2:
+                mesh.mesh.pods.terminate(index)
+            choice = chunk["choices"][0]
+            pieces.append(choice["delta"].get("content") or "")
+            finish = choice.get("finish_reason") or finish
+    assert errors == [] and finish == want_finish
+    assert "".join(pieces) == want
+    assert metric(mesh.url, "slinfer_activator_continuations_total", function="beta") == moves + 1
+    wait_until(lambda: mesh.mesh.pods.children[index].proc.poll() is None and all(n["up"] for n in status(mesh)["nodes"]),
+               "the terminated pod is restarted", 60)
 
 
 def test_restarting_the_autoscaler_loses_no_waiting_request(mesh: MeshHandle) -> None:

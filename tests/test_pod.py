@@ -105,6 +105,42 @@ def test_evict_mid_stream_ends_with_a_continuation_that_resumes_exactly(pod_url,
     assert r.status_code == 404 and "base" in r.json()["error"]["message"]
 
 
+def test_hand_off_lets_short_work_finish_and_hands_the_rest_off_with_continuations(request: pytest.FixtureRequest):
+    # What SIGTERM does (a rolling update): a short request finishes within the drain window, a
+    # long stream leaves with a continuation, and the pod takes nothing new.
+    with serve_app(make_app([tiny_spec("base", TINY)])) as url:
+        request.getfixturevalue("paced_device")  # >= 10 ms a step: 230 tokens outlast the 1 s drain
+        short: dict[str, httpx.Response] = {}
+        body = {"model": "base", "prompt": "hello", "max_tokens": 230, "temperature": 0, "stream": True}
+        chunks: list[dict[str, Any]] = []
+        handed: dict[str, Any] = {}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    chunks.append(json.loads(line[6:]))
+                    if len(chunks) == 1:
+                        t = threading.Thread(target=lambda: short.update(r=complete(url, "base", "hi", max_tokens=20)))
+                        t.start()
+                        for _ in range(500):  # until the short one runs beside the stream
+                            st = httpx.get(f"{url}/admin/status", headers=AUTH).json()
+                            if sum(i["batch"] + i["waiting"] for i in st["instances"]) >= 2:
+                                break
+                        bad = httpx.post(f"{url}/admin/hand-off?drain_s=-1", headers=AUTH)
+                        assert bad.status_code == 400
+                        h = httpx.post(f"{url}/admin/hand-off?drain_s=1.0", headers=AUTH, timeout=30)
+                        assert h.status_code == 200
+                        handed = h.json()
+        t.join(30)
+        assert handed == {"handed_off": 1, "terminating": True}
+        last = chunks[-1]["choices"][0]
+        assert last["finish_reason"] == "preempted" and last["continuation"]["output_token_ids"]
+        assert short["r"].status_code == 200 and short["r"].json()["usage"]["completion_tokens"] == 20
+        assert httpx.get(f"{url}/healthz").json()["status"] == "terminating"
+        assert httpx.get(f"{url}/admin/status", headers=AUTH).json()["terminating"] is True
+        load = httpx.post(f"{url}/admin/instances", json=spec_body("late"), headers=AUTH, timeout=60)
+        assert load.status_code == 503 and load.json()["error"]["code"] == "pod_terminating"
+
+
 def test_unload_drains_then_reload_hits_the_weight_cache(pod_url):
     body = spec_body("drainee", "random:llama-tiny?seed=9")
     first = httpx.post(f"{pod_url}/admin/instances", json=body, headers=AUTH, timeout=60).json()

@@ -69,6 +69,9 @@ def up(argv: list[str]) -> None:
     ap.add_argument("--no-profile", action="store_true", help="skip latency profiling on first load")
     ap.add_argument("--max-request-mb", type=float, default=MAX_REQUEST_BYTES / (1 << 20),
                     help="largest request body the activator and pods accept, MiB (413 above it; 0: no limit)")
+    ap.add_argument("--shutdown-drain-s", type=float, default=None,
+                    help="a pod sent SIGTERM lets running requests finish this long, then hands the rest off "
+                         "(default: the pod's, 10 s)")
     ap.add_argument("--log-level", default="info")
     _state_arg(ap)
     a = ap.parse_args(argv)
@@ -86,8 +89,10 @@ def up(argv: list[str]) -> None:
     threads = a.threads or max(1, (os.cpu_count() or 1) // a.pods)
     if not a.max_request_mb >= 0:
         ap.error(f"--max-request-mb must be >= 0, got {a.max_request_mb}")
+    if a.shutdown_drain_s is not None and not a.shutdown_drain_s >= 0:
+        ap.error(f"--shutdown-drain-s must be >= 0, got {a.shutdown_drain_s}")
     resources = PodResources(DeviceKind(a.device), a.kv_budget_mb, a.weight_cache_mb, a.pod_memory_mb, threads,
-                             a.max_request_mb)
+                             a.max_request_mb, a.shutdown_drain_s)
     settings = MeshSettings(specs, token, a.pods, a.host, a.port, a.autoscaler_port, resources, state,
                             ControllerSettings(token, profile=not a.no_profile),
                             ActivatorSettings(max_request_bytes=int(a.max_request_mb * (1 << 20))))

@@ -42,6 +42,7 @@ class PodResources:
     memory_mb: int = 4096  # declared to the autoscaler: weights + KV this pod may hold
     threads: int | None = None
     max_request_mb: float | None = None  # the pods' body limit (None: their default)
+    shutdown_drain_s: float | None = None  # on SIGTERM (None: their default)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -98,6 +99,8 @@ class LocalPods:
             cmd += ["--threads", str(r.threads)]
         if r.max_request_mb is not None:
             cmd += ["--max-request-mb", str(r.max_request_mb)]
+        if r.shutdown_drain_s is not None:
+            cmd += ["--shutdown-drain-s", str(r.shutdown_drain_s)]
         return cmd
 
     def _spawn(self, c: _Child) -> None:
@@ -150,6 +153,13 @@ class LocalPods:
         c.proc.kill()
         c.proc.wait()
         return c.proc.pid
+
+    def terminate(self, index: int) -> None:
+        """SIGTERM one pod, as Kubernetes ends one (a rolling update, a drain): it hands its running
+        requests off and exits; the supervisor restarts it."""
+        c = self.children[index]
+        assert c.proc is not None
+        c.proc.terminate()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Terminate every pod, wait for it, kill what does not exit; reap all."""

@@ -50,4 +50,12 @@ def admin_router(pod: Pod, token: str) -> APIRouter:
     async def evict(name: str) -> dict[str, Any]:
         return await pod.evict(name)
 
+    @r.post("/hand-off")
+    async def hand_off(drain_s: float | None = None) -> dict[str, Any]:
+        """The pod is about to go (a Kubernetes preStop hook; SIGTERM does the same): no more
+        work; running requests finish within ``drain_s`` or leave with continuations."""
+        if drain_s is not None and not 0 <= drain_s <= 3600:
+            raise PodError(400, f"drain_s must be in [0, 3600], got {drain_s}", "invalid_value")
+        return {"handed_off": await pod.hand_off(drain_s), "terminating": True}
+
     return r

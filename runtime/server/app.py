@@ -130,6 +130,8 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
     async def healthz() -> JSONResponse:
         if not pod.device.alive:
             return JSONResponse({"status": "unhealthy", "reason": "device thread is not running"}, status_code=503)
+        if pod.terminating:
+            return JSONResponse({"status": "terminating", "reason": "the pod is shutting down"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
