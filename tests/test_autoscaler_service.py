@@ -36,6 +36,7 @@ class FakePods:
         self.batch: dict[tuple[str, str], int] = {}
         self.down: set[str] = set()
         self.slow: set[str] = set()  # status times out (a long load holds the device thread)
+        self.terminating: set[str] = set()  # shutting down (SIGTERM): draining, then gone
         self.calls: list[tuple[str, str, str]] = []
         self.refuse: dict[str, httpx.Response] = {}  # function -> the pod's answer to loading it
 
@@ -48,6 +49,7 @@ class FakePods:
                           for f, st in fns.items() if st == "ready"],
             "functions": {f: {"state": st, "model": "random:llama-tiny?seed=0"} for f, st in fns.items()},
             "weights_cache": {"models": [{"ref": "random:llama-tiny?seed=0", "bytes": 1 << 20, "pins": 1}]},
+            "terminating": node in self.terminating,
         }
 
     def handler(self, request: httpx.Request) -> httpx.Response:
@@ -155,6 +157,28 @@ def test_lost_instances_are_replaced_without_demand() -> None:
         assert await h.round() == []
         assert [e.instance_id for fn_ in ("a", "b") for e in h.ctl.table.endpoints_of(fn_)] == ["a@pod-1", "b@pod-1"]
         assert h.ctl.status()["lost"] == []
+        await h.client.aclose()
+    run(go())
+
+
+def test_a_pod_shutting_down_has_its_instances_replaced_while_it_drains() -> None:
+    # Its running requests drain there, then move (runtime.pod.Pod.hand_off): the instances they
+    # move to are placed at once, not after the pod has gone, and nothing new is routed there.
+    async def go() -> None:
+        h = Harness([fn("a"), fn("b")])
+        h.pods.loaded["pod-0"] = {"a": "ready", "b": "ready"}
+        h.pods.batch[("pod-0", "a")] = 3
+        assert await h.round() == []
+        h.pods.terminating.add("pod-0")  # still answering, instances still listed
+        h.now = 1.0
+        assert await h.round() == ["Load a@pod-1", "Load b@pod-1"]
+        assert [e.instance_id for f in ("a", "b") for e in h.ctl.table.endpoints_of(f)] == []  # none on pod-0
+        h.now = 2.0
+        assert await h.round() == []
+        assert [e.instance_id for f in ("a", "b") for e in h.ctl.table.endpoints_of(f)] == ["a@pod-1", "b@pod-1"]
+        node = next(n for n in h.ctl.status()["nodes"] if n["node"] == "pod-0")
+        assert node["terminating"] is True and node["up"] is False
+        assert ("DELETE", "pod-0", "/admin/instances/a") not in h.pods.calls  # it hands off by itself
         await h.client.aclose()
     run(go())
 

@@ -1,8 +1,9 @@
 """The reconcile loop: observe the pods, decide with autoscaler/core, execute, publish routes.
 
 Every ``interval_s`` (sooner when demand arrives) one round:
-  1. ask every pod for ``/admin/status`` (a pod that refuses the connection is out of the
-     snapshot, and the instances it had are lost; one that is only slow keeps its last answer);
+  1. ask every pod for ``/admin/status`` (a pod that refuses the connection, or says it is
+     shutting down, is out of the snapshot, and the instances it had are lost; one that is only
+     slow keeps its last answer);
   2. track idleness (a pod's batch/waiting, and the activity the activator reports) and lost
      instances (seen READY before, gone now without our asking: a pod died or restarted);
   3. publish the route table (READY instances) when it changed; demand seen before a
@@ -91,6 +92,7 @@ class Controller:
             self.functions.update({s.name: s for s in load_function_dir(store_dir)})
         self.pods: dict[NodeId, PodStatus] = {}
         self.down: set[NodeId] = set()
+        self.terminating: set[NodeId] = set()  # pods shutting down (SIGTERM): out of the snapshot too
         self.idle_since: dict[InstanceId, float | None] = {}
         self.last_busy: dict[InstanceId, float] = {}  # when each instance was last seen with requests
         self.demand: dict[str, tuple[int, float]] = {}  # function -> (waiting requests, until)
@@ -187,6 +189,7 @@ class Controller:
         answers = await asyncio.gather(*(self.admin.status(n) for n in nodes), return_exceptions=True)
         pods: list[PodStatus] = []
         down: set[NodeId] = set()
+        terminating: set[NodeId] = set()
         for node, a in zip(nodes, answers, strict=True):
             if isinstance(a, BaseException):
                 prev = self.pods.get(node.node_id)
@@ -197,8 +200,18 @@ class Controller:
                     continue
                 down.add(node.node_id)
                 continue
+            if a.get("terminating"):
+                # Going away (its running requests drain, then move): treated as gone now, so its
+                # instances are re-placed on other pods while it drains, warm when the moved work
+                # arrives, and nothing new is routed or placed there.
+                if node.node_id not in self.terminating:
+                    log.info("pod %s is shutting down; re-placing its instances", node.node_id)
+                down.add(node.node_id)
+                terminating.add(node.node_id)
+                continue
             pods.append(parse_status(node, a))
         self.down = down
+        self.terminating = terminating
         self.pods = {p.node.node_id: p for p in pods}
         return pods
 
@@ -339,6 +352,7 @@ class Controller:
             p = self.pods.get(node.node_id)
             nodes.append({
                 "node": node.node_id, "url": node.url, "kind": node.kind.value, "up": node.node_id not in self.down,
+                "terminating": node.node_id in self.terminating,
                 "instances": [{"function": i.function, "state": i.state, "batch": i.batch, "waiting": i.waiting,
                                "idle_s": _idle(now, self.idle_since.get(instance_id(i.function, node.node_id)))}
                               for i in (p.instances if p else ())],
