@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import math
 import os
@@ -127,7 +128,15 @@ def serve(settings: ServeSettings) -> None:
         async def shutdown(self, sockets: list[Any] | None = None) -> None:
             # SIGTERM/SIGINT: running requests finish or leave with continuations before uvicorn
             # waits for open responses to end (a long stream would run on, then break at SIGKILL)
-            moved = await pod.hand_off()
+            logging.getLogger("slinfer.pod").info(
+                "shutting down: running requests may finish for up to %g s, then move to other pods "
+                "(Ctrl-C again: at once)", pod.config.shutdown_drain_s)
+            handing = asyncio.ensure_future(pod.hand_off())
+            while not handing.done():
+                if self.force_exit:  # a second Ctrl-C: no more waiting for requests to finish
+                    pod.end_drains()
+                await asyncio.wait({handing}, timeout=0.1)
+            moved = handing.result()
             if moved:
                 logging.getLogger("slinfer.pod").info("shutting down: handed off %d running requests", moved)
             await super().shutdown(sockets)

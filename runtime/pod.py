@@ -186,6 +186,10 @@ class Pod:
             await asyncio.sleep(0.02)  # a scale-down's drain, cut short by _drain_until
         return sum(int(d["evicted_requests"]) for d in done)
 
+    def end_drains(self) -> None:
+        """Cut every drain short now (a second Ctrl-C): what still runs is handed off at once."""
+        self._drain_until = -math.inf
+
     def _live(self, name: str) -> Served:
         s = self.served.get(name)
         if s is None or s.state in TERMINAL or s.state is InstanceState.LOADING:
