@@ -360,6 +360,19 @@ def test_stream_moved_by_preemption_equals_the_uninterrupted_greedy_output(setup
         assert metric(setup.url, "slinfer_activator_continuations_total", function="tiny") == moves + 1
 
 
+def generated_until_it_stops(pod: str, before: float) -> float:
+    """Tokens "tiny" generated on ``pod`` since ``before``, once it has stopped generating."""
+    deadline = time.monotonic() + 10
+    last = -1.0
+    while True:
+        time.sleep(0.3)
+        now = metric(pod, "slinfer_generation_tokens_total", 0.0, model="tiny")
+        if now == last:
+            return now - before
+        assert time.monotonic() < deadline, "the pod kept generating after the client left"
+        last = now
+
+
 def test_client_leaving_a_stream_aborts_the_request_on_the_runtime(setup: Setup, paced_device: float) -> None:
     # Uninterrupted, this request generates ~250 tokens (>= 2.5 s paced). Pod a is tried first (ids sort).
     before = metric(setup.pods[0], "slinfer_generation_tokens_total", 0.0, model="tiny")
@@ -369,16 +382,7 @@ def test_client_leaving_a_stream_aborts_the_request_on_the_runtime(setup: Setup,
         for i, _ in enumerate(r.iter_lines()):
             if i >= 4:
                 break  # leaving the block closes the connection
-    deadline = time.monotonic() + 10
-    last = -1.0
-    while True:  # until the pod stops generating for this function
-        time.sleep(0.3)
-        now = metric(setup.pods[0], "slinfer_generation_tokens_total", 0.0, model="tiny")
-        if now == last:
-            break
-        assert time.monotonic() < deadline, "the pod kept generating after the client left"
-        last = now
-    assert 0 < now - before < 200, now - before
+    assert 0 < generated_until_it_stops(setup.pods[0], before) < 200
     still_serving(setup.url)
 
 
@@ -390,16 +394,7 @@ def test_client_leaving_a_non_streaming_request_aborts_it_on_the_runtime(setup: 
     body = {"model": "tiny", "prompt": "hello", "temperature": 0, "max_tokens": 255}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(setup.url + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
-    deadline = time.monotonic() + 10
-    last = -1.0
-    while True:  # until the pod stops generating for this function
-        time.sleep(0.3)
-        now = metric(setup.pods[0], "slinfer_generation_tokens_total", 0.0, model="tiny")
-        if now == last:
-            break
-        assert time.monotonic() < deadline, "the pod kept generating after the client left"
-        last = now
-    assert 0 < now - before < 200, now - before
+    assert 0 < generated_until_it_stops(setup.pods[0], before) < 200
     assert metric(setup.url, "slinfer_activator_errors_total", function="tiny", code="client_closed") == gone + 1
     still_serving(setup.url)
 
