@@ -8,6 +8,8 @@ Broker puts a valid CloudEvent reply back on the Broker; an empty reply is fine 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import uuid
 from collections.abc import Mapping
@@ -52,17 +54,20 @@ def parse_event(headers: Mapping[str, str], body: bytes) -> BaseCloudEvent:
         raise BadEvent(f"not a valid CloudEvent: {e}") from e
     # The SDK makes up an id when the event has none; id is REQUIRED, and a made-up one would be
     # the reply's subject, answering an event nobody can name.
-    if not _has_id(headers, body):
+    doc = json.loads(body) if event_mode(headers) is Mode.STRUCTURED else None  # valid: the SDK parsed it
+    if not _has_id(headers, doc):
         raise BadEvent("not a valid CloudEvent: the required attribute 'id' is missing")
+    if isinstance(doc, dict) and "data_base64" in doc:  # the SDK decodes leniently: "!!!" became b""
+        try:
+            base64.b64decode(doc["data_base64"], validate=True)
+        except (binascii.Error, TypeError, ValueError) as e:
+            raise BadEvent(f"not a valid CloudEvent: data_base64 is not base64 ({e})") from e
     return event
 
 
-def _has_id(headers: Mapping[str, str], body: bytes) -> bool:
+def _has_id(headers: Mapping[str, str], doc: object) -> bool:
     if "ce-id" in headers:
         return bool(headers["ce-id"])
-    if event_mode(headers) is not Mode.STRUCTURED:
-        return False
-    doc = json.loads(body)  # parsed once already by the SDK, so valid JSON
     return isinstance(doc, dict) and isinstance(doc.get("id"), str) and bool(doc["id"])
 
 
@@ -72,6 +77,8 @@ def event_text(event: BaseCloudEvent) -> str:
     if data is None:
         raise BadEvent(f"CloudEvent {event.get_id()!r} has no data to turn into a prompt")
     if isinstance(data, bytes):
+        if not data:
+            raise BadEvent(f"CloudEvent {event.get_id()!r} has no data to turn into a prompt")
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as e:

@@ -312,6 +312,12 @@ def test_knative_trigger_delivery_gets_a_cloudevent_reply(setup: Setup) -> None:
     ({"ce-specversion": "1.0", "ce-id": "x", "ce-source": "/s", "ce-type": "t"}, b""),
     ({"ce-specversion": "1.0", "ce-source": "/s", "ce-type": "t", "content-type": "text/plain"}, b"no id"),
     ({"content-type": "application/cloudevents+json"}, b'{"specversion": "1.0", "source": "/s", "type": "t", "data": "x"}'),
+    # data_base64 that is not base64 (the SDK decoded "!!!" to nothing), and base64 of nothing
+    ({"content-type": "application/cloudevents+json"},
+     b'{"specversion": "1.0", "id": "x", "source": "/s", "type": "t", "data_base64": "!!!"}'),
+    ({"content-type": "application/cloudevents+json"},
+     b'{"specversion": "1.0", "id": "x", "source": "/s", "type": "t", "data_base64": ""}'),
+    ({"content-type": "application/cloudevents+json"}, b"[1, 2]"),
 ])
 def test_malformed_cloudevent_is_400(setup: Setup, headers: dict[str, str], body: bytes) -> None:
     r = httpx.post(f"{setup.url}/functions/{EVENT_FN}", content=body, headers=headers)
