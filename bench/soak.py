@@ -1,11 +1,14 @@
 """Soak a running mesh (`make run`) with mixed traffic, well-behaved and not, and check every answer.
 
-Each round sends, all at once, --per-round requests of five kinds in turn plus a few CloudEvents:
+Each round sends, all at once, --per-round requests of these kinds in turn plus a few CloudEvents:
   malformed  a body that is not JSON                           -> 400
   too-long   a chat prompt longer than the function's context  -> 400
   stream     a short streamed chat answer                      -> 200 with content
   abandon    a 200-token answer whose client gives up at --abandon-s (a client timeout)
   echo       a completion of at most 5 tokens from tiny-echo   -> 200, 1-5 tokens
+  nested     JSON nested 100,000 deep                          -> 400
+  surrogate  a prompt with a lone UTF-16 surrogate ("\ud800")  -> 400
+  oversize   a 9 MiB body (the limit is 8)                     -> 413
   event      a binary-mode CloudEvent to /functions/tiny-echo  -> 200
 Per round it prints the wall time and the resident memory (MB) of every `runtime.cli` process on
 this host (the mesh and its pods: a leak shows as growth over many rounds). Any other outcome is
@@ -33,7 +36,7 @@ import httpx
 
 CHAT = "chat"  # functions/examples: SmolLM2-135M-Instruct
 ECHO = "tiny-echo"  # functions/examples: a tiny random model, max context 256
-KINDS = ("malformed", "too-long", "stream", "abandon", "echo")
+KINDS = ("malformed", "too-long", "stream", "abandon", "echo", "nested", "surrogate", "oversize")
 
 
 async def one(c: httpx.AsyncClient, url: str, kind: str, i: int, abandon_s: float) -> tuple[str, str]:
@@ -63,6 +66,13 @@ async def one(c: httpx.AsyncClient, url: str, kind: str, i: int, abandon_s: floa
         except httpx.TimeoutException:
             return kind, "ok"
         return kind, "ok" if r.status_code == 200 else f"status {r.status_code}"
+    if kind in ("nested", "surrogate", "oversize"):
+        raw = {"nested": b'{"model": "tiny-echo", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+               "surrogate": b'{"model": "tiny-echo", "prompt": "a\\ud800", "max_tokens": 2}',
+               "oversize": b'{"model": "tiny-echo", "prompt": "' + b"x" * (9 << 20) + b'"}'}[kind]
+        r = await c.post(url + "/v1/completions", content=raw, headers={"content-type": "application/json"})
+        want = 413 if kind == "oversize" else 400
+        return kind, "ok" if r.status_code == want else f"status {r.status_code}"
     if kind == "echo":
         r = await c.post(url + "/v1/completions", json={"model": ECHO, "prompt": f"p{i}", "max_tokens": 5,
                                                         "temperature": 0})

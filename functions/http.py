@@ -3,7 +3,8 @@
 Neither uvicorn nor Starlette bounds a request body, and a prompt is tokenised whole: one 200 MB
 prompt grew a pod to 23 GB and the kernel killed it, with every request of every function on it.
 ``BodyLimit`` answers 413 before the app sees a body over the limit: at once when Content-Length
-says so, and while reading a chunked body (kept in memory up to the limit, then handed on).
+says so, and while reading a chunked body (kept in memory up to the limit, then handed on). The
+rest of a refused body is read and dropped (not kept) so the client, still sending, gets the answer.
 The default is far above any real prompt (128k tokens of text is ~0.5 MB; as token ids, ~1 MB).
 """
 
@@ -14,6 +15,9 @@ import json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 MAX_REQUEST_BYTES = 8 << 20
+# A refused body up to this many times the limit is read and dropped before the 413, so that the
+# client reads the answer; a larger one gets the 413 at once, and the connection closes under it.
+DISCARD_FACTOR = 4
 
 
 class BodyLimit:
@@ -31,6 +35,8 @@ class BodyLimit:
         length = _content_length(scope)
         if length is not None:  # the server reads exactly that many bytes: decided up front
             if length > self.max_bytes:
+                if not _expects_continue(scope):  # (one that waits for "100 Continue" has sent nothing)
+                    await self._discard(receive, length)
                 await self._reject(send, f"{length} bytes")
                 return
             await self.app(scope, receive, send)
@@ -43,6 +49,8 @@ class BodyLimit:
             chunks.append(msg.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
+                if msg.get("more_body", False):
+                    await self._discard(receive, size)
                 await self._reject(send, f"over {self.max_bytes} bytes")
                 return
             if not msg.get("more_body", False):
@@ -59,6 +67,21 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
+    async def _discard(self, receive: Receive, size: int) -> None:
+        """Read the rest of a refused body (``size``: declared, or read so far) and drop it, up to
+        DISCARD_FACTOR x the limit: a client still sending when the connection closes never reads
+        the 413 (it sees a reset)."""
+        if size > DISCARD_FACTOR * self.max_bytes:
+            return
+        got = 0
+        while got < DISCARD_FACTOR * self.max_bytes:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return
+            got += len(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                return
+
     async def _reject(self, send: Send, what: str) -> None:
         limit_mb = self.max_bytes / (1 << 20)
         payload = json.dumps({"error": {
@@ -69,6 +92,10 @@ class BodyLimit:
             (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
             (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": payload})
+
+
+def _expects_continue(scope: Scope) -> bool:
+    return any(name == b"expect" and value.lower() == b"100-continue" for name, value in scope.get("headers", ()))
 
 
 def _content_length(scope: Scope) -> int | None:

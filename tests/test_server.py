@@ -501,6 +501,26 @@ def test_the_elapsed_header_reaches_the_device_anchor(http: httpx.Client, monkey
     assert seen == [(0.0, 0, None), (0.25, 0, None), (2.0, 3, 1.5)]
 
 
+def test_a_client_that_waits_for_100_continue_gets_the_413_without_sending_the_body() -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    from conftest import ADMIN_TOKEN, TINY_MODELS, TINY_POD
+
+    from runtime.pod import Pod
+    from runtime.server.app import create_app
+
+    app = create_app(Pod(TINY_POD), admin_token=ADMIN_TOKEN, functions=[tiny_spec("tiny", TINY_MODELS["tiny"])],
+                     max_request_bytes=4096)
+    with serve_app(app) as url:
+        u = urlsplit(url)
+        with socket.create_connection((u.hostname, u.port), timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100000000\r\nExpect: 100-continue\r\n\r\n")
+            head = s.recv(65536)
+        assert head.startswith(b"HTTP/1.1 413") and b"request_too_large" in head, head[:200]
+
+
 def test_the_body_limit_is_a_serve_option_and_reaches_the_mesh_s_pods() -> None:
     from autoscaler.service.local import LocalPods, PodResources
     from runtime.cli import parse_serve
