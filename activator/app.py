@@ -206,9 +206,10 @@ class Activator:
 
 
 def _function_label(request: Request) -> str:
-    """The function a request named, once resolved (its metrics label)."""
+    """The function a request named, once resolved (its metrics label); "-" before that, never a
+    name the client made up (each one would be a new time series, kept forever)."""
     spec = getattr(request.state, "function", None)
-    return spec.name if isinstance(spec, FunctionSpec) else request.path_params.get("name") or "-"
+    return spec.name if isinstance(spec, FunctionSpec) else "-"
 
 
 class ClientLeft(Exception):

@@ -115,6 +115,14 @@ def test_openai_client_chat_stream_and_models(setup: Setup) -> None:
     assert comp.choices[0].text == complete(setup.pods[0], "tiny", "abc", max_tokens=4).json()["choices"][0]["text"]
 
 
+def test_names_a_client_makes_up_do_not_become_metric_labels(setup: Setup) -> None:
+    for i in range(3):
+        assert httpx.post(f"{setup.url}/functions/made-up-{i}", content=b"x").status_code == 404
+    text = httpx.get(f"{setup.url}/metrics").text
+    assert "made-up" not in text
+    assert metric(setup.url, "slinfer_activator_errors_total", function="-", code="function_not_found") >= 3
+
+
 def test_unknown_function_is_404_listing_the_deployed_ones(setup: Setup) -> None:
     r = httpx.post(f"{setup.url}/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 404
