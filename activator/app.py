@@ -41,7 +41,7 @@ from activator.dispatch import (
     Upstream,
 )
 from activator.metrics import ActivatorMetrics
-from activator.relay import EventStreamResponse, StreamRelay, complete_moving
+from activator.relay import EventStreamResponse, StreamRelay, complete_moving, until_disconnect
 from activator.routes import HTTPRouteSource, RouteSource, RouteView
 from activator.upstream import UpstreamClient
 from activator.waiting import DemandReporter, QueueFull, WaitingRoom
@@ -223,7 +223,7 @@ async def _unless_client_leaves(request: Request, work: Coroutine[Any, Any, Resp
     work nobody will read. (A stream's response watches for itself once it is under way.)
     The body must have been read: after it, the server's receive() only reports a disconnect."""
     task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request))
+    gone = asyncio.ensure_future(until_disconnect(request.receive))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:  # also when this request is cancelled (shutdown): neither task outlives it
@@ -235,11 +235,6 @@ async def _unless_client_leaves(request: Request, work: Coroutine[Any, Any, Resp
     if task.cancelled():
         raise ClientLeft
     return task.result()
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _error_code(raw: bytes, status: int) -> str:

@@ -272,6 +272,12 @@ def _joined(head: dict[str, Any], last: dict[str, Any], texts: list[str], moved:
                                                   "total_tokens": n + done}}
 
 
+async def until_disconnect(receive: Receive) -> None:
+    """Return when the client disconnects (the request body must have been read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 class EventStreamResponse(Response):
     """An ASGI response that sends ``events`` as a text/event-stream, one send per event.
 
@@ -297,8 +303,7 @@ class EventStreamResponse(Response):
 
         async def watch() -> None:
             nonlocal gone
-            while (await receive())["type"] != "http.disconnect":
-                pass
+            await until_disconnect(receive)
             gone = True
             task.cancel()
 
