@@ -45,7 +45,7 @@ from activator.relay import EventStreamResponse, StreamRelay, complete_moving, u
 from activator.routes import HTTPRouteSource, RouteSource, RouteView
 from activator.upstream import UpstreamClient
 from activator.waiting import DemandReporter, QueueFull, WaitingRoom
-from functions import FunctionSpec
+from functions import TOKEN_IDS_HEADER, FunctionSpec
 from functions.http import MAX_REQUEST_BYTES, BodyLimit
 
 log = logging.getLogger("slinfer.activator")
@@ -164,10 +164,10 @@ class Activator:
 
     # -- forwarding ---------------------------------------------------------------------------
     async def open(self, spec: FunctionSpec, path: str, body: dict[str, Any], raw: bytes | None = None,
-                   elapsed: Elapsed | None = None) -> Upstream:
+                   elapsed: Elapsed | None = None, headers: dict[str, str] | None = None) -> Upstream:
         assert self.dispatcher is not None
         try:
-            return await self.dispatcher.open(spec, path, body, raw, elapsed=elapsed)
+            return await self.dispatcher.open(spec, path, body, raw, elapsed=elapsed, headers=headers)
         except QueueFull as e:
             retry = str(self.settings.queue_full_retry_after_s)
             raise APIError(503, str(e), "queue_full", "server_error", {"Retry-After": retry}) from e
@@ -181,12 +181,14 @@ class Activator:
         t0 = time.monotonic()
         self.room.arrivals[spec.name] += 1  # once per client request (reopen is a continuation)
         elapsed = Elapsed(t0)  # its deadlines keep running across the instances it visits
-        up = await self.open(spec, path, body, raw, elapsed)
+        # a stream's events name their token ids, so it can go on elsewhere if its pod dies
+        notes = {TOKEN_IDS_HEADER: "1"} if body.get("stream") else None
+        up = await self.open(spec, path, body, raw, elapsed, notes)
 
         async def reopen(p: str, b: dict[str, Any], first_token_at: float | None) -> Upstream:
             if elapsed.first_token_at is None:
                 elapsed.first_token_at = first_token_at
-            return await self.open(spec, p, b, elapsed=elapsed)
+            return await self.open(spec, p, b, elapsed=elapsed, headers=notes)
 
         status = up.response.status_code
         self.metrics.requests.labels(spec.name, str(status)).inc()

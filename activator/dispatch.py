@@ -217,16 +217,18 @@ class Dispatcher:
         return resp
 
     async def open(self, spec: FunctionSpec, path: str, body: Mapping[str, Any], raw: bytes | None = None,
-                   deadline: float | None = None, elapsed: Elapsed | None = None) -> Upstream:
+                   deadline: float | None = None, elapsed: Elapsed | None = None,
+                   headers: Mapping[str, str] | None = None) -> Upstream:
         """An open response from an instance of ``spec`` (see the module doc). ``raw`` is the
         body already serialised (the client's own bytes, when they need no change); ``elapsed``
-        the client request's clock (a new one from now if None), which this open adds to."""
+        the client request's clock (a new one from now if None), which this open adds to;
+        ``headers`` more headers for the pod."""
         name = spec.name
         t0 = time.monotonic()
         elapsed = elapsed or Elapsed(t0)
         deadline = t0 + spec.timeout_s if deadline is None else deadline
         content = raw if raw is not None else json.dumps(body).encode()
-        hdrs = {"content-type": "application/json"}
+        hdrs = {"content-type": "application/json", **(headers or {})}
         async with contextlib.AsyncExitStack() as stack:
             waiting = False
             while True:

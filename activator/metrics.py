@@ -22,3 +22,6 @@ class ActivatorMetrics:
                               ["function"], buckets=_LATENCY_BUCKETS, registry=r)
         self.moves = Counter("slinfer_activator_continuations", "Preempted requests continued elsewhere",
                              ["function"], registry=r)
+        self.failovers = Counter("slinfer_activator_failovers",
+                                 "Streams continued elsewhere after their instance died mid-stream",
+                                 ["function"], registry=r)

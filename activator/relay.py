@@ -10,7 +10,17 @@ by what was produced. The new instance's chunks are rewritten into the original 
 (chat or completion, same id, created and model), so the client sees one uninterrupted stream.
 Greedy decoding makes the whole text equal to an uninterrupted run.
 
-Non-streaming answers are continued the same way and joined into one response.
+When the instance dies mid-stream (the pod crashed, was OOM-killed, lost its node: the connection
+breaks), the stream is continued the same way from what the client has received: the activator
+asks each pod for a note per event (``functions.TOKEN_IDS_HEADER``: the prompt ids and max_tokens
+first, then the output ids behind each event's text) and resubmits prompt + output ids so far with
+``resumed_tokens``. A stream that broke before any event came is simply sent again; one that broke
+after its last text (only the usage chunk or ``[DONE]`` lost) is ended here. At most
+``MAX_FAILOVERS`` times per request: a request that takes down every pod it reaches (a "query of
+death") must not take down the fleet.
+
+Non-streaming answers are continued the same way and joined into one response (one cut off by a
+crash has sent nothing yet: the dispatcher tries it elsewhere from the start).
 """
 
 from __future__ import annotations
@@ -29,9 +39,12 @@ from starlette.types import Receive, Scope, Send
 from activator.dispatch import Upstream
 from activator.metrics import ActivatorMetrics
 from activator.upstream import UpstreamError
+from functions import STREAM_NOTE
 
 DONE = b"data: [DONE]\n\n"
+NOTE = STREAM_NOTE.encode()
 CONTINUE_KEYS = ("temperature", "top_p", "seed", "stop")
+MAX_FAILOVERS = 2  # continuations of one stream after its instance died
 
 # (path, body, when the stream's first token came: time.monotonic() or None) -> an open upstream
 # response: the app's dispatcher bound to one function and one client request
@@ -40,7 +53,7 @@ Reopen = Callable[[str, dict[str, Any], float | None], Awaitable[Upstream]]
 
 @dataclass
 class Moved:
-    """A request's progress across preemptions: the original prompt ids and all output ids."""
+    """A request's progress across preemptions and failovers: the original prompt ids and all output ids."""
 
     prompt_ids: list[int]
     output_ids: list[int] = field(default_factory=list)
@@ -110,50 +123,135 @@ class StreamRelay:
         self.public: dict[str, Any] = {}  # id / created / model of the client's stream
         self.first_event: bytes | None = None
         self.want_usage = bool((original.get("stream_options") or {}).get("include_usage"))
+        self.known: Moved | None = None  # from the pods' notes (prompt ids, max_tokens), output as of the last move
+        self.fresh: list[int] = []  # output ids the current instance's notes named
+        self.finish_reason: str | None = None  # the generation ended (a note said so)
+        self.usage_seen = False
+        self.failovers = 0
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
             async for event in self._events():
                 yield event
-        except UpstreamError as e:  # the pod died mid-stream: no continuation to resume from
+        except UpstreamError as e:  # the pod died mid-stream and the stream cannot go on elsewhere
             yield _error_event(f"the instance serving this stream failed: {e!r}")
         finally:
             await self.up.close()
         yield DONE
 
+    def _take_note(self, event: bytes) -> bytes:
+        """Read the pod's note line (``functions.STREAM_NOTE``) off an event; the event without it."""
+        cut = event.find(b"\n")
+        try:
+            note = json.loads(event[len(NOTE):cut])
+        except ValueError:
+            note = None
+        if isinstance(note, dict):
+            if self.known is None and isinstance(note.get("prompt_token_ids"), list):
+                self.known = Moved(list(note["prompt_token_ids"]), max_tokens=int(note.get("max_tokens") or 16))
+            ids = note.get("token_ids")
+            if self.known is not None and isinstance(ids, list) and ids:
+                self.fresh.extend(ids)
+                if self.known.first_token_at is None:
+                    self.known.first_token_at = time.monotonic()
+            if note.get("finish_reason") is not None:
+                self.finish_reason = str(note["finish_reason"])
+        return event[cut + 1:]
+
+    async def _failover(self, error: UpstreamError) -> AsyncIterator[bytes]:
+        """The instance died mid-stream: open the rest of the stream elsewhere (into ``self.up``),
+        or end it here when nothing is left to generate; re-raise ``error`` when it cannot go on."""
+        if self.finish_reason is not None:  # all the text is out; only usage and [DONE] were lost
+            if self.want_usage and not self.usage_seen and (usage := self._usage_event()) is not None:
+                yield usage
+            return
+        if self.failovers >= MAX_FAILOVERS:
+            raise error
+        if self.first_event is None:  # nothing reached the client: send the request again
+            path = "/v1/chat/completions" if self.chat else "/v1/completions"
+            body, first_token_at = self.original, None
+        elif self.known is not None:  # go on from the ids behind the text the client has
+            self.moved = self.moved or self.known
+            self.moved.output_ids.extend(self.fresh)
+            self.fresh = []
+            self._remember_public()
+            path, first_token_at = "/v1/completions", self.moved.first_token_at
+            body = self.moved.body(self.function, self.original, True)
+        else:
+            raise error  # a pod that sends no notes: nothing to resume from
+        self.failovers += 1
+        self.metrics.failovers.labels(self.function).inc()
+        try:
+            self.up = await self.reopen(path, body, first_token_at)
+        except Exception as e:
+            raise UpstreamError(f"{error}; continuing elsewhere failed: {e}") from e
+        if self.up.response.status_code != 200:
+            raw = await self.up.response.aread()
+            raise UpstreamError(f"{error}; continuing elsewhere failed: {raw[:300]!r}")
+
+    def _remember_public(self) -> None:
+        if not self.public:
+            first = _payload(self.first_event) if self.first_event is not None else None
+            self.public = {k: (first or {}).get(k) for k in ("id", "created", "model")}
+
+    def _usage_event(self) -> bytes | None:
+        m = self.moved or self.known
+        if m is None:
+            return None
+        self._remember_public()
+        n, done = len(m.prompt_ids), len(m.output_ids) + len(self.fresh)
+        return _event({**self.public, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                       "choices": [], "usage": {"prompt_tokens": n, "completion_tokens": done,
+                                                "total_tokens": n + done}})
+
     async def _events(self) -> AsyncIterator[bytes]:
         first_byte = True
         while True:  # one upstream response per instance the request visits
             cont: dict[str, Any] | None = None
-            async for event in sse_events(self.up):
-                if cont is not None or event.startswith(DONE[:12]):
-                    continue  # ours goes last, once; after a preemption the rest is moot
-                out: bytes | None = event
-                if self.first_event is None:
-                    self.first_event = event  # its id/created/model, should the stream move
-                if b'"preempted"' in event or self.moved is not None:
-                    payload = _payload(event)
-                    if payload is None:
-                        yield event
+            broke: UpstreamError | None = None
+            try:
+                async for event in sse_events(self.up):
+                    if cont is not None or event.startswith(DONE[:12]):
+                        continue  # ours goes last, once; after a preemption the rest is moot
+                    if event.startswith(NOTE):
+                        event = self._take_note(event)
+                    elif self.finish_reason is not None:
+                        self.usage_seen = True  # the one event after the (noted) finish
+                    if not event.strip():
                         continue
-                    if not self.public:
-                        first = _payload(self.first_event) or {}
-                        self.public = {k: first.get(k) for k in ("id", "created", "model")}
-                    choices = payload.get("choices") or []
-                    cont = preempted(choices[0]) if choices else None
-                    if cont is not None:
-                        continue  # the next instance re-emits its tail exactly
-                    if self.moved is not None:
-                        out = self._rewrite(payload)
-                if first_byte:
-                    self.metrics.ttft.labels(self.function).observe(time.monotonic() - self.t0)
-                    first_byte = False
-                if out is not None:
-                    yield out
+                    out: bytes | None = event
+                    if self.first_event is None:
+                        self.first_event = event  # its id/created/model, should the stream move
+                    if b'"preempted"' in event or self.moved is not None:
+                        payload = _payload(event)
+                        if payload is None:
+                            yield event
+                            continue
+                        self._remember_public()
+                        choices = payload.get("choices") or []
+                        cont = preempted(choices[0]) if choices else None
+                        if cont is not None:
+                            continue  # the next instance re-emits its tail exactly
+                        if self.moved is not None:
+                            out = self._rewrite(payload)
+                    if first_byte:
+                        self.metrics.ttft.labels(self.function).observe(time.monotonic() - self.t0)
+                        first_byte = False
+                    if out is not None:
+                        yield out
+            except UpstreamError as e:
+                broke = e
             await self.up.close()
+            if broke is not None:
+                async for event in self._failover(broke):  # raises when the stream cannot go on
+                    yield event
+                if self.finish_reason is not None:
+                    break
+                continue
             if cont is None:
                 break
-            self.moved = start_moved(cont, self.moved)
+            self.moved = self.known = start_moved(cont, self.moved or self.known)
+            self.fresh = []  # the continuation has every output id so far
             self.metrics.moves.labels(self.function).inc()
             try:
                 self.up = await self.reopen("/v1/completions", self.moved.body(self.function, self.original, True),

@@ -23,6 +23,14 @@ ELAPSED_HEADER = "slinfer-elapsed-s"
 # With it, for a continued stream: how long ago the stream's first token came (its later tokens are
 # due TPOT apart from it; the runtime reports it in a continuation as ``first_token_age_s``).
 FIRST_TOKEN_AGE_HEADER = "slinfer-first-token-age-s"
+# Activator -> runtime pod, on a streamed request: "1" asks the pod to start each SSE event with a
+# comment line, STREAM_NOTE + one JSON object: "token_ids" (the output ids produced since the
+# previous event, held-back text included), on the first event also "prompt_token_ids" and
+# "max_tokens", and "finish_reason" once generation has ended. With it the activator can continue
+# the stream on another instance if this pod dies mid-stream. SSE clients ignore comment lines;
+# the activator strips them anyway.
+TOKEN_IDS_HEADER = "slinfer-token-ids"
+STREAM_NOTE = ": slinfer "
 
 __all__ = [
     "ELAPSED_HEADER",
@@ -31,7 +39,9 @@ __all__ = [
     "SLO",
     "DevicePreference",
     "FunctionSpec",
+    "STREAM_NOTE",
     "SpecError",
+    "TOKEN_IDS_HEADER",
     "load_function_dir",
     "load_function_spec",
     "parse_duration_s",

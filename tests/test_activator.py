@@ -733,3 +733,147 @@ def test_the_retry_window_doubles_while_tries_are_admitted_and_falls_back_at_a_r
         return seen
 
     assert asyncio.run(go()) == [4, 4, 2, RetryGate.MAX_WINDOW, 1]
+
+
+# -- a pod that dies mid-stream ---------------------------------------------------------------------
+class CutProxy:
+    """A TCP proxy in front of a pod that breaks a streamed response as a crashed pod would: after
+    the response head (``after_events=0``, then ``linger_s`` of silence) or after the event number
+    ``after_events`` / the first event containing ``marker``, it forwards nothing more and resets
+    both connections. ``dead_after_cut``: from then on it resets every new connection at once (the
+    pod is gone), else it proxies again (and cuts again)."""
+
+    def __init__(self, target: str, after_events: int | None = None, marker: bytes | None = None,
+                 dead_after_cut: bool = True, linger_s: float = 0.0) -> None:
+        import asyncio
+        from urllib.parse import urlsplit
+
+        u = urlsplit(target)
+        self.host, self.port = u.hostname or "127.0.0.1", u.port or 80
+        self.after_events, self.marker = after_events, marker
+        self.dead_after_cut, self.linger_s = dead_after_cut, linger_s
+        self.cuts = 0
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> str:
+        import asyncio
+
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._serve, "127.0.0.1", 0), self.loop).result(10)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    def _cut_at(self, buf: bytes, state: dict[str, int]) -> int | None:
+        """Where in ``buf`` to cut (None: not yet); ``state`` carries the scan across reads."""
+        if "body" not in state:
+            head = buf.find(b"\r\n\r\n")
+            if head < 0:
+                return None
+            state["body"] = state["scan"] = head + 4
+            if self.after_events == 0:
+                return head + 4
+        while (end := buf.find(b"\n\n", state["scan"])) >= 0:
+            event, state["scan"] = buf[state["scan"]:end], end + 2
+            state["events"] = state.get("events", 0) + 1
+            if state["events"] == self.after_events or (self.marker is not None and self.marker in event):
+                return end + 2
+        return None
+
+    async def _serve(self, reader: Any, writer: Any) -> None:
+        import asyncio
+
+        if self.dead_after_cut and self.cuts:
+            writer.transport.abort()
+            return
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+
+        async def upward() -> None:
+            while data := await reader.read(65536):
+                up_writer.write(data)
+                await up_writer.drain()
+
+        pump = asyncio.ensure_future(upward())
+        buf, sent, state = b"", 0, {}
+        try:
+            while data := await up_reader.read(65536):
+                buf += data
+                cut = self._cut_at(buf, state)
+                writer.write(buf[sent:cut])
+                await writer.drain()
+                sent = len(buf) if cut is None else cut
+                if cut is not None:
+                    self.cuts += 1
+                    await asyncio.sleep(self.linger_s)
+                    break
+        finally:
+            pump.cancel()
+            writer.transport.abort()
+            up_writer.transport.abort()
+
+
+@contextlib.contextmanager
+def activator_over(setup: Setup, first: str, second: str) -> Iterator[str]:
+    """An activator routing "tiny" to ``first`` (tried first: ids sort) and then ``second``."""
+    eps = {"tiny": (Endpoint("tiny@a", "a", first), Endpoint("tiny@b", "b", second))}
+    source = StaticRouteSource(RouteTable(1, {"tiny": setup.specs["tiny"]}, eps))
+    with serve_app(create_app(ActivatorSettings(first_routes_timeout_s=1.0), source)) as url:
+        yield url
+
+
+def long_body(chat: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "tiny", "temperature": 0, "max_tokens": 150,
+                            "stream_options": {"include_usage": True}}
+    return body | ({"messages": [{"role": "user", "content": "hello"}]} if chat else {"prompt": "hello"})
+
+
+@pytest.mark.parametrize(("chat", "after_events", "linger_s"), [(False, 5, 0.0), (True, 5, 0.0), (True, 0, 0.3)])
+def test_a_stream_whose_pod_dies_mid_stream_goes_on_elsewhere(setup: Setup, chat: bool, after_events: int,
+                                                               linger_s: float) -> None:
+    # The pod behind the proxy "dies" after the 5th event (or right after its response head): the
+    # activator continues from the ids its notes named (or sends the request again when nothing
+    # reached the client) on the other pod; the client sees one stream equal to an uninterrupted one.
+    full, plain, _ = stream_text(setup.pods[1], long_body(chat))
+    assert plain[-1]["usage"]["completion_tokens"] > 20, "too short to be cut mid-stream"
+    with CutProxy(setup.pods[0], after_events=after_events, linger_s=linger_s) as proxy, \
+            activator_over(setup, proxy, setup.pods[1]) as url:
+        text, chunks, done = stream_text(url, long_body(chat))
+        assert metric(url, "slinfer_activator_failovers_total", function="tiny") == 1
+        assert metric(url, "slinfer_activator_continuations_total", 0.0, function="tiny") == 0
+    assert text == full
+    assert done == 1 and all("error" not in c for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1 and len({c["object"] for c in chunks}) == 1
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")]
+    assert reasons[-1] == plain[-2]["choices"][0]["finish_reason"] and reasons.count(reasons[-1]) == 1
+    assert chunks[-1]["usage"] == plain[-1]["usage"]
+    if chat:
+        assert chunks[0]["choices"][0]["delta"].get("role") == "assistant"
+        assert sum(1 for c in chunks if c.get("choices") and "role" in c["choices"][0]["delta"]) == 1
+
+
+def test_a_stream_cut_after_its_last_text_ends_without_going_elsewhere(setup: Setup) -> None:
+    # Only the usage chunk and [DONE] were lost: the activator ends the stream itself.
+    full, plain, _ = stream_text(setup.pods[1], long_body(chat=False))
+    cutter = CutProxy(setup.pods[0], marker=b'"finish_reason": "length"')
+    with cutter as proxy, activator_over(setup, proxy, setup.pods[1]) as url:
+        text, chunks, done = stream_text(url, long_body(chat=False))
+        assert metric(url, "slinfer_activator_failovers_total", 0.0, function="tiny") == 0
+    assert cutter.cuts == 1
+    assert text == full and done == 1 and all("error" not in c for c in chunks)
+    assert chunks[-1]["usage"] == plain[-1]["usage"] and chunks[-1]["id"] == chunks[0]["id"]
+
+
+def test_a_stream_that_kills_every_pod_it_reaches_stops_after_two_failovers(setup: Setup) -> None:
+    # A "query of death" must not take down the fleet: two continuations, then an error event.
+    with CutProxy(setup.pods[0], after_events=3, dead_after_cut=False) as a, \
+            CutProxy(setup.pods[1], after_events=3, dead_after_cut=False) as b, activator_over(setup, a, b) as url:
+        text, chunks, done = stream_text(url, long_body(chat=False))
+        assert metric(url, "slinfer_activator_failovers_total", function="tiny") == 2
+    errors = [c["error"] for c in chunks if "error" in c]
+    assert done == 1 and len(errors) == 1 and errors[0]["code"] == "continuation_failed"
+    assert len(text) > 0

@@ -154,10 +154,9 @@ def test_killed_pod_requests_complete_elsewhere_and_lost_instances_are_replaced(
     assert mesh.mesh.pods.children[index].restarts == 1
 
 
-def test_a_terminated_pod_hands_its_streams_off_to_another(mesh: MeshHandle) -> None:
-    # SIGTERM (a rolling update, a node drain) mid-stream: the pod evicts its instances with
-    # continuations before it exits, and the activator continues the stream on the other pod;
-    # the client sees one unbroken stream, equal to an uninterrupted greedy run.
+def _stream_cut_by(mesh: MeshHandle, stop_pod: Callable[[int], None], counter: str) -> None:
+    """Stream a long greedy chat from beta, stop its pod on the second piece with ``stop_pod``;
+    the client must see one unbroken stream equal to an uninterrupted run, moved once (``counter``)."""
     wait_until(lambda: all(n["up"] for n in status(mesh)["nodes"]), "both pods are up", 60)
     n = 255
     for prompt in ("hello", "a rolling update", "go on", "more", "and then"):  # one that runs long (random weights)
@@ -168,13 +167,14 @@ def test_a_terminated_pod_hands_its_streams_off_to_another(mesh: MeshHandle) -> 
     assert len(want) > 100
     (node,) = placed(mesh, "beta")
     index = int(node.removeprefix("pod-"))
-    moves = metric(mesh.url, "slinfer_activator_continuations_total", function="beta")
+    moves = metric(mesh.url, counter, function="beta")
     body = {"model": "beta", "messages": [{"role": "user", "content": prompt}], "temperature": 0,
             "max_tokens": n, "stream": True}
     pieces: list[str] = []
     finish, errors = None, []
     with httpx.stream("POST", f"{mesh.url}/v1/chat/completions", json=body, timeout=120) as r:
         for line in r.iter_lines():
+            assert not line.startswith(":"), "a pod's note reached the client"
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
@@ -182,15 +182,29 @@ def test_a_terminated_pod_hands_its_streams_off_to_another(mesh: MeshHandle) -> 
                 errors.append(chunk["error"])
                 continue
             if len(pieces) == 2:
-                mesh.mesh.pods.terminate(index)
+                stop_pod(index)
             choice = chunk["choices"][0]
             pieces.append(choice["delta"].get("content") or "")
             finish = choice.get("finish_reason") or finish
     assert errors == [] and finish == want_finish
     assert "".join(pieces) == want
-    assert metric(mesh.url, "slinfer_activator_continuations_total", function="beta") == moves + 1
+    assert metric(mesh.url, counter, function="beta") == moves + 1
     wait_until(lambda: mesh.mesh.pods.children[index].proc.poll() is None and all(n["up"] for n in status(mesh)["nodes"]),
-               "the terminated pod is restarted", 60)
+               "the stopped pod is restarted", 60)
+
+
+def test_a_terminated_pod_hands_its_streams_off_to_another(mesh: MeshHandle) -> None:
+    # SIGTERM (a rolling update, a node drain) mid-stream: the pod evicts its instances with
+    # continuations before it exits, and the activator continues the stream on the other pod;
+    # the client sees one unbroken stream, equal to an uninterrupted greedy run.
+    _stream_cut_by(mesh, mesh.mesh.pods.terminate, "slinfer_activator_continuations_total")
+
+
+def test_a_stream_whose_pod_is_killed_goes_on_elsewhere(mesh: MeshHandle) -> None:
+    # SIGKILL (OOM kill, node loss) mid-stream: no continuation from the pod; the activator resumes
+    # from the token ids the pod's notes named, on the other pod once the autoscaler has re-placed
+    # the function there, and the client still sees one unbroken stream equal to a greedy run.
+    _stream_cut_by(mesh, mesh.mesh.pods.kill, "slinfer_activator_failovers_total")
 
 
 def test_restarting_the_autoscaler_loses_no_waiting_request(mesh: MeshHandle) -> None:

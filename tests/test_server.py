@@ -533,3 +533,75 @@ def test_the_body_limit_is_a_serve_option_and_reaches_the_mesh_s_pods() -> None:
     cmd = pods._command(pods.children[0])
     assert cmd[cmd.index("--max-request-mb") + 1] == "2.0"
     assert parse_serve(cmd[cmd.index("serve") + 1:], env={}).max_request_bytes == 2 << 20
+
+
+def noted_stream(http: httpx.Client, path: str, body: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(note, payload) per event of a stream asked for notes (TOKEN_IDS_HEADER), [DONE] left out;
+    an event without a note has {} for it."""
+    from functions import STREAM_NOTE, TOKEN_IDS_HEADER
+
+    with http.stream("POST", path, json={**body, "stream": True}, headers={TOKEN_IDS_HEADER: "1"}) as r:
+        assert r.status_code == 200
+        raw = r.read().decode()
+    out = []
+    for event in raw.split("\n\n"):
+        if not event or event == "data: [DONE]":
+            continue
+        note: dict[str, Any] = {}
+        if event.startswith(STREAM_NOTE):
+            line, event = event.split("\n", 1)
+            note = json.loads(line[len(STREAM_NOTE):])
+        assert event.startswith("data: {") and "\n" not in event, event
+        out.append((note, json.loads(event[len("data: "):])))
+    return out
+
+
+@pytest.mark.parametrize("stop", [None, ["\x00\x01"]])
+def test_stream_notes_name_the_ids_behind_the_text_so_far(http: httpx.Client, stop: list[str] | None) -> None:
+    # At every event boundary, another instance given prompt + the ids named so far (resumed_tokens
+    # = their count) continues with exactly the text not yet sent, held-back bytes of a character
+    # or a possible stop string included: what the activator relies on when a pod dies mid-stream.
+    # Byte tokens make incomplete UTF-8 sequences common; the stop string is never matched, but
+    # any of its prefixes is held back.
+    n = 40
+    plain = complete(http, max_tokens=n, stop=stop)
+    events = noted_stream(http, "/v1/completions",
+                          completion_body(max_tokens=n, stop=stop, stream_options={"include_usage": True}))
+    *chunks, (usage_note, usage) = events
+    assert usage_note == {} and usage["usage"] == plain["usage"]
+    assert all(note for note, _ in chunks), "every event but the usage carries a note"
+    first = chunks[0][0]
+    assert first["prompt_token_ids"] == byte_tokenizer().encode(PROMPT) and first["max_tokens"] == n
+    assert all(set(note) <= {"token_ids", "finish_reason"} for note, _ in chunks[1:])
+    # the last text and the finish come in one event, and only it names the finish
+    assert [c["choices"][0]["finish_reason"] for _, c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+    assert [note.get("finish_reason") for note, _ in chunks] == [None] * (len(chunks) - 1) + ["length"]
+    ids = [i for note, _ in chunks for i in note["token_ids"]]
+    assert len(ids) == n
+    texts = [c["choices"][0]["text"] for _, c in chunks]
+    full = "".join(texts)
+    assert full == plain["choices"][0]["text"]
+    held = 0
+    for k in range(1, len(chunks) - 1, 3):
+        so_far = [i for note, _ in chunks[:k] for i in note["token_ids"]]
+        sent = "".join(texts[:k])
+        rest = complete(http, prompt=first["prompt_token_ids"] + so_far, resumed_tokens=len(so_far),
+                        max_tokens=n - len(so_far), stop=stop)
+        assert sent + rest["choices"][0]["text"] == full, f"after event {k}"
+        held += len(so_far) > len(sent.encode("utf-8", "surrogatepass"))
+    assert held, "no boundary held text back: the test would not see a mismatch there"
+
+
+def test_a_chat_stream_s_first_note_rides_on_the_role_chunk(http: httpx.Client) -> None:
+    events = noted_stream(http, "/v1/chat/completions", chat_body(max_tokens=5))
+    (note, role), *rest = events
+    assert role["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert note["token_ids"] == [] and len(note["prompt_token_ids"]) > len(PROMPT) and note["max_tokens"] == 5
+    assert sum(len(n["token_ids"]) for n, _ in rest) == 5
+    assert rest[-1][1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_stream_not_asked_for_notes_has_none(http: httpx.Client) -> None:
+    lines = stream_lines(http, "/v1/completions", completion_body(stream=True))
+    assert not any(line.startswith(":") for line in lines)
+    assert sse_payloads(lines)[-1]["choices"][0]["finish_reason"] == "length"

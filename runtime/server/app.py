@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from functions import ELAPSED_HEADER, FIRST_TOKEN_AGE_HEADER, FunctionSpec
+from functions import ELAPSED_HEADER, FIRST_TOKEN_AGE_HEADER, STREAM_NOTE, TOKEN_IDS_HEADER, FunctionSpec
 from functions.http import MAX_REQUEST_BYTES, BodyLimit
 from runtime.core.lifecycle import InstanceState
 from runtime.core.request import SamplingParams
@@ -244,8 +244,10 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
         gen = timed(m.name, pod.device.generate(m.name, rid, ids, params, elapsed_s=elapsed, first_token_age_s=age))
         if stream:
             first = await first_output(m.name, gen)  # admission decides before any byte is sent
+            noted = request.headers.get(TOKEN_IDS_HEADER) == "1"
+            note = {"prompt_token_ids": ids, "max_tokens": params.max_tokens} if noted else None
             return StreamingResponse(
-                sse(m.name, gen, first, public_id, created, chat, include_usage, len(ids)),
+                sse(m.name, gen, first, public_id, created, chat, include_usage, len(ids), note),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         text: list[str] = []
@@ -311,8 +313,27 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
             raise fail(name, e) from e
 
     async def sse(name: str, gen: AsyncGenerator[RequestOutput, None], first: RequestOutput, public_id: str,
-                  created: int, chat: bool, include_usage: bool, prompt_n: int) -> AsyncIterator[bytes]:
+                  created: int, chat: bool, include_usage: bool, prompt_n: int,
+                  note: dict[str, Any] | None) -> AsyncIterator[bytes]:
+        """The stream's events. With ``note`` (the activator asked, ``TOKEN_IDS_HEADER``) each event
+        starts with a comment line naming the output ids behind it (``functions.STREAM_NOTE``): the
+        first carries ``note`` (prompt ids, max_tokens) as well; ids whose text is held back ride on
+        the next event. So the ids of the events a client has received always match its text, and
+        another instance primed with them (``resumed_tokens``) continues it exactly."""
         obj = "chat.completion.chunk" if chat else "text_completion"
+        unsent: list[int] = []  # output ids not yet named in a note
+
+        def noted(event: bytes, finish: str | None = None) -> bytes:
+            nonlocal note
+            if note is None:
+                return event
+            head: dict[str, Any] = {**note, "token_ids": unsent}  # note: {} after the first event
+            if finish is not None:
+                head["finish_reason"] = finish
+            line = (STREAM_NOTE + json.dumps(head, separators=(",", ":"))).encode()
+            note = {}
+            unsent.clear()
+            return line + b"\n" + event
 
         def chunk(delta_text: str | None, reason: str | None, first: bool = False,
                   extra: dict[str, Any] | None = None) -> bytes:
@@ -331,7 +352,7 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
 
         try:
             if chat:
-                yield chunk("", None, first=True)
+                yield noted(chunk("", None, first=True))
             last: RequestOutput | None = None
             async for out in prepend(first, gen):
                 last = out
@@ -340,10 +361,14 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
                     yield chunk(out.text, out.finish_reason.value if out.finish_reason else None,
                                 extra=continuation_of(out))
                     continue
-                if out.text:
-                    yield chunk(out.text, None)
+                unsent.extend(out.new_token_ids)
                 if out.finish_reason is not None:
-                    yield chunk(None if chat else "", out.finish_reason.value, extra=continuation_of(out))
+                    # the last text and the finish in one event: no moment when a client has all
+                    # the text but cannot tell the generation is over
+                    reason = out.finish_reason.value
+                    yield noted(chunk(out.text or (None if chat else ""), reason), finish=reason)
+                elif out.text:
+                    yield noted(chunk(out.text, None))
             if include_usage and last is not None:
                 usage = {"prompt_tokens": prompt_n, "completion_tokens": last.completion_tokens,
                          "total_tokens": prompt_n + last.completion_tokens}
