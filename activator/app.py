@@ -46,7 +46,7 @@ from activator.routes import HTTPRouteSource, RouteSource, RouteView
 from activator.upstream import UpstreamClient
 from activator.waiting import DemandReporter, QueueFull, WaitingRoom
 from functions import TOKEN_IDS_HEADER, FunctionSpec
-from functions.http import MAX_REQUEST_BYTES, BodyLimit
+from functions.http import BODY_TIMEOUT_S, MAX_REQUEST_BYTES, BodyLimit
 
 log = logging.getLogger("slinfer.activator")
 _REVISION_SUFFIX = re.compile(r"-\d{5}$")  # Knative revision names: <service>-00001
@@ -63,6 +63,7 @@ class ActivatorSettings:
     # Held requests of a function retrying at once (activator.dispatch.RetryGate); 0: no gate.
     retry_slots: int = DEFAULT_RETRY_SLOTS
     max_request_bytes: int = MAX_REQUEST_BYTES  # 413 above it (functions.http.BodyLimit); 0: none
+    body_timeout_s: float = BODY_TIMEOUT_S  # 408 when a body stops arriving this long; 0: never
 
 
 class APIError(Exception):
@@ -374,4 +375,4 @@ def create_app(settings: ActivatorSettings, source: RouteSource | None = None) -
         Route("/{path:path}", guarded(invoke_knative), methods=["POST"]),
     ], lifespan=act.lifespan)
     app.state.activator = act
-    return ProbeMiddleware(BodyLimit(app, settings.max_request_bytes))
+    return ProbeMiddleware(BodyLimit(app, settings.max_request_bytes, settings.body_timeout_s))

@@ -1,20 +1,28 @@
-"""What the activator's and the pods' HTTP servers share: the request size limit.
+"""What the activator's and the pods' HTTP servers share: limits on the request body's size and pace.
 
 Neither uvicorn nor Starlette bounds a request body, and a prompt is tokenised whole: one 200 MB
 prompt grew a pod to 23 GB and the kernel killed it, with every request of every function on it.
 ``BodyLimit`` answers 413 before the app sees a body over the limit: at once when Content-Length
-says so, and while reading a chunked body (kept in memory up to the limit, then handed on). The
-rest of a refused body is read and dropped (not kept) so the client, still sending, gets the answer.
-The default is far above any real prompt (128k tokens of text is ~0.5 MB; as token ids, ~1 MB).
+says so, and while reading the body (kept in memory up to the limit, then handed on). The rest of
+a refused body is read and dropped (not kept) so the client, still sending, gets the answer. The
+default is far above any real prompt (128k tokens of text is ~0.5 MB; as token ids, ~1 MB).
+
+Nor does either time a body out: a client that sends its headers and then stalls (or trickles)
+held its connection and a task forever, and enough of them exhaust the server's file descriptors
+(slowloris). ``BodyLimit`` answers 408 when no part of the body arrives for ``timeout_s`` (nginx's
+``client_body_timeout``, 60 s by default, here too). Headers sent slowly are uvicorn's to time,
+and it does not: a proxy in front (Knative's ingress) bounds those.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 MAX_REQUEST_BYTES = 8 << 20
+BODY_TIMEOUT_S = 60.0  # the longest wait for the next part of a request body
 # A refused body up to this many times the limit is read and dropped before the 413, so that the
 # client reads the answer; a larger one gets the 413 at once, and the connection closes under it.
 DISCARD_FACTOR = 4
@@ -22,36 +30,48 @@ DISCARD_FACTOR = 4
 
 class BodyLimit:
     """ASGI middleware: 413 (OpenAI's error shape, code ``request_too_large``) for a body over
-    ``max_bytes``; 0 turns the limit off."""
+    ``max_bytes``, 408 (``request_timeout``) when the body stops arriving for ``timeout_s``; 0
+    turns either off. The app gets the body whole, as one message."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int = MAX_REQUEST_BYTES) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_REQUEST_BYTES, timeout_s: float = BODY_TIMEOUT_S) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+
+    async def _next(self, receive: Receive) -> Message:
+        """The next message, within ``timeout_s`` (TimeoutError past it)."""
+        if self.timeout_s <= 0:
+            return await receive()
+        async with asyncio.timeout(self.timeout_s):
+            return await receive()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.max_bytes <= 0:
+        if scope["type"] != "http" or (self.max_bytes <= 0 and self.timeout_s <= 0):
             await self.app(scope, receive, send)
             return
         length = _content_length(scope)
-        if length is not None:  # the server reads exactly that many bytes: decided up front
-            if length > self.max_bytes:
-                if not _expects_continue(scope):  # (one that waits for "100 Continue" has sent nothing)
-                    await self._discard(receive, length)
-                await self._reject(send, f"{length} bytes")
-                return
-            await self.app(scope, receive, send)
+        if self.max_bytes > 0 and length is not None and length > self.max_bytes:  # decided up front
+            if not _expects_continue(scope):  # (one that waits for "100 Continue" has sent nothing)
+                await self._discard(receive, length)
+            await self._reject(send, 413, f"request body is {length} bytes; {self._limit()}", "request_too_large")
             return
-        chunks, size = [], 0  # chunked: read it here, up to the limit
+        chunks, size = [], 0  # read it here, up to the limit, in time
         while True:
-            msg = await receive()
+            try:
+                msg = await self._next(receive)
+            except TimeoutError:
+                await self._reject(send, 408, f"the request body stopped arriving: nothing for {self.timeout_s:g} s "
+                                              f"after {size} bytes", "request_timeout")
+                return
             if msg["type"] != "http.request":  # the client left mid-body
                 return
             chunks.append(msg.get("body", b""))
             size += len(chunks[-1])
-            if size > self.max_bytes:
+            if self.max_bytes > 0 and size > self.max_bytes:
                 if msg.get("more_body", False):
                     await self._discard(receive, size)
-                await self._reject(send, f"over {self.max_bytes} bytes")
+                await self._reject(send, 413, f"request body is over {self.max_bytes} bytes; {self._limit()}",
+                                   "request_too_large")
                 return
             if not msg.get("more_body", False):
                 break
@@ -75,20 +95,24 @@ class BodyLimit:
             return
         got = 0
         while got < DISCARD_FACTOR * self.max_bytes:
-            msg = await receive()
+            try:
+                msg = await self._next(receive)
+            except TimeoutError:
+                return
             if msg["type"] != "http.request":
                 return
             got += len(msg.get("body", b""))
             if not msg.get("more_body", False):
                 return
 
-    async def _reject(self, send: Send, what: str) -> None:
-        limit_mb = self.max_bytes / (1 << 20)
-        payload = json.dumps({"error": {
-            "message": f"request body is {what}; the limit is {self.max_bytes} bytes ({limit_mb:g} MiB)",
-            "type": "invalid_request_error", "param": None, "code": "request_too_large"}}).encode()
+    def _limit(self) -> str:
+        return f"the limit is {self.max_bytes} bytes ({self.max_bytes / (1 << 20):g} MiB)"
+
+    async def _reject(self, send: Send, status: int, message: str, code: str) -> None:
+        payload = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                        "code": code}}).encode()
         # Connection: close, since the unread body is still on the wire.
-        await send({"type": "http.response.start", "status": 413, "headers": [
+        await send({"type": "http.response.start", "status": status, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
             (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": payload})

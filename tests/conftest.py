@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 import pytest
 import uvicorn
@@ -88,3 +89,25 @@ def paced_device(monkeypatch: pytest.MonkeyPatch) -> float:
 
     monkeypatch.setattr(LLMEngine, "step", paced)
     return pause
+
+
+def slow_post(url: str, head: bytes, parts: list[bytes], pause_s: float, wait_s: float) -> tuple[bytes, float]:
+    """Send ``head`` then ``parts`` of a body ``pause_s`` apart over a raw socket, then wait up to
+    ``wait_s`` for the answer: (what came back, seconds from the last part to the answer)."""
+    u = urlsplit(url)
+    with socket.create_connection((u.hostname, u.port), timeout=wait_s) as sock:
+        sock.sendall(head)
+        for part in parts:
+            time.sleep(pause_s)
+            sock.sendall(part)
+        t0 = time.monotonic()
+        got = b""
+        try:
+            while b"\r\n\r\n" not in got or not got.rstrip().endswith(b"}"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+        except TimeoutError:
+            pass
+        return got, time.monotonic() - t0

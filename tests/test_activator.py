@@ -16,7 +16,7 @@ import openai
 import pytest
 from cloudevents.core.bindings.http import HTTPMessage, from_http_event, to_binary_event, to_structured_event
 from cloudevents.core.v1.event import CloudEvent
-from conftest import ADMIN_TOKEN, make_app, serve_app
+from conftest import ADMIN_TOKEN, make_app, serve_app, slow_post
 
 from activator.app import ActivatorSettings, create_app
 from activator.routes import Endpoint, RouteTable, StaticRouteSource
@@ -145,6 +145,19 @@ def test_a_body_over_the_size_limit_is_413(setup: Setup, chunked: bool) -> None:
     err = r.json()["error"]
     assert err["code"] == "request_too_large" and str(MAX_REQUEST_BYTES) in err["message"]
     still_serving(setup.url)
+
+
+def test_a_body_that_stops_arriving_is_408(setup: Setup) -> None:
+    # The activator faces clients: one that sends headers and part of a body, then nothing, gets
+    # 408 when the body has not moved for body_timeout_s (60 s by default), not a connection held forever.
+    with serve_app(create_app(ActivatorSettings(first_routes_timeout_s=1.0, body_timeout_s=0.5), setup.source)) as url:
+        head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n")
+        got, waited = slow_post(url, head, [b'{"model": "tiny"'], 0.0, 10)
+        assert got.startswith(b"HTTP/1.1 408") and b"request_timeout" in got, got[:300]
+        assert 0.3 < waited < 3
+        assert metric(url, "slinfer_activator_requests_total", 0.0, function="tiny", status="200") == 0
+        still_serving(url)
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"])

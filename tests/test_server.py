@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import make_app, serve_app, tiny_spec
+from conftest import make_app, serve_app, slow_post, tiny_spec
 
 from runtime.models.tokenizer import byte_tokenizer
 
@@ -273,6 +273,41 @@ def test_a_body_over_the_size_limit_is_413(size: int, chunked: bool, status: int
         assert c.post("/v1/completions", json=completion_body(max_tokens=2)).status_code == 200
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_that_stops_arriving_is_408_and_one_that_trickles_in_time_is_served(chunked: bool) -> None:
+    # Slowloris: headers, then part of the body, then nothing. Before, the connection and its task
+    # were held forever (checked through `make run`: no answer after 40 s).
+    from conftest import ADMIN_TOKEN, TINY_MODELS, TINY_POD
+
+    from runtime.pod import Pod
+    from runtime.server.app import create_app
+
+    app = create_app(Pod(TINY_POD), admin_token=ADMIN_TOKEN, functions=[tiny_spec("tiny", TINY_MODELS["tiny"])],
+                     body_timeout_s=0.5)
+    raw = json.dumps(completion_body(prompt="ab", max_tokens=2)).encode()
+    framing = b"Transfer-Encoding: chunked" if chunked else f"Content-Length: {len(raw)}".encode()
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + framing + b"\r\n\r\n"
+
+    def part(data: bytes, last: bool = False) -> bytes:
+        if not chunked:
+            return data
+        return f"{len(data):x}\r\n".encode() + data + b"\r\n" + (b"0\r\n\r\n" if last else b"")
+
+    with serve_app(app) as url:
+        got, waited = slow_post(url, head, [part(raw[:10])], 0.0, 10)
+        assert got.startswith(b"HTTP/1.1 408"), got[:200]
+        assert 0.3 < waited < 3
+        err = json.loads(got.split(b"\r\n\r\n", 1)[1])["error"]
+        assert err["code"] == "request_timeout" and "after 10 bytes" in err["message"]
+        # four parts 0.3 s apart: 1.2 s in all, but never 0.5 s without a byte
+        cuts = [0, 10, 20, 30, len(raw)]
+        parts = [part(raw[a:b], last=b == len(raw)) for a, b in zip(cuts, cuts[1:], strict=False)]
+        got, _ = slow_post(url, head, parts, 0.3, 30)
+        assert got.startswith(b"HTTP/1.1 200"), got[:300]
+        with httpx.Client(base_url=url, timeout=60) as c:
+            assert c.post("/v1/completions", json=completion_body(max_tokens=2)).status_code == 200
+
+
 def test_prompt_too_long_names_the_prompt_param(http: httpx.Client) -> None:
     err = assert_error(http.post("/v1/completions", json=completion_body(prompt="a" * 300)), 400)
     assert err["param"] == "prompt"
@@ -521,7 +556,7 @@ def test_a_client_that_waits_for_100_continue_gets_the_413_without_sending_the_b
         assert head.startswith(b"HTTP/1.1 413") and b"request_too_large" in head, head[:200]
 
 
-def test_the_body_limit_is_a_serve_option_and_reaches_the_mesh_s_pods() -> None:
+def test_the_body_limits_are_serve_options_and_reach_the_mesh_s_pods() -> None:
     from autoscaler.service.local import LocalPods, PodResources
     from runtime.cli import parse_serve
 
@@ -529,10 +564,14 @@ def test_the_body_limit_is_a_serve_option_and_reaches_the_mesh_s_pods() -> None:
     assert parse_serve(["--no-functions"], env={}).max_request_bytes == 8 << 20
     with pytest.raises(SystemExit):
         parse_serve(["--no-functions", "--max-request-mb", "-1"], env={})
-    pods = LocalPods(1, "t", PodResources(max_request_mb=2.0))
+    pods = LocalPods(1, "t", PodResources(max_request_mb=2.0, body_timeout_s=5.0))
     cmd = pods._command(pods.children[0])
     assert cmd[cmd.index("--max-request-mb") + 1] == "2.0"
-    assert parse_serve(cmd[cmd.index("serve") + 1:], env={}).max_request_bytes == 2 << 20
+    settings = parse_serve(cmd[cmd.index("serve") + 1:], env={})
+    assert settings.max_request_bytes == 2 << 20 and settings.body_timeout_s == 5.0
+    assert parse_serve(["--no-functions"], env={}).body_timeout_s == 60.0
+    with pytest.raises(SystemExit):
+        parse_serve(["--no-functions", "--body-timeout-s", "-1"], env={})
 
 
 def noted_stream(http: httpx.Client, path: str, body: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
