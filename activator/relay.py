@@ -147,8 +147,9 @@ class StreamRelay:
         except ValueError:
             note = None
         if isinstance(note, dict):
-            if self.known is None and isinstance(note.get("prompt_token_ids"), list):
-                self.known = Moved(list(note["prompt_token_ids"]), max_tokens=int(note.get("max_tokens") or 16))
+            prompt, most = note.get("prompt_token_ids"), note.get("max_tokens")
+            if self.known is None and isinstance(prompt, list) and isinstance(most, int):
+                self.known = Moved(list(prompt), max_tokens=most)
             ids = note.get("token_ids")
             if self.known is not None and isinstance(ids, list) and ids:
                 self.fresh.extend(ids)
