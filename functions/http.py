@@ -11,7 +11,7 @@ Nor does either time a body out: a client that sends its headers and then stalls
 held its connection and a task forever, and enough of them exhaust the server's file descriptors
 (slowloris). ``BodyLimit`` answers 408 when no part of the body arrives for ``timeout_s`` (nginx's
 ``client_body_timeout``, 60 s by default, here too). Headers sent slowly are uvicorn's to time,
-and it does not: a proxy in front (Knative's ingress) bounds those.
+and it does not (0.54 has no such setting): a proxy in front must bound those.
 """
 
 from __future__ import annotations
