@@ -46,7 +46,7 @@ from activator.routes import HTTPRouteSource, RouteSource, RouteView
 from activator.upstream import UpstreamClient
 from activator.waiting import DemandReporter, QueueFull, WaitingRoom
 from functions import TOKEN_IDS_HEADER, FunctionSpec
-from functions.http import BODY_TIMEOUT_S, MAX_REQUEST_BYTES, BodyLimit
+from functions.http import MAX_REQUEST_BYTES, READ_TIMEOUT_S, BodyLimit
 
 log = logging.getLogger("slinfer.activator")
 _REVISION_SUFFIX = re.compile(r"-\d{5}$")  # Knative revision names: <service>-00001
@@ -63,7 +63,8 @@ class ActivatorSettings:
     # Held requests of a function retrying at once (activator.dispatch.RetryGate); 0: no gate.
     retry_slots: int = DEFAULT_RETRY_SLOTS
     max_request_bytes: int = MAX_REQUEST_BYTES  # 413 above it (functions.http.BodyLimit); 0: none
-    body_timeout_s: float = BODY_TIMEOUT_S  # 408 when a body stops arriving this long; 0: never
+    # 408 when a body stops arriving this long (slow headers: the server's protocol, functions.http); 0: never
+    read_timeout_s: float = READ_TIMEOUT_S
 
 
 class APIError(Exception):
@@ -375,4 +376,4 @@ def create_app(settings: ActivatorSettings, source: RouteSource | None = None) -
         Route("/{path:path}", guarded(invoke_knative), methods=["POST"]),
     ], lifespan=act.lifespan)
     app.state.activator = act
-    return ProbeMiddleware(BodyLimit(app, settings.max_request_bytes, settings.body_timeout_s))
+    return ProbeMiddleware(BodyLimit(app, settings.max_request_bytes, settings.read_timeout_s))

@@ -7,22 +7,26 @@ says so, and while reading the body (kept in memory up to the limit, then handed
 a refused body is read and dropped (not kept) so the client, still sending, gets the answer. The
 default is far above any real prompt (128k tokens of text is ~0.5 MB; as token ids, ~1 MB).
 
-Nor does either time a body out: a client that sends its headers and then stalls (or trickles)
-held its connection and a task forever, and enough of them exhaust the server's file descriptors
-(slowloris). ``BodyLimit`` answers 408 when no part of the body arrives for ``timeout_s`` (nginx's
-``client_body_timeout``, 60 s by default, here too). Headers sent slowly are uvicorn's to time,
-and it does not (0.54 has no such setting): a proxy in front must bound those.
+Nor does either time a slow client out: one that sends part of its headers, or its headers and
+then part of a body, and stalls (or trickles) held its connection and a task forever, and enough
+of them exhaust the server's file descriptors (slowloris). Both are answered 408 after
+``READ_TIMEOUT_S`` (nginx's ``client_header_timeout`` and ``client_body_timeout``, 60 s by default,
+here too): ``BodyLimit`` when no part of the body arrives for that long, and the uvicorn protocol
+from ``http_protocol`` when a request's headers are not complete that long after the connection
+opened (its first request) or after their first byte (later ones on a kept-alive connection).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_REQUEST_BYTES = 8 << 20
-BODY_TIMEOUT_S = 60.0  # the longest wait for the next part of a request body
+READ_TIMEOUT_S = 60.0  # the longest a request's headers, or the next part of its body, may take
 # A refused body up to this many times the limit is read and dropped before the 413, so that the
 # client reads the answer; a larger one gets the 413 at once, and the connection closes under it.
 DISCARD_FACTOR = 4
@@ -33,7 +37,7 @@ class BodyLimit:
     ``max_bytes``, 408 (``request_timeout``) when the body stops arriving for ``timeout_s``; 0
     turns either off. The app gets the body whole, as one message."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int = MAX_REQUEST_BYTES, timeout_s: float = BODY_TIMEOUT_S) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_REQUEST_BYTES, timeout_s: float = READ_TIMEOUT_S) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
@@ -130,3 +134,60 @@ def _content_length(scope: Scope) -> int | None:
             except ValueError:
                 return None  # the server refuses a malformed one before the app runs
     return None
+
+
+_TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                b"content-length: %d\r\n\r\n%s")
+
+
+class _HeaderTimeout(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with a deadline on each request's headers: armed when the
+    connection opens and when a request begins on a kept-alive one, disarmed once the headers are
+    complete. (uvicorn times only the idle gap between requests, and not even that once a byte of
+    the next request has come.)"""
+
+    read_timeout_s = READ_TIMEOUT_S
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.read_timeout_s, self._headers_too_slow)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        body = json.dumps({"error": {
+            "message": f"the request headers did not arrive within {self.read_timeout_s:g} s",
+            "type": "invalid_request_error", "param": None, "code": "request_timeout"}}).encode()
+        self.transport.write(_TIMEOUT_408 % (len(body), body))
+        self.transport.close()
+
+
+def http_protocol(read_timeout_s: float = READ_TIMEOUT_S) -> type[Any] | str:
+    """The ``http`` setting for ``uvicorn.Config``: httptools with ``_HeaderTimeout``'s deadline on
+    request headers; 0 leaves uvicorn's choice (no deadline)."""
+    if read_timeout_s <= 0:
+        return "auto"
+    return type("HeaderTimeoutProtocol", (_HeaderTimeout,), {"read_timeout_s": read_timeout_s})

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from functions import FunctionSpec, SpecError, load_function_dir, load_function_spec
-from functions.http import BODY_TIMEOUT_S, MAX_REQUEST_BYTES
+from functions.http import MAX_REQUEST_BYTES, READ_TIMEOUT_S, http_protocol
 from runtime.core.arbiter import MAX_PREFILL_STEP_S, DeviceKind
 from runtime.pod import PodConfig
 
@@ -27,7 +27,7 @@ class ServeSettings:
     threads: int | None
     admin_token: str
     max_request_bytes: int = MAX_REQUEST_BYTES
-    body_timeout_s: float = BODY_TIMEOUT_S
+    read_timeout_s: float = READ_TIMEOUT_S
 
 
 def _served_name(ref: str) -> str:
@@ -71,8 +71,9 @@ def parse_serve(argv: list[str], env: dict[str, str] | None = None) -> ServeSett
                          "off (continued on other pods by the activator)")
     ap.add_argument("--max-request-mb", type=float, default=MAX_REQUEST_BYTES / (1 << 20),
                     help="largest request body accepted, MiB (413 above it; 0: no limit)")
-    ap.add_argument("--body-timeout-s", type=float, default=BODY_TIMEOUT_S,
-                    help="longest wait for the next part of a request body (408 past it; 0: none)")
+    ap.add_argument("--read-timeout-s", type=float, default=READ_TIMEOUT_S,
+                    help="longest a request's headers, or the next part of its body, may take to arrive "
+                         "(408 past it; 0: no limit)")
     ap.add_argument("--admin-token", default=env.get("SLINFER_ADMIN_TOKEN"),
                     help="bearer token for /admin (default: $SLINFER_ADMIN_TOKEN, else a random one, printed)")
     a = ap.parse_args(argv)
@@ -104,10 +105,10 @@ def parse_serve(argv: list[str], env: dict[str, str] | None = None) -> ServeSett
         ap.error(f"--max-request-mb must be >= 0, got {a.max_request_mb}")
     if not a.shutdown_drain_s >= 0:
         ap.error(f"--shutdown-drain-s must be >= 0, got {a.shutdown_drain_s}")
-    if not a.body_timeout_s >= 0:
-        ap.error(f"--body-timeout-s must be >= 0, got {a.body_timeout_s}")
+    if not a.read_timeout_s >= 0:
+        ap.error(f"--read-timeout-s must be >= 0, got {a.read_timeout_s}")
     return ServeSettings(tuple(specs), a.host, a.port, pod, a.threads, token, int(a.max_request_mb * (1 << 20)),
-                         a.body_timeout_s)
+                         a.read_timeout_s)
 
 
 def serve(settings: ServeSettings) -> None:
@@ -121,7 +122,7 @@ def serve(settings: ServeSettings) -> None:
         torch.set_num_threads(settings.threads)
     pod = Pod(settings.pod)
     app = create_app(pod, admin_token=settings.admin_token, functions=list(settings.functions),
-                     max_request_bytes=settings.max_request_bytes, body_timeout_s=settings.body_timeout_s)
+                     max_request_bytes=settings.max_request_bytes, read_timeout_s=settings.read_timeout_s)
     base = f"http://{settings.host}:{settings.port}"
     first = settings.functions[0].name if settings.functions else "<function>"
     print(f"[slinfer] loading {', '.join(s.name for s in settings.functions)}; then serving the OpenAI API at "
@@ -147,7 +148,8 @@ def serve(settings: ServeSettings) -> None:
                 logging.getLogger("slinfer.pod").info("shutting down: handed off %d running requests", moved)
             await super().shutdown(sockets)
 
-    Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info")).run()
+    Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                          http=http_protocol(settings.read_timeout_s))).run()
 
 
 MESH_COMMANDS = ("up", "deploy", "delete", "list", "invoke", "logs")

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -26,7 +27,7 @@ TINY_MODELS = {"tiny": "random:llama-tiny?seed=0", "tiny-qwen": "random:qwen2-ti
 
 
 @contextmanager
-def serve_app(app: FastAPI, startup_timeout_s: float = 30.0) -> Iterator[str]:
+def serve_app(app: FastAPI, startup_timeout_s: float = 30.0, http: Any = "auto") -> Iterator[str]:
     """Run `app` under uvicorn on 127.0.0.1 in a background thread; yield its base URL.
 
     The socket is bound here (port 0) and handed to uvicorn, so no other process can take the
@@ -36,7 +37,7 @@ def serve_app(app: FastAPI, startup_timeout_s: float = 30.0) -> Iterator[str]:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, http=http)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{port}",
                               daemon=True)

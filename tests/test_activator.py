@@ -149,8 +149,8 @@ def test_a_body_over_the_size_limit_is_413(setup: Setup, chunked: bool) -> None:
 
 def test_a_body_that_stops_arriving_is_408(setup: Setup) -> None:
     # The activator faces clients: one that sends headers and part of a body, then nothing, gets
-    # 408 when the body has not moved for body_timeout_s (60 s by default), not a connection held forever.
-    with serve_app(create_app(ActivatorSettings(first_routes_timeout_s=1.0, body_timeout_s=0.5), setup.source)) as url:
+    # 408 when the body has not moved for read_timeout_s (60 s by default), not a connection held forever.
+    with serve_app(create_app(ActivatorSettings(first_routes_timeout_s=1.0, read_timeout_s=0.5), setup.source)) as url:
         head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b"Content-Length: 100\r\n\r\n")
         got, waited = slow_post(url, head, [b'{"model": "tiny"'], 0.0, 10)

@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -283,7 +284,7 @@ def test_a_body_that_stops_arriving_is_408_and_one_that_trickles_in_time_is_serv
     from runtime.server.app import create_app
 
     app = create_app(Pod(TINY_POD), admin_token=ADMIN_TOKEN, functions=[tiny_spec("tiny", TINY_MODELS["tiny"])],
-                     body_timeout_s=0.5)
+                     read_timeout_s=0.5)
     raw = json.dumps(completion_body(prompt="ab", max_tokens=2)).encode()
     framing = b"Transfer-Encoding: chunked" if chunked else f"Content-Length: {len(raw)}".encode()
     head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + framing + b"\r\n\r\n"
@@ -306,6 +307,45 @@ def test_a_body_that_stops_arriving_is_408_and_one_that_trickles_in_time_is_serv
         assert got.startswith(b"HTTP/1.1 200"), got[:300]
         with httpx.Client(base_url=url, timeout=60) as c:
             assert c.post("/v1/completions", json=completion_body(max_tokens=2)).status_code == 200
+
+
+def test_headers_that_take_too_long_are_408_and_the_server_keeps_serving() -> None:
+    # Slowloris on headers: part of a request line and nothing more, a new connection that sends
+    # nothing, and a second request on a kept-alive connection that stops mid-headers. Before,
+    # each held its connection for good (no answer after 40 s through `make run`).
+    import socket
+
+    from conftest import ADMIN_TOKEN, TINY_MODELS, TINY_POD
+
+    from functions.http import http_protocol
+    from runtime.pod import Pod
+    from runtime.server.app import create_app
+
+    app = create_app(Pod(TINY_POD), admin_token=ADMIN_TOKEN, functions=[tiny_spec("tiny", TINY_MODELS["tiny"])])
+    with serve_app(app, http=http_protocol(0.5)) as url:
+        got, waited = slow_post(url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le", [], 0.0, 10)
+        assert got.startswith(b"HTTP/1.1 408"), got[:200]
+        assert json.loads(got.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+        assert 0.3 < waited < 3
+        got, _ = slow_post(url, b"", [], 0.0, 10)
+        assert got.startswith(b"HTTP/1.1 408"), got[:200]
+        u = urlsplit(url)
+        with socket.create_connection((u.hostname, u.port), timeout=10) as sock:
+            body = json.dumps(completion_body(max_tokens=2)).encode()
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            first = b""
+            while not first.rstrip().endswith(b"}"):
+                first += sock.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200"), first[:200]
+            time.sleep(0.3)  # slow, yet in time: the deadline is per request, from its first byte
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHo")
+            t0 = time.monotonic()
+            second = sock.recv(65536)
+            assert second.startswith(b"HTTP/1.1 408") and 0.3 < time.monotonic() - t0 < 3, second[:200]
+        with httpx.Client(base_url=url, timeout=60) as c:  # a request in time is served as before
+            assert c.post("/v1/completions", json=completion_body(max_tokens=2)).status_code == 200
+            assert c.get("/healthz").status_code == 200
 
 
 def test_prompt_too_long_names_the_prompt_param(http: httpx.Client) -> None:
@@ -564,14 +604,14 @@ def test_the_body_limits_are_serve_options_and_reach_the_mesh_s_pods() -> None:
     assert parse_serve(["--no-functions"], env={}).max_request_bytes == 8 << 20
     with pytest.raises(SystemExit):
         parse_serve(["--no-functions", "--max-request-mb", "-1"], env={})
-    pods = LocalPods(1, "t", PodResources(max_request_mb=2.0, body_timeout_s=5.0))
+    pods = LocalPods(1, "t", PodResources(max_request_mb=2.0, read_timeout_s=5.0))
     cmd = pods._command(pods.children[0])
     assert cmd[cmd.index("--max-request-mb") + 1] == "2.0"
     settings = parse_serve(cmd[cmd.index("serve") + 1:], env={})
-    assert settings.max_request_bytes == 2 << 20 and settings.body_timeout_s == 5.0
-    assert parse_serve(["--no-functions"], env={}).body_timeout_s == 60.0
+    assert settings.max_request_bytes == 2 << 20 and settings.read_timeout_s == 5.0
+    assert parse_serve(["--no-functions"], env={}).read_timeout_s == 60.0
     with pytest.raises(SystemExit):
-        parse_serve(["--no-functions", "--body-timeout-s", "-1"], env={})
+        parse_serve(["--no-functions", "--read-timeout-s", "-1"], env={})
 
 
 def noted_stream(http: httpx.Client, path: str, body: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:

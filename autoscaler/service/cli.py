@@ -25,7 +25,7 @@ from platformdirs import user_state_dir
 import functions as functions_pkg
 from autoscaler.core import DeviceKind
 from functions import SpecError, load_function_dir, load_function_spec
-from functions.http import BODY_TIMEOUT_S, MAX_REQUEST_BYTES
+from functions.http import MAX_REQUEST_BYTES, READ_TIMEOUT_S
 
 EXAMPLES_DIR = Path(functions_pkg.__file__).resolve().parent / "examples"
 COMMANDS = ("up", "deploy", "delete", "list", "invoke", "logs")
@@ -69,9 +69,9 @@ def up(argv: list[str]) -> None:
     ap.add_argument("--no-profile", action="store_true", help="skip latency profiling on first load")
     ap.add_argument("--max-request-mb", type=float, default=MAX_REQUEST_BYTES / (1 << 20),
                     help="largest request body the activator and pods accept, MiB (413 above it; 0: no limit)")
-    ap.add_argument("--body-timeout-s", type=float, default=BODY_TIMEOUT_S,
-                    help="longest the activator and pods wait for the next part of a request body "
-                         "(408 past it; 0: no limit)")
+    ap.add_argument("--read-timeout-s", type=float, default=READ_TIMEOUT_S,
+                    help="longest a request's headers, or the next part of its body, may take to reach the "
+                         "activator or a pod (408 past it; 0: no limit)")
     ap.add_argument("--shutdown-drain-s", type=float, default=None,
                     help="a pod sent SIGTERM lets running requests finish this long, then hands the rest off "
                          "(default: the pod's, 10 s)")
@@ -92,17 +92,17 @@ def up(argv: list[str]) -> None:
     threads = a.threads or max(1, (os.cpu_count() or 1) // a.pods)
     if not a.max_request_mb >= 0:
         ap.error(f"--max-request-mb must be >= 0, got {a.max_request_mb}")
-    if not a.body_timeout_s >= 0:
-        ap.error(f"--body-timeout-s must be >= 0, got {a.body_timeout_s}")
+    if not a.read_timeout_s >= 0:
+        ap.error(f"--read-timeout-s must be >= 0, got {a.read_timeout_s}")
     if a.shutdown_drain_s is not None and not a.shutdown_drain_s >= 0:
         ap.error(f"--shutdown-drain-s must be >= 0, got {a.shutdown_drain_s}")
     resources = PodResources(DeviceKind(a.device), a.kv_budget_mb, a.weight_cache_mb, a.pod_memory_mb, threads,
                              max_request_mb=a.max_request_mb, shutdown_drain_s=a.shutdown_drain_s,
-                             body_timeout_s=a.body_timeout_s)
+                             read_timeout_s=a.read_timeout_s)
     settings = MeshSettings(specs, token, a.pods, a.host, a.port, a.autoscaler_port, resources, state,
                             ControllerSettings(token, profile=not a.no_profile),
                             ActivatorSettings(max_request_bytes=int(a.max_request_mb * (1 << 20)),
-                                              body_timeout_s=a.body_timeout_s))
+                                              read_timeout_s=a.read_timeout_s))
     logging.getLogger().addHandler(logging.FileHandler(state / "logs" / "mesh.log"))
     logging.getLogger().setLevel(a.log_level.upper())
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request otherwise

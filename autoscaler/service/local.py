@@ -43,7 +43,7 @@ class PodResources:
     threads: int | None = None
     max_request_mb: float | None = None  # the pods' body limit (None: their default)
     shutdown_drain_s: float | None = None  # on SIGTERM (None: their default)
-    body_timeout_s: float | None = None  # the pods' wait for the next part of a body (None: their default)
+    read_timeout_s: float | None = None  # the pods' limit on slow headers and bodies (None: their default)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -100,8 +100,8 @@ class LocalPods:
             cmd += ["--threads", str(r.threads)]
         if r.max_request_mb is not None:
             cmd += ["--max-request-mb", str(r.max_request_mb)]
-        if r.body_timeout_s is not None:
-            cmd += ["--body-timeout-s", str(r.body_timeout_s)]
+        if r.read_timeout_s is not None:
+            cmd += ["--read-timeout-s", str(r.read_timeout_s)]
         if r.shutdown_drain_s is not None:
             cmd += ["--shutdown-drain-s", str(r.shutdown_drain_s)]
         return cmd

@@ -25,6 +25,7 @@ from autoscaler.service.api import create_api
 from autoscaler.service.controller import Controller, ControllerSettings
 from autoscaler.service.local import LocalPods, PodResources, free_port
 from functions import FunctionSpec
+from functions.http import http_protocol
 
 log = logging.getLogger("slinfer.mesh")
 
@@ -84,8 +85,9 @@ class Mesh:
         return f"http://{self.settings.host}:{self.autoscaler_port}"
 
     async def _serve(self, name: str, app: Any, port: int) -> None:
+        read_timeout_s = (self.settings.activator or ActivatorSettings()).read_timeout_s
         config = uvicorn.Config(app, host=self.settings.host, port=port, log_level=self.settings.log_level,
-                                timeout_graceful_shutdown=3, lifespan="on")
+                                timeout_graceful_shutdown=3, lifespan="on", http=http_protocol(read_timeout_s))
         server = self._servers[name] = _Server(config)
         self._tasks[name] = asyncio.create_task(server.serve(), name=name)
         while not server.started:

@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from functions import ELAPSED_HEADER, FIRST_TOKEN_AGE_HEADER, STREAM_NOTE, TOKEN_IDS_HEADER, FunctionSpec
-from functions.http import BODY_TIMEOUT_S, MAX_REQUEST_BYTES, BodyLimit
+from functions.http import MAX_REQUEST_BYTES, READ_TIMEOUT_S, BodyLimit
 from runtime.core.lifecycle import InstanceState
 from runtime.core.request import SamplingParams
 from runtime.device_thread import AdmissionRefused, EngineDeadError, InstanceUnavailable
@@ -53,10 +53,10 @@ ASYNC_RENDER_MESSAGES = 1_000
 
 def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str | None = None,
                functions: list[FunctionSpec] | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
-               body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
+               read_timeout_s: float = READ_TIMEOUT_S) -> FastAPI:
     """The pod's HTTP app. `functions` are loaded at start-up; the admin API (under /admin,
     bearer-token auth) loads more, unloads, evicts and reports status. Bodies over
-    `max_request_bytes` get 413, and ones that stop arriving for `body_timeout_s` 408
+    `max_request_bytes` get 413, and ones that stop arriving for `read_timeout_s` 408
     (`functions.http.BodyLimit`; 0: no limit)."""
     met = metrics or ServerMetrics()
     if pod.device.on_tick is None:
@@ -71,7 +71,7 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
         pod.device.stop()
 
     app = FastAPI(title="slinfer runtime", lifespan=lifespan)
-    app.add_middleware(BodyLimit, max_bytes=max_request_bytes, timeout_s=body_timeout_s)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes, timeout_s=read_timeout_s)
     app.state.pod = pod
     app.state.metrics = met
     if admin_token is not None:
