@@ -176,8 +176,8 @@ class _HeaderTimeout(HttpToolsProtocol):
 
     def _headers_too_slow(self) -> None:
         self._header_timer = None
-        if self.transport.is_closing():
-            return
+        if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+            return  # (never into a response under way)
         body = json.dumps({"error": {
             "message": f"the request headers did not arrive within {self.read_timeout_s:g} s",
             "type": "invalid_request_error", "param": None, "code": "request_timeout"}}).encode()
