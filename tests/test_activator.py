@@ -648,6 +648,21 @@ def test_a_continuation_tells_when_the_stream_s_first_token_came() -> None:
         assert fresh.first_token_at is None
 
 
+def test_a_continuation_asks_for_the_same_sampling() -> None:
+    # Everything that shapes the next token goes with a moved stream; what only shapes the
+    # response (stream_options, n, user) is the activator's to set or not the pod's to see.
+    from activator.relay import Moved
+
+    original = {"model": "f", "messages": [], "temperature": 0.7, "top_p": 0.9, "seed": 3, "stop": ["x"],
+                "presence_penalty": 0.5, "frequency_penalty": -1.0, "logit_bias": {"7": -100}, "user": "u",
+                "max_tokens": 9}
+    m = Moved([1, 2], output_ids=[3], max_tokens=9)
+    body = m.body("f-fn", original, stream=True)
+    assert body == {"model": "f-fn", "prompt": [1, 2, 3], "stream": True, "max_tokens": 8, "resumed_tokens": 1,
+                    "stream_options": {"include_usage": True}, "temperature": 0.7, "top_p": 0.9, "seed": 3,
+                    "stop": ["x"], "presence_penalty": 0.5, "frequency_penalty": -1.0, "logit_bias": {"7": -100}}
+
+
 def test_held_requests_retry_through_the_gate_without_a_storm() -> None:
     # 30 requests find no room and are held; then room frees one request at a time, each with a
     # wake-up (a request finished). Ungated, every held request retries on every change; through

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -246,3 +248,60 @@ def test_smollm2_eviction_continuation_equals_uninterrupted(smol):
     resumed_ids, params = out.continuation.resume()
     rest = run_all(LLMEngine(smol), {0: [("b", resumed_ids, params)]})["b"]
     assert first + rest == solo(smol, ids, sp)
+
+
+# -- logit adjustments (OpenAI's logit_bias, presence and frequency penalties) ------------------
+@pytest.mark.parametrize(("params", "generated", "want"), [
+    # logits [1.0, 0.9, 0.0, 0.5]; token 0 was generated twice, token 3 once
+    ({}, [0, 0, 3], 0),
+    ({"frequency_penalty": 0.04}, [0, 0, 3], 0),  # 1.0 - 2 x 0.04 = 0.92 > 0.9
+    ({"frequency_penalty": 0.06}, [0, 0, 3], 1),  # 0.88 < 0.9
+    ({"presence_penalty": 0.09}, [0, 0, 3], 0),  # once, whatever the count: 0.91
+    ({"presence_penalty": 0.11}, [0, 0, 3], 1),
+    ({"frequency_penalty": -0.3}, [3, 3, 3], 3),  # a negative penalty rewards: 0.5 + 0.9 > 1.0
+    ({"logit_bias": ((2, 1.5),)}, [], 2),
+    ({"logit_bias": ((0, -100.0),)}, [], 1),
+    ({"logit_bias": ((1, 0.2),), "presence_penalty": 0.05}, [0], 1),  # 1.1 > 0.95: bias, then penalty
+])
+def test_logit_adjustments_follow_openai_s_definition(params, generated, want):
+    from runtime.engine.sampler import sample
+
+    logits = torch.tensor([[1.0, 0.9, 0.0, 0.5]])
+    p = SamplingParams(temperature=0, **params)
+    assert sample(logits, [p], [None], [generated]) == [want]
+    # sampled rows see the same logits: at a low temperature the argmax is all but certain
+    g = torch.Generator().manual_seed(0)
+    assert sample(logits, [SamplingParams(temperature=0.001, **params)], [g], [generated]) == [want]
+
+
+def test_a_banned_token_is_never_sampled():
+    from runtime.engine.sampler import sample
+
+    logits = torch.tensor([[3.0, 0.0, 0.0]])
+    g = torch.Generator().manual_seed(1)
+    p = SamplingParams(temperature=2.0, logit_bias=((0, -100.0),))
+    assert 0 not in [sample(logits, [p], [g])[0] for _ in range(200)]
+
+
+def test_penalties_count_a_continued_stream_s_resumed_tokens(tiny, monkeypatch):
+    # A continued stream's last `resumed_tokens` prompt ids were generated (elsewhere); penalties
+    # must count them, or the continuation would not be the stream it continues.
+    import runtime.engine.engine as engine_mod
+
+    seen: list[list[int]] = []
+
+    def spy(logits, params, generators, generated=None):
+        seen.extend(list(g) for g, p in zip(generated or [], params, strict=True) if p.penalized)
+        return real(logits, params, generators, generated)
+
+    real = engine_mod.sample
+    monkeypatch.setattr(engine_mod, "sample", spy)
+    eng = LLMEngine(tiny)
+    prompt, resumed = [5, 6, 7, 8], [40, 41, 40]
+    sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, frequency_penalty=1.0,
+                        resumed_tokens=len(resumed))
+    out = run_all(eng, {0: [("a", prompt + resumed, sp)]})["a"]
+    assert seen == [resumed, resumed + out[:1], resumed + out[:2]]
+    seen.clear()
+    run_all(eng, {0: [("b", prompt, replace(sp, resumed_tokens=0))]})
+    assert seen[0] == []  # a fresh request has generated nothing

@@ -420,9 +420,16 @@ def test_request_shapes_past_any_use_are_refused(http: httpx.Client, body: dict[
      "stream_options.include_usage"),
     ("/v1/completions", completion_body(seed=10**30), "seed"),
     ("/v1/chat/completions", chat_body(messages=[{"role": "user"}]), "messages.0"),
+    ("/v1/chat/completions", chat_body(frequency_penalty=2.5), "frequency_penalty"),
+    ("/v1/completions", completion_body(presence_penalty=-3), "presence_penalty"),
+    ("/v1/completions", completion_body(logit_bias={"a": 1}), "logit_bias"),
+    ("/v1/completions", completion_body(logit_bias={"-1": 1}), "logit_bias"),
+    ("/v1/chat/completions", chat_body(logit_bias={"5": 101}), "logit_bias.5"),
+    ("/v1/completions", completion_body(logit_bias={"5": 1, "05": 2}), "logit_bias"),
 ], ids=["max_tokens-str", "messages-str", "temperature-negative", "n-2", "messages-empty", "prompt-missing",
         "stream-str", "include_usage-str", "seed-past-64-bits",
-        "user-without-content"])
+        "user-without-content", "frequency_penalty-2.5", "presence_penalty--3", "logit_bias-word",
+        "logit_bias-negative-id", "logit_bias-101", "logit_bias-id-twice"])
 def test_invalid_fields_are_422(http: httpx.Client, path: str, body: dict[str, Any], param: str) -> None:
     err = assert_error(http.post(path, json=body), 422, "invalid_value")
     assert err["param"] == param
@@ -436,6 +443,71 @@ def test_token_ids_out_of_vocab_are_400(http: httpx.Client, ids: list[int]) -> N
     assert err["message"] == "token ids must be in [0, 320)"
     assert err["param"] == "prompt"
     assert_still_serving(http)
+
+
+def test_logit_bias_past_the_vocabulary_is_400(http: httpx.Client) -> None:
+    err = assert_error(http.post("/v1/completions", json=completion_body(logit_bias={"320": 5})), 400, "invalid_value")
+    assert err["param"] == "logit_bias" and "[0, 320)" in err["message"]
+    assert_still_serving(http)
+
+
+@pytest.mark.parametrize(("path", "asks"), [
+    ("/v1/chat/completions", {"logprobs": True}),
+    ("/v1/chat/completions", {"top_logprobs": 3}),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
+    ("/v1/chat/completions", {"tool_choice": "required"}),
+    ("/v1/chat/completions", {"modalities": ["text", "audio"]}),
+    ("/v1/completions", {"logprobs": 0}),  # 0 still asks for the chosen token's logprob
+    ("/v1/completions", {"echo": True}),
+    ("/v1/completions", {"best_of": 2}),
+    ("/v1/completions", {"suffix": "}"}),
+], ids=lambda v: v if isinstance(v, str) and v.startswith("/") else "-".join(f"{k}={v[k]}"[:24] for k in v))
+def test_what_we_do_not_serve_is_refused_not_ignored(http: httpx.Client, path: str, asks: dict[str, Any]) -> None:
+    # Answered as if not asked, a client that wanted JSON, tool calls or logprobs would get plain
+    # text and could not tell.
+    body = (chat_body if "chat" in path else completion_body)(**asks)
+    err = assert_error(http.post(path, json=body), 400, "unsupported_parameter")
+    (name,) = asks
+    assert err["param"] == name and f"'{name}'" in err["message"]
+    assert_still_serving(http)
+
+
+@pytest.mark.parametrize(("path", "asks"), [
+    ("/v1/chat/completions", {"logprobs": False, "top_logprobs": 0, "response_format": {"type": "text"},
+                              "tools": [], "tool_choice": "auto", "parallel_tool_calls": True, "user": "u"}),
+    ("/v1/completions", {"echo": False, "best_of": 1, "suffix": "", "logprobs": None, "user": "u"}),
+], ids=["chat", "completion"])
+def test_fields_set_to_ask_for_nothing_are_served(http: httpx.Client, path: str, asks: dict[str, Any]) -> None:
+    body = (chat_body if "chat" in path else completion_body)(**asks)
+    plain = (chat_body if "chat" in path else completion_body)()
+    r, want = http.post(path, json=body), http.post(path, json=plain)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"] == want.json()["choices"]
+
+
+def greedy_ids(http: httpx.Client, **asks: Any) -> list[int]:
+    """The token ids of a greedy completion (from its stream's notes)."""
+    events = noted_stream(http, "/v1/completions", completion_body(**{"max_tokens": 12, **asks}))
+    return [i for note, _ in events for i in note.get("token_ids", [])]
+
+
+def test_logit_bias_steers_and_bans_tokens(http: httpx.Client) -> None:
+    plain = greedy_ids(http)
+    forced = 100 + plain[0] % 100  # a byte token
+    assert greedy_ids(http, logit_bias={str(forced): 100}) == [forced] * 12
+    banned = greedy_ids(http, logit_bias={str(t): -100 for t in set(plain)})
+    assert banned and not set(banned) & set(plain)
+
+
+@pytest.mark.parametrize("asks", [{"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"frequency_penalty": -2.0}],
+                         ids=["frequency", "presence", "negative"])
+def test_penalties_reach_the_sampler(http: httpx.Client, asks: dict[str, Any]) -> None:
+    # The tiny model's logits spread over ~8 (std), so a penalty of 2 changes a greedy answer only
+    # here and there: over 40 tokens, somewhere. sample()'s own tests check the arithmetic.
+    plain = greedy_ids(http, max_tokens=40)
+    got = greedy_ids(http, max_tokens=40, **asks)
+    assert len(got) == len(plain) == 40 and got != plain
 
 
 # -- disconnects, concurrency, metrics ----------------------------------------------------------

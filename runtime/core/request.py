@@ -19,6 +19,11 @@ class SamplingParams:
     # A continued stream (recompute after preemption): the last N prompt tokens are output the
     # client already has. They prime the detokenizer, so the text goes on exactly where it stopped.
     resumed_tokens: int = 0
+    # OpenAI's: subtracted from a token's logit, per time it was generated (frequency) and once if
+    # it was (presence); generated tokens include a continued stream's resumed ones.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), ids distinct
 
     def __post_init__(self) -> None:
         if self.resumed_tokens < 0:
@@ -29,10 +34,26 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        ids = [t for t, _ in self.logit_bias]
+        if len(set(ids)) != len(ids) or any(t < 0 for t in ids):
+            raise ValueError("logit_bias token ids must be distinct and >= 0")
+        if any(not -100 <= b <= 100 for _, b in self.logit_bias):
+            raise ValueError("logit_bias values must be in [-100, 100]")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return self.penalized or bool(self.logit_bias)
 
 
 class FinishReason(enum.Enum):

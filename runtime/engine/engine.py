@@ -195,7 +195,8 @@ class LLMEngine:
         reqs = [self.scheduler.get(r) for r in rids]
         by_id = {r.rid: r for r in reqs if r is not None}  # still readable after they finish
         params = [r.params if r else SamplingParams(temperature=0) for r in reqs]
-        tokens = sample(logits, params, [self._gens.get(r) for r in rids])
+        generated = [_generated(r) if r is not None and r.params.penalized else () for r in reqs]
+        tokens = sample(logits, params, [self._gens.get(r) for r in rids], generated)
         now = clock() if clock is not None else None
         updates = self.scheduler.update(plan, dict(zip(rids, tokens, strict=True)), now)  # apply
         outputs: list[RequestOutput] = evicted
@@ -257,3 +258,10 @@ class LLMEngine:
         if system_prompt and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": system_prompt}, *messages]
         return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+
+def _generated(r: Request) -> list[int]:
+    """The tokens a request has generated: a continued stream's resumed ones (the end of its
+    prompt) and its own output."""
+    n = len(r.prompt_token_ids)
+    return [*r.prompt_token_ids[n - r.params.resumed_tokens:], *r.output_token_ids]

@@ -1,6 +1,9 @@
-"""Token sampling: greedy, temperature, top-p, per-request seeded generators."""
+"""Token sampling: greedy, temperature, top-p, per-request seeded generators, and OpenAI's logit
+adjustments (logit_bias, presence and frequency penalties)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -8,14 +11,33 @@ from torch import Tensor
 from runtime.core.request import SamplingParams
 
 
-def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """One token per row. Greedy rows use argmax (what HF generate(do_sample=False) does)."""
+def adjusted(row: Tensor, p: SamplingParams, generated: Sequence[int]) -> Tensor:
+    """One row of logits (float32, a copy) after ``p``'s bias and penalties, given the tokens the
+    request has generated so far (OpenAI's definition: logit - count x frequency - (count > 0) x
+    presence; the bias is added first)."""
+    row = row.float().clone()
+    if p.logit_bias:
+        ids, bias = zip(*p.logit_bias, strict=True)
+        row.index_add_(0, torch.tensor(ids, dtype=torch.long), torch.tensor(bias, dtype=row.dtype))
+    if p.penalized and generated:
+        ids_t, counts = torch.unique(torch.tensor(generated, dtype=torch.long), return_counts=True)
+        row.index_add_(0, ids_t, -(counts.to(row.dtype) * p.frequency_penalty + p.presence_penalty))
+    return row
+
+
+def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           generated: Sequence[Sequence[int]] | None = None) -> list[int]:
+    """One token per row. Greedy rows use argmax (what HF generate(do_sample=False) does).
+    ``generated[i]``: row i's generated tokens, needed only for rows with penalties."""
     out = logits.argmax(dim=-1).tolist()
     for i, p in enumerate(params):
-        if p.greedy:
+        if p.greedy and not p.adjusts_logits:
             continue
-        row = logits[i].float() / p.temperature
-        probs = torch.softmax(row, dim=-1)
+        row = adjusted(logits[i], p, generated[i] if generated is not None else ()) if p.adjusts_logits else logits[i]
+        if p.greedy:
+            out[i] = int(row.argmax())
+            continue
+        probs = torch.softmax(row.float() / p.temperature, dim=-1)
         if p.top_p < 1.0:
             sorted_p, idx = probs.sort(descending=True)
             keep = sorted_p.cumsum(0) - sorted_p < p.top_p  # always keeps the top token

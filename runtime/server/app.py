@@ -196,13 +196,27 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
                                code="context_length_exceeded", param=param)
         return list(await asyncio.to_thread(eng.encode_prompt, text))
 
+    def check_asks(m: Served, req: CompletionRequest | ChatCompletionRequest) -> None:
+        """Refuse what we would otherwise answer as if it had not been asked (protocol.NEUTRAL)."""
+        assert m.engine is not None
+        name = req.unsupported()
+        if name is not None:
+            raise APIError(400, f"'{name}' is not supported by this server (got {json.dumps(getattr(req, name))[:80]})",
+                           code="unsupported_parameter", param=name)
+        vocab = m.engine.loaded.config.vocab_size
+        if any(t >= vocab for t, _ in req.bias()):
+            raise APIError(400, f"logit_bias keys must be token ids in [0, {vocab})", code="invalid_value",
+                           param="logit_bias")
+
     def params_of(req: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                              seed=req.seed, stop=req.stop_list())
+                              seed=req.seed, stop=req.stop_list(), presence_penalty=req.presence_penalty,
+                              frequency_penalty=req.frequency_penalty, logit_bias=req.bias())
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         m = lookup(body.model)
+        check_asks(m, body)
         ids = await prompt_ids(m.engine, body.prompt)
         check_prompt(m, ids, "prompt")
         if body.resumed_tokens and (isinstance(body.prompt, str) or body.resumed_tokens >= len(ids)):
@@ -215,6 +229,7 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         m = lookup(body.model)
+        check_asks(m, body)
         eng = m.engine
         assert eng is not None
         if len(body.messages) >= eng.max_model_len:  # each message is at least a token of the prompt

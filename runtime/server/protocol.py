@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
@@ -28,6 +28,40 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None  # what torch's generators take
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    # token id (a JSON key, so a string) -> added to its logit; the ids are checked against the
+    # model's vocabulary once the model is known
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        seen: set[int] = set()
+        for k in v or {}:
+            if not k.isdecimal() or not k.isascii():
+                raise ValueError(f"keys must be token ids (non-negative integers), got {k[:40]!r}")
+            if int(k) in seen:
+                raise ValueError(f"token id {int(k)} is given twice")
+            seen.add(int(k))
+        return v
+
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items())
+
+    # Fields of OpenAI's API that change what the client gets back and that we do not implement,
+    # with the values that ask for nothing. A request setting one to anything else is refused (400
+    # unsupported_parameter) rather than answered as if it had not asked: a client that asked for
+    # JSON, tool calls or logprobs and got plain text could not tell. Fields that change nothing a
+    # client reads (user, metadata, store, parallel_tool_calls, ...) are ignored.
+    NEUTRAL: ClassVar[dict[str, tuple[object, ...]]] = {}
+
+    def unsupported(self) -> str | None:
+        """The first field this request sets to something we do not serve (NEUTRAL)."""
+        for name, neutral in self.NEUTRAL.items():
+            if getattr(self, name) not in neutral:
+                return name
+        return None
 
     @field_validator("stop")
     @classmethod
@@ -48,6 +82,11 @@ class _SamplingFields(BaseModel):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int]
+    logprobs: Any = None
+    echo: Any = None
+    best_of: Any = None
+    suffix: Any = None
+    NEUTRAL = {"logprobs": (None,), "echo": (None, False), "best_of": (None, 1), "suffix": (None, "")}
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     # slinfer extension for continuing a preempted stream: the prompt is token ids (prompt +
     # output so far) and its last `resumed_tokens` ids are output the client already received.
@@ -86,6 +125,22 @@ class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    prediction: Any = None
+    audio: Any = None
+    modalities: Any = None
+    NEUTRAL = {
+        "logprobs": (None, False), "top_logprobs": (None, 0), "response_format": (None, {"type": "text"}),
+        "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+        "function_call": (None, "none", "auto"), "prediction": (None,), "audio": (None,),
+        "modalities": (None, ["text"]),
+    }
 
     @field_validator("messages", mode="before")
     @classmethod
