@@ -73,6 +73,11 @@ class Moved:
         body.update(model=model, prompt=[*self.prompt_ids, *self.output_ids], stream=stream,
                     max_tokens=max(1, self.max_tokens - len(self.output_ids)),
                     resumed_tokens=len(self.output_ids))
+        if "messages" in original:  # a chat request goes on through /v1/completions
+            if original.get("logprobs") is True:
+                body.update(logprobs=original.get("top_logprobs") or 0, chat_logprobs=True)
+        elif original.get("logprobs") is not None:
+            body["logprobs"] = original["logprobs"]
         if stream:
             body["stream_options"] = {"include_usage": True}
         return body
@@ -128,6 +133,7 @@ class StreamRelay:
         self.finish_reason: str | None = None  # the generation ended (a note said so)
         self.usage_seen = False
         self.failovers = 0
+        self.carried: dict[str, Any] | None = None  # logprobs of a preempted instance's held-back tokens
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -231,8 +237,10 @@ class StreamRelay:
                         self._remember_public()
                         choices = payload.get("choices") or []
                         cont = preempted(choices[0]) if choices else None
-                        if cont is not None:
-                            continue  # the next instance re-emits its tail exactly
+                        if cont is not None:  # the next instance re-emits its tail exactly, but
+                            # not the logprobs of the tokens behind it: those go on from here
+                            self.carried = merge_logprobs(self.carried, choices[0].get("logprobs"))
+                            continue
                         if self.moved is not None:
                             out = self._rewrite(payload)
                     if first_byte:
@@ -286,9 +294,23 @@ class StreamRelay:
             if not text and reason is None:
                 return None
             delta = {"content": text} if text or reason is None else {}
-            new = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+            new = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": choice.get("logprobs")}
             out["choices"] = [new]
+        if self.carried is not None and out.get("choices"):
+            first = out["choices"][0] = dict(out["choices"][0])
+            first["logprobs"] = merge_logprobs(self.carried, first.get("logprobs"))
+            self.carried = None
         return _event(out)
+
+
+def merge_logprobs(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Two runs of logprobs in one of OpenAI's shapes (chat's ``content`` list, or the completions
+    API's parallel lists), the second after the first."""
+    if a is None or b is None:
+        return a if b is None else b
+    if "content" in a:
+        return {**a, "content": [*(a.get("content") or []), *(b.get("content") or [])]}
+    return {k: [*(a.get(k) or []), *(b.get(k) or [])] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
 
 
 def _payload(event: bytes) -> dict[str, Any] | None:
@@ -317,6 +339,7 @@ async def complete_moving(first: Upstream, reopen: Reopen, original: dict[str, A
     moved: Moved | None = None
     head: dict[str, Any] | None = None
     texts: list[str] = []
+    logprobs: dict[str, Any] | None = None
     try:
         while True:
             raw = await up.response.aread()
@@ -337,10 +360,11 @@ async def complete_moving(first: Upstream, reopen: Reopen, original: dict[str, A
             if cont is not None:
                 text = text[: len(text) - len(cont.get("tail_text") or "")] if cont.get("tail_text") else text
             texts.append(text)
+            logprobs = merge_logprobs(logprobs, choice.get("logprobs"))  # a tail's tokens are not re-sent
             if head is None:
                 head = body
             if cont is None:
-                return 200, _joined(head, body, texts, moved, chat)
+                return 200, _joined(head, body, texts, moved, chat, logprobs)
             moved = start_moved(cont, moved)
             metrics.moves.labels(function).inc()
             up = await reopen("/v1/completions", moved.body(function, original, False), moved.first_token_at)
@@ -354,13 +378,14 @@ def _failed(body: Any) -> dict[str, Any]:
 
 
 def _joined(head: dict[str, Any], last: dict[str, Any], texts: list[str], moved: Moved | None,
-            chat: bool) -> dict[str, Any]:
+            chat: bool, logprobs: dict[str, Any] | None) -> dict[str, Any]:
     if moved is None:
         return last
     content = "".join(texts)
     choice = dict(head["choices"][0])
     choice.pop("continuation", None)
     choice["finish_reason"] = last["choices"][0].get("finish_reason")
+    choice["logprobs"] = logprobs
     if chat:
         choice["message"] = {"role": "assistant", "content": content}
     else:

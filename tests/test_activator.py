@@ -86,6 +86,41 @@ def stream_text(url: str, body: dict[str, Any], on_chunk: Any = None) -> tuple[s
     return text, chunks, done
 
 
+def logprobs_ask(chat: bool) -> dict[str, Any]:
+    return {"logprobs": True, "top_logprobs": 2} if chat else {"logprobs": 2}
+
+
+def logprob_trail(choices: list[dict[str, Any]]) -> tuple[list[str], list[float], list[list[str]], set[str]]:
+    """(tokens, logprobs, each token's alternatives, shapes) of a response's choices in order, in
+    OpenAI's chat shape or the completions API's; checks that text_offset runs on across them."""
+    tokens: list[str] = []
+    values: list[float] = []
+    tops: list[list[str]] = []
+    shapes: set[str] = set()
+    for ch in choices:
+        lp = ch.get("logprobs")
+        if not lp:
+            continue
+        if "content" in lp:
+            shapes.add("chat")
+            tokens += [e["token"] for e in lp["content"]]
+            values += [e["logprob"] for e in lp["content"]]
+            tops += [[t["token"] for t in e["top_logprobs"]] for e in lp["content"]]
+        else:
+            shapes.add("completion")
+            assert lp["text_offset"] == [sum(len(t) for t in tokens + lp["tokens"][:i]) for i in range(len(lp["tokens"]))]
+            tokens += lp["tokens"]
+            values += lp["token_logprobs"]
+            tops += [sorted(top) for top in lp["top_logprobs"]]
+    return tokens, values, tops, shapes
+
+
+def assert_same_logprobs(got: list[dict[str, Any]], want: list[dict[str, Any]], n: int) -> None:
+    (t1, v1, top1, s1), (t2, v2, top2, s2) = logprob_trail(got), logprob_trail(want)
+    assert len(t2) == n and len(s2) == 1
+    assert (t1, top1, s1) == (t2, top2, s2) and v1 == pytest.approx(v2, abs=1e-4)
+
+
 def metric(url: str, name: str, default: float | None = None, **labels: str) -> float:
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     for line in httpx.get(f"{url}/metrics").text.splitlines():
@@ -358,12 +393,13 @@ def _reload(pod: str, spec_: FunctionSpec) -> None:
     assert r.status_code == 201
 
 
-@pytest.mark.parametrize("chat", [False, True])
-def test_stream_moved_by_preemption_equals_the_uninterrupted_greedy_output(setup: Setup, chat: bool,
+@pytest.mark.parametrize(("chat", "logprobs"), [(False, False), (True, False), (False, True), (True, True)])
+def test_stream_moved_by_preemption_equals_the_uninterrupted_greedy_output(setup: Setup, chat: bool, logprobs: bool,
                                                                           request: pytest.FixtureRequest) -> None:
     n = 150
     base: dict[str, Any] = {"model": "tiny", "temperature": 0, "max_tokens": n}
     base |= {"messages": [{"role": "user", "content": "hello"}]} if chat else {"prompt": "hello"}
+    base |= logprobs_ask(chat) if logprobs else {}
     full, plain, _ = stream_text(setup.pods[1], {**base, "stream_options": {"include_usage": True}})
     want_reason = plain[-2]["choices"][0]["finish_reason"]  # uninterrupted, straight from pod b
     assert plain[-1]["usage"]["completion_tokens"] > 20, "too short to be moved mid-stream"
@@ -382,6 +418,9 @@ def test_stream_moved_by_preemption_equals_the_uninterrupted_greedy_output(setup
     assert all("continuation" not in c["choices"][0] for c in chunks if c.get("choices"))
     assert len({c["id"] for c in chunks}) == 1
     assert chunks[-1]["usage"] == plain[-1]["usage"]
+    if logprobs:  # every token's, the held-back ones at the eviction included
+        assert_same_logprobs([c["choices"][0] for c in chunks if c.get("choices")],
+                             [c["choices"][0] for c in plain if c.get("choices")], plain[-1]["usage"]["completion_tokens"])
     if chat:
         assert all(c["object"] == "chat.completion.chunk" for c in chunks)
         assert metric(setup.url, "slinfer_activator_continuations_total", function="tiny") == moves + 1
@@ -484,11 +523,11 @@ def test_a_try_cancelled_mid_flight_closes_its_connection_and_gives_its_place_ba
 
 def test_non_streaming_request_moved_by_preemption_is_joined(setup: Setup, request: pytest.FixtureRequest) -> None:
     n = 150
-    plain = complete(setup.pods[1], "tiny", "hello", max_tokens=n).json()
+    plain = complete(setup.pods[1], "tiny", "hello", max_tokens=n, logprobs=2).json()
     request.getfixturevalue("paced_device")  # so the eviction lands mid-request on any machine
     result: dict[str, httpx.Response] = {}
     t = threading.Thread(target=lambda: result.setdefault("r", complete(setup.url, "tiny", "hello",
-                                                                         max_tokens=n)))
+                                                                         max_tokens=n, logprobs=2)))
     t.start()
     try:
         deadline = time.monotonic() + 10
@@ -507,6 +546,7 @@ def test_non_streaming_request_moved_by_preemption_is_joined(setup: Setup, reque
     assert body["choices"][0]["text"] == plain["choices"][0]["text"]
     assert body["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
     assert body["usage"] == plain["usage"] and "continuation" not in body["choices"][0]
+    assert_same_logprobs(body["choices"], plain["choices"], plain["usage"]["completion_tokens"])
 
 
 def test_held_requests_are_demand_only_once_they_have_tried_the_current_routes() -> None:
@@ -854,23 +894,25 @@ def activator_over(setup: Setup, first: str, second: str) -> Iterator[str]:
         yield url
 
 
-def long_body(chat: bool) -> dict[str, Any]:
+def long_body(chat: bool, logprobs: bool = False) -> dict[str, Any]:
     body: dict[str, Any] = {"model": "tiny", "temperature": 0, "max_tokens": 150,
                             "stream_options": {"include_usage": True}}
+    body |= logprobs_ask(chat) if logprobs else {}
     return body | ({"messages": [{"role": "user", "content": "hello"}]} if chat else {"prompt": "hello"})
 
 
-@pytest.mark.parametrize(("chat", "after_events", "linger_s"), [(False, 5, 0.0), (True, 5, 0.0), (True, 0, 0.3)])
+@pytest.mark.parametrize(("chat", "after_events", "linger_s", "logprobs"), [
+    (False, 5, 0.0, False), (True, 5, 0.0, False), (True, 0, 0.3, False), (False, 5, 0.0, True), (True, 5, 0.0, True)])
 def test_a_stream_whose_pod_dies_mid_stream_goes_on_elsewhere(setup: Setup, chat: bool, after_events: int,
-                                                               linger_s: float) -> None:
+                                                               linger_s: float, logprobs: bool) -> None:
     # The pod behind the proxy "dies" after the 5th event (or right after its response head): the
     # activator continues from the ids its notes named (or sends the request again when nothing
     # reached the client) on the other pod; the client sees one stream equal to an uninterrupted one.
-    full, plain, _ = stream_text(setup.pods[1], long_body(chat))
+    full, plain, _ = stream_text(setup.pods[1], long_body(chat, logprobs))
     assert plain[-1]["usage"]["completion_tokens"] > 20, "too short to be cut mid-stream"
     with CutProxy(setup.pods[0], after_events=after_events, linger_s=linger_s) as proxy, \
             activator_over(setup, proxy, setup.pods[1]) as url:
-        text, chunks, done = stream_text(url, long_body(chat))
+        text, chunks, done = stream_text(url, long_body(chat, logprobs))
         assert metric(url, "slinfer_activator_failovers_total", function="tiny") == 1
         assert metric(url, "slinfer_activator_continuations_total", 0.0, function="tiny") == 0
     assert text == full
@@ -879,6 +921,9 @@ def test_a_stream_whose_pod_dies_mid_stream_goes_on_elsewhere(setup: Setup, chat
     reasons = [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")]
     assert reasons[-1] == plain[-2]["choices"][0]["finish_reason"] and reasons.count(reasons[-1]) == 1
     assert chunks[-1]["usage"] == plain[-1]["usage"]
+    if logprobs:
+        assert_same_logprobs([c["choices"][0] for c in chunks if c.get("choices")],
+                             [c["choices"][0] for c in plain if c.get("choices")], plain[-1]["usage"]["completion_tokens"])
     if chat:
         assert chunks[0]["choices"][0]["delta"].get("role") == "assistant"
         assert sum(1 for c in chunks if c.get("choices") and "role" in c["choices"][0]["delta"]) == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -426,10 +427,17 @@ def test_request_shapes_past_any_use_are_refused(http: httpx.Client, body: dict[
     ("/v1/completions", completion_body(logit_bias={"-1": 1}), "logit_bias"),
     ("/v1/chat/completions", chat_body(logit_bias={"5": 101}), "logit_bias.5"),
     ("/v1/completions", completion_body(logit_bias={"5": 1, "05": 2}), "logit_bias"),
+    ("/v1/chat/completions", chat_body(logprobs=True, top_logprobs=21), "top_logprobs"),
+    ("/v1/chat/completions", chat_body(top_logprobs=2), "top_logprobs"),  # needs logprobs: true
+    ("/v1/chat/completions", chat_body(logprobs=1), "logprobs"),
+    ("/v1/completions", completion_body(logprobs=-1), "logprobs"),
+    ("/v1/completions", completion_body(logprobs=True), "logprobs"),
 ], ids=["max_tokens-str", "messages-str", "temperature-negative", "n-2", "messages-empty", "prompt-missing",
         "stream-str", "include_usage-str", "seed-past-64-bits",
         "user-without-content", "frequency_penalty-2.5", "presence_penalty--3", "logit_bias-word",
-        "logit_bias-negative-id", "logit_bias-101", "logit_bias-id-twice"])
+        "logit_bias-negative-id", "logit_bias-101", "logit_bias-id-twice", "top_logprobs-21",
+        "top_logprobs-without-logprobs", "chat-logprobs-int", "completion-logprobs-negative",
+        "completion-logprobs-true"])
 def test_invalid_fields_are_422(http: httpx.Client, path: str, body: dict[str, Any], param: str) -> None:
     err = assert_error(http.post(path, json=body), 422, "invalid_value")
     assert err["param"] == param
@@ -452,20 +460,17 @@ def test_logit_bias_past_the_vocabulary_is_400(http: httpx.Client) -> None:
 
 
 @pytest.mark.parametrize(("path", "asks"), [
-    ("/v1/chat/completions", {"logprobs": True}),
-    ("/v1/chat/completions", {"top_logprobs": 3}),
     ("/v1/chat/completions", {"response_format": {"type": "json_object"}}),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
     ("/v1/chat/completions", {"tool_choice": "required"}),
     ("/v1/chat/completions", {"modalities": ["text", "audio"]}),
-    ("/v1/completions", {"logprobs": 0}),  # 0 still asks for the chosen token's logprob
     ("/v1/completions", {"echo": True}),
     ("/v1/completions", {"best_of": 2}),
     ("/v1/completions", {"suffix": "}"}),
 ], ids=lambda v: v if isinstance(v, str) and v.startswith("/") else "-".join(f"{k}={v[k]}"[:24] for k in v))
 def test_what_we_do_not_serve_is_refused_not_ignored(http: httpx.Client, path: str, asks: dict[str, Any]) -> None:
-    # Answered as if not asked, a client that wanted JSON, tool calls or logprobs would get plain
-    # text and could not tell.
+    # Answered as if not asked, a client that wanted JSON or tool calls would get plain text and
+    # could not tell.
     body = (chat_body if "chat" in path else completion_body)(**asks)
     err = assert_error(http.post(path, json=body), 400, "unsupported_parameter")
     (name,) = asks
@@ -474,7 +479,7 @@ def test_what_we_do_not_serve_is_refused_not_ignored(http: httpx.Client, path: s
 
 
 @pytest.mark.parametrize(("path", "asks"), [
-    ("/v1/chat/completions", {"logprobs": False, "top_logprobs": 0, "response_format": {"type": "text"},
+    ("/v1/chat/completions", {"logprobs": False, "response_format": {"type": "text"},
                               "tools": [], "tool_choice": "auto", "parallel_tool_calls": True, "user": "u"}),
     ("/v1/completions", {"echo": False, "best_of": 1, "suffix": "", "logprobs": None, "user": "u"}),
 ], ids=["chat", "completion"])
@@ -508,6 +513,82 @@ def test_penalties_reach_the_sampler(http: httpx.Client, asks: dict[str, Any]) -
     plain = greedy_ids(http, max_tokens=40)
     got = greedy_ids(http, max_tokens=40, **asks)
     assert len(got) == len(plain) == 40 and got != plain
+
+
+# -- logprobs ----------------------------------------------------------------------------------
+def stream_choices(http: httpx.Client, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    return [p["choices"][0] for p in sse_payloads(stream_lines(http, path, {**body, "stream": True})) if p["choices"]]
+
+
+def test_chat_logprobs_name_each_token_with_its_top_alternatives(http: httpx.Client) -> None:
+    body = chat_body(max_tokens=16, logprobs=True, top_logprobs=3)
+    out = http.post("/v1/chat/completions", json=body).json()
+    (choice,) = out["choices"]
+    content = choice["logprobs"]["content"]
+    assert len(content) == out["usage"]["completion_tokens"] == 16
+    # the tokens' bytes spell the answer (byte tokens split characters; all text is out at the end;
+    # special tokens have an entry but no text)
+    special = set(byte_tokenizer().all_special_tokens)
+    spelled = b"".join(bytes(e["bytes"]) for e in content if e["token"] not in special)
+    assert spelled.decode("utf-8", "replace") == choice["message"]["content"]
+    for e in content:
+        top = e["top_logprobs"]
+        assert len(top) == 3 and [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+        assert (e["token"], e["logprob"], e["bytes"]) == (top[0]["token"], top[0]["logprob"], top[0]["bytes"])  # greedy
+        assert e["logprob"] <= 0 and sum(math.exp(t["logprob"]) for t in top) <= 1 + 1e-6
+    # streamed: the same entries, each with the chunk that carries its text
+    chunks = stream_choices(http, "/v1/chat/completions", body)
+    assert chunks[0]["logprobs"] is None  # the role chunk
+    assert [e for c in chunks[1:] for e in c["logprobs"]["content"]] == content
+    # not asked: none
+    assert http.post("/v1/chat/completions", json=chat_body()).json()["choices"][0]["logprobs"] is None
+
+
+def test_a_token_s_logprob_is_the_same_decoded_or_prefilled(http: httpx.Client) -> None:
+    # Token j's logprob, computed while decoding, equals the one a request whose prompt ends just
+    # before it computes in its prefill: the invariant a continued stream's logprobs rest on.
+    first = noted_stream(http, "/v1/completions", completion_body(max_tokens=10))
+    prompt = first[0][0]["prompt_token_ids"]
+    ids = [i for note, _ in first for i in note.get("token_ids", [])]
+    full = complete(http, max_tokens=10, logprobs=5)["choices"][0]["logprobs"]
+    for j in (0, 4, 9):
+        one = complete(http, prompt=prompt + ids[:j], max_tokens=1, logprobs=5)["choices"][0]["logprobs"]
+        assert one["tokens"] == [full["tokens"][j]]
+        assert one["token_logprobs"][0] == pytest.approx(full["token_logprobs"][j], abs=1e-4)
+        assert one["top_logprobs"][0].keys() == full["top_logprobs"][j].keys()
+
+
+def test_completion_logprobs_in_the_completions_api_s_shape(http: httpx.Client) -> None:
+    out = complete(http, max_tokens=12, logprobs=2)
+    lp = out["choices"][0]["logprobs"]
+    assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    assert all(len(lp[k]) == 12 for k in lp)
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(12)]
+    for tok, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True):
+        assert 1 <= len(top) <= 3 and top[tok] == value == max(top.values())  # greedy: the chosen is the top
+    chunks = stream_choices(http, "/v1/completions", completion_body(max_tokens=12, logprobs=2))
+    assert {k: [x for c in chunks for x in c["logprobs"][k]] for k in lp} == lp
+    # a continued stream's offsets go on from the text its client has
+    ids = [i for note, _ in noted_stream(http, "/v1/completions", completion_body(max_tokens=12))
+           for i in note.get("token_ids", [])]
+    prompt = byte_tokenizer().encode(PROMPT)
+    rest = complete(http, prompt=prompt + ids[:5], resumed_tokens=5, max_tokens=7, logprobs=2)
+    assert rest["choices"][0]["logprobs"]["text_offset"] == lp["text_offset"][5:]
+    # in chat's shape, for a chat stream the activator continues here
+    chat_shape = complete(http, prompt=prompt + ids[:5], resumed_tokens=5, max_tokens=7, logprobs=2,
+                          chat_logprobs=True)["choices"][0]["logprobs"]
+    assert [e["logprob"] for e in chat_shape["content"]] == pytest.approx(lp["token_logprobs"][5:], abs=1e-4)
+
+
+def test_logprobs_are_the_model_s_before_bias_and_penalties(http: httpx.Client) -> None:
+    plain = complete(http, max_tokens=1, logprobs=5)["choices"][0]["logprobs"]
+    biased = complete(http, max_tokens=1, logprobs=5, logit_bias={"150": 100, "151": 100},
+                      frequency_penalty=2.0)["choices"][0]["logprobs"]
+    assert biased["tokens"] != plain["tokens"]  # the bias chose the token (150 or 151) ...
+    assert biased["token_logprobs"][0] < min(plain["top_logprobs"][0].values())  # ... an unlikely one
+    top = dict(biased["top_logprobs"][0])
+    top.pop(biased["tokens"][0])  # ... the top 5 stay the model's own
+    assert top.items() <= plain["top_logprobs"][0].items()
 
 
 # -- disconnects, concurrency, metrics ----------------------------------------------------------
@@ -563,8 +644,10 @@ def test_client_disconnect_returns_blocks_to_the_pool(http: httpx.Client) -> Non
 
 
 def test_concurrent_requests_match_sequential(http: httpx.Client, tiny_server: str) -> None:
-    bodies = [completion_body(prompt=f"request {i}: {PROMPT[: i + 1]}", max_tokens=4 + 2 * i) for i in range(8)]
-    alone = [text_of(http, **b) for b in bodies]
+    # every other one asks for logprobs: each batched row's must be its own
+    bodies = [completion_body(prompt=f"request {i}: {PROMPT[: i + 1]}", max_tokens=4 + 2 * i,
+                              logprobs=2 if i % 2 else None) for i in range(8)]
+    alone = [complete(http, **b)["choices"][0] for b in bodies]
 
     async def all_at_once() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=tiny_server, timeout=60) as client:
@@ -572,7 +655,13 @@ def test_concurrent_requests_match_sequential(http: httpx.Client, tiny_server: s
 
     responses = asyncio.run(all_at_once())
     assert [r.status_code for r in responses] == [200] * 8
-    assert [r.json()["choices"][0]["text"] for r in responses] == alone
+    together = [r.json()["choices"][0] for r in responses]
+    assert [c["text"] for c in together] == [c["text"] for c in alone]
+    for c, a in zip(together, alone, strict=True):
+        assert (c["logprobs"] is None) == (a["logprobs"] is None)
+        if a["logprobs"] is not None:
+            assert c["logprobs"]["tokens"] == a["logprobs"]["tokens"]
+            assert c["logprobs"]["token_logprobs"] == pytest.approx(a["logprobs"]["token_logprobs"], abs=1e-4)
     assert [r.json()["usage"]["completion_tokens"] for r in responses] == [b["max_tokens"] for b in bodies]
 
 

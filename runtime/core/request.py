@@ -24,6 +24,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), ids distinct
+    logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely
 
     def __post_init__(self) -> None:
         if self.resumed_tokens < 0:
@@ -42,6 +43,8 @@ class SamplingParams:
             raise ValueError("logit_bias token ids must be distinct and >= 0")
         if any(not -100 <= b <= 100 for _, b in self.logit_bias):
             raise ValueError("logit_bias values must be in [-100, 100]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:

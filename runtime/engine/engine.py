@@ -21,6 +21,7 @@ from runtime.core.memory import context_bound, reservation_blocks
 from runtime.core.request import FinishReason, Request, SamplingParams
 from runtime.core.scheduler import Scheduler, SchedulerConfig, StepPlan
 from runtime.engine.detokenizer import IncrementalDetokenizer
+from runtime.engine.logprobs import TokenLogprob, TokenSpelling, token_logprob
 from runtime.engine.runner import ModelRunner
 from runtime.engine.sampler import sample
 from runtime.models.llama import PagedKVCache
@@ -66,6 +67,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     continuation: Continuation | None = None  # set when finish_reason is PREEMPTED
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per new token, when the request asked
 
     @property
     def finished(self) -> bool:
@@ -114,6 +116,7 @@ class LLMEngine:
         )
         self.runner = ModelRunner(loaded.model, self.cache)
         self.tokenizer: Any = loaded.tokenizer
+        self.spelling = TokenSpelling(self.tokenizer)  # token ids as logprobs report them
         self.eos_ids = frozenset(mc.eos_token_ids) | self._tokenizer_eos()
         self._detok: dict[RequestId, IncrementalDetokenizer] = {}
         self._gens: dict[RequestId, torch.Generator | None] = {}
@@ -197,6 +200,7 @@ class LLMEngine:
         params = [r.params if r else SamplingParams(temperature=0) for r in reqs]
         generated = [_generated(r) if r is not None and r.params.penalized else () for r in reqs]
         tokens = sample(logits, params, [self._gens.get(r) for r in rids], generated)
+        rows = {r: i for i, r in enumerate(rids)}
         now = clock() if clock is not None else None
         updates = self.scheduler.update(plan, dict(zip(rids, tokens, strict=True)), now)  # apply
         outputs: list[RequestOutput] = evicted
@@ -208,8 +212,11 @@ class LLMEngine:
             if detok.stopped and reason is None:
                 reason = FinishReason.STOP
                 self.scheduler.finish(u.rid, reason)
+            k = req.params.logprobs
+            lps = () if k is None else tuple(token_logprob(logits[rows[u.rid]], t, k) for t in u.new_token_ids)
             outputs.append(RequestOutput(
-                u.rid, u.new_token_ids, text, reason, len(req.prompt_token_ids), len(req.output_token_ids)
+                u.rid, u.new_token_ids, text, reason, len(req.prompt_token_ids), len(req.output_token_ids),
+                logprobs=lps,
             ))
             if reason is not None:
                 self._forget(u.rid)

@@ -24,6 +24,7 @@ from runtime.core.lifecycle import InstanceState
 from runtime.core.request import SamplingParams
 from runtime.device_thread import AdmissionRefused, EngineDeadError, InstanceUnavailable
 from runtime.engine.engine import RequestOutput
+from runtime.engine.logprobs import LogprobsFormat, TokenLogprob
 from runtime.pod import Pod, PodError, Served
 from runtime.server.admin import admin_router
 from runtime.server.metrics import ServerMetrics
@@ -211,7 +212,8 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
     def params_of(req: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                               seed=req.seed, stop=req.stop_list(), presence_penalty=req.presence_penalty,
-                              frequency_penalty=req.frequency_penalty, logit_bias=req.bias())
+                              frequency_penalty=req.frequency_penalty, logit_bias=req.bias(),
+                              logprobs=req.logprobs_k())
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -223,8 +225,15 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
             raise APIError(400, "resumed_tokens needs a token-id prompt longer than it", param="resumed_tokens")
         params = replace(params_of(body, min(body.max_tokens or 16, m.spec.max_output_tokens)),
                          resumed_tokens=body.resumed_tokens)
+        lp = None
+        if params.logprobs is not None:
+            assert m.engine is not None
+            spell = m.engine.spelling
+            # text_offset counts on from the output a continued stream's client already has
+            offset = sum(len(spell.text_of(i)) for i in ids[len(ids) - body.resumed_tokens:])
+            lp = LogprobsFormat(spell, chat=body.chat_logprobs, offset=0 if body.chat_logprobs else offset)
         return await run(m, request, ids, params, body.stream, chat=False,
-                         include_usage=bool(body.stream_options and body.stream_options.include_usage))
+                         include_usage=bool(body.stream_options and body.stream_options.include_usage), lp=lp)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
@@ -247,11 +256,12 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
         asked = body.max_completion_tokens or body.max_tokens or eng.max_model_len
         max_tokens = min(asked, m.spec.max_output_tokens)  # the function's own output limit
         params = params_of(body, max_tokens)
+        lp = LogprobsFormat(eng.spelling, chat=True) if params.logprobs is not None else None
         return await run(m, request, ids, params, body.stream, chat=True,
-                         include_usage=bool(body.stream_options and body.stream_options.include_usage))
+                         include_usage=bool(body.stream_options and body.stream_options.include_usage), lp=lp)
 
     async def run(m: Served, request: Request, ids: list[int], params: SamplingParams,
-                  stream: bool, chat: bool, include_usage: bool) -> Response:
+                  stream: bool, chat: bool, include_usage: bool, lp: LogprobsFormat | None) -> Response:
         rid = pod.device.new_id(m.name)
         public_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
@@ -264,14 +274,16 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
             noted = request.headers.get(TOKEN_IDS_HEADER) == "1"
             note = {"prompt_token_ids": ids, "max_tokens": params.max_tokens} if noted else None
             return StreamingResponse(
-                sse(m.name, gen, first, public_id, created, chat, include_usage, len(ids), note),
+                sse(m.name, gen, first, public_id, created, chat, include_usage, len(ids), note, lp),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         text: list[str] = []
+        lps: list[TokenLogprob] = []
         last: RequestOutput | None = None
         try:
             async for out in gen:
                 text.append(out.text)
+                lps.extend(out.logprobs)
                 last = out
                 if await request.is_disconnected():
                     break  # leaving the loop closes gen, which aborts the request
@@ -286,16 +298,17 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
         usage = {"prompt_tokens": len(ids), "completion_tokens": last.completion_tokens,
                  "total_tokens": len(ids) + last.completion_tokens}
         content = "".join(text)
+        logprobs = lp(lps) if lp is not None else None
         if chat:
             return JSONResponse({
                 "id": public_id, "object": "chat.completion", "created": created, "model": m.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                             "finish_reason": reason, "logprobs": None, **extra}],
+                             "finish_reason": reason, "logprobs": logprobs, **extra}],
                 "usage": usage,
             })
         return JSONResponse({
             "id": public_id, "object": "text_completion", "created": created, "model": m.name,
-            "choices": [{"index": 0, "text": content, "finish_reason": reason, "logprobs": None, **extra}],
+            "choices": [{"index": 0, "text": content, "finish_reason": reason, "logprobs": logprobs, **extra}],
             "usage": usage,
         })
 
@@ -331,14 +344,23 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
 
     async def sse(name: str, gen: AsyncGenerator[RequestOutput, None], first: RequestOutput, public_id: str,
                   created: int, chat: bool, include_usage: bool, prompt_n: int,
-                  note: dict[str, Any] | None) -> AsyncIterator[bytes]:
+                  note: dict[str, Any] | None, lp: LogprobsFormat | None) -> AsyncIterator[bytes]:
         """The stream's events. With ``note`` (the activator asked, ``TOKEN_IDS_HEADER``) each event
         starts with a comment line naming the output ids behind it (``functions.STREAM_NOTE``): the
         first carries ``note`` (prompt ids, max_tokens) as well; ids whose text is held back ride on
         the next event. So the ids of the events a client has received always match its text, and
-        another instance primed with them (``resumed_tokens``) continues it exactly."""
+        another instance primed with them (``resumed_tokens``) continues it exactly. Logprobs
+        (``lp``) ride the same way: with the event that carries their token's text."""
         obj = "chat.completion.chunk" if chat else "text_completion"
         unsent: list[int] = []  # output ids not yet named in a note
+        unsent_lps: list[TokenLogprob] = []  # their logprobs, when asked for
+
+        def logprobs() -> dict[str, Any] | None:
+            if lp is None:
+                return None
+            out = lp(unsent_lps)
+            unsent_lps.clear()
+            return out
 
         def noted(event: bytes, finish: str | None = None) -> bytes:
             nonlocal note
@@ -360,9 +382,10 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
                     delta["role"] = "assistant"
                 if delta_text is not None:
                     delta["content"] = delta_text
-                choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+                choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": reason,
+                                          "logprobs": None if first else logprobs()}
             else:
-                choice = {"index": 0, "text": delta_text or "", "finish_reason": reason, "logprobs": None}
+                choice = {"index": 0, "text": delta_text or "", "finish_reason": reason, "logprobs": logprobs()}
             choice.update(extra or {})
             payload = {"id": public_id, "object": obj, "created": created, "model": name, "choices": [choice]}
             return b"data: " + json.dumps(payload).encode() + b"\n\n"
@@ -373,6 +396,7 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
             last: RequestOutput | None = None
             async for out in prepend(first, gen):
                 last = out
+                unsent_lps.extend(out.logprobs)
                 if out.continuation is not None:  # preempted: the held-back tail rides on the
                     # final chunk, so a continuing client can drop it and resume exactly
                     yield chunk(out.text, out.finish_reason.value if out.finish_reason else None,

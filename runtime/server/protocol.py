@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's chat limit; the completions API's 5 is raised to it, as vLLM does
 
 # Stop strings are matched against the text after every token of the request, on the device's
 # thread: a few short ones is what they are for (OpenAI takes up to 4).
@@ -82,11 +93,16 @@ class _SamplingFields(BaseModel):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int]
-    logprobs: Any = None
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # true is chat's, not this
+    # slinfer extension: logprobs in chat's shape, for a chat stream the activator continues here
+    chat_logprobs: StrictBool = False
     echo: Any = None
     best_of: Any = None
     suffix: Any = None
-    NEUTRAL = {"logprobs": (None,), "echo": (None, False), "best_of": (None, 1), "suffix": (None, "")}
+    NEUTRAL = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, "")}
+
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     # slinfer extension for continuing a preempted stream: the prompt is token ids (prompt +
     # output so far) and its last `resumed_tokens` ids are output the client already received.
@@ -125,8 +141,8 @@ class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: Any = None
-    top_logprobs: Any = None
+    logprobs: StrictBool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
@@ -136,11 +152,21 @@ class ChatCompletionRequest(_SamplingFields):
     audio: Any = None
     modalities: Any = None
     NEUTRAL = {
-        "logprobs": (None, False), "top_logprobs": (None, 0), "response_format": (None, {"type": "text"}),
+        "response_format": (None, {"type": "text"}),
         "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
         "function_call": (None, "none", "auto"), "prediction": (None,), "audio": (None,),
         "modalities": (None, ["text"]),
     }
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
+    def logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("messages", mode="before")
     @classmethod
