@@ -43,7 +43,8 @@ from functions import STREAM_NOTE
 
 DONE = b"data: [DONE]\n\n"
 NOTE = STREAM_NOTE.encode()
-CONTINUE_KEYS = ("temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty", "logit_bias")
+CONTINUE_KEYS = ("temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty", "logit_bias",
+                 "response_format")
 MAX_FAILOVERS = 2  # continuations of one stream after its instance died
 
 # (path, body, when the stream's first token came: time.monotonic() or None) -> an open upstream

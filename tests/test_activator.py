@@ -695,12 +695,13 @@ def test_a_continuation_asks_for_the_same_sampling() -> None:
 
     original = {"model": "f", "messages": [], "temperature": 0.7, "top_p": 0.9, "seed": 3, "stop": ["x"],
                 "presence_penalty": 0.5, "frequency_penalty": -1.0, "logit_bias": {"7": -100}, "user": "u",
-                "max_tokens": 9}
+                "max_tokens": 9, "response_format": {"type": "json_object"}}
     m = Moved([1, 2], output_ids=[3], max_tokens=9)
     body = m.body("f-fn", original, stream=True)
     assert body == {"model": "f-fn", "prompt": [1, 2, 3], "stream": True, "max_tokens": 8, "resumed_tokens": 1,
                     "stream_options": {"include_usage": True}, "temperature": 0.7, "top_p": 0.9, "seed": 3,
-                    "stop": ["x"], "presence_penalty": 0.5, "frequency_penalty": -1.0, "logit_bias": {"7": -100}}
+                    "stop": ["x"], "presence_penalty": 0.5, "frequency_penalty": -1.0, "logit_bias": {"7": -100},
+                    "response_format": {"type": "json_object"}}
 
 
 def test_held_requests_retry_through_the_gate_without_a_storm() -> None:
@@ -894,25 +895,36 @@ def activator_over(setup: Setup, first: str, second: str) -> Iterator[str]:
         yield url
 
 
-def long_body(chat: bool, logprobs: bool = False) -> dict[str, Any]:
+# ~90 tokens of JSON from the tiny model, ended by the grammar
+WORDS_FORMAT = {"type": "json_schema", "json_schema": {"name": "words", "schema": {
+    "type": "object", "required": ["words"], "additionalProperties": False,
+    "properties": {"words": {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 8,
+                             "maxItems": 8}}}}}
+
+
+def long_body(chat: bool, logprobs: bool = False, structured: bool = False) -> dict[str, Any]:
     body: dict[str, Any] = {"model": "tiny", "temperature": 0, "max_tokens": 150,
                             "stream_options": {"include_usage": True}}
     body |= logprobs_ask(chat) if logprobs else {}
+    body |= {"response_format": WORDS_FORMAT} if structured else {}
     return body | ({"messages": [{"role": "user", "content": "hello"}]} if chat else {"prompt": "hello"})
 
 
-@pytest.mark.parametrize(("chat", "after_events", "linger_s", "logprobs"), [
-    (False, 5, 0.0, False), (True, 5, 0.0, False), (True, 0, 0.3, False), (False, 5, 0.0, True), (True, 5, 0.0, True)])
+@pytest.mark.parametrize(("chat", "after_events", "linger_s", "logprobs", "structured"), [
+    (False, 5, 0.0, False, False), (True, 5, 0.0, False, False), (True, 0, 0.3, False, False),
+    (False, 5, 0.0, True, False), (True, 5, 0.0, True, False), (True, 5, 0.0, False, True)])
 def test_a_stream_whose_pod_dies_mid_stream_goes_on_elsewhere(setup: Setup, chat: bool, after_events: int,
-                                                               linger_s: float, logprobs: bool) -> None:
+                                                               linger_s: float, logprobs: bool, structured: bool) -> None:
     # The pod behind the proxy "dies" after the 5th event (or right after its response head): the
     # activator continues from the ids its notes named (or sends the request again when nothing
     # reached the client) on the other pod; the client sees one stream equal to an uninterrupted one.
-    full, plain, _ = stream_text(setup.pods[1], long_body(chat, logprobs))
+    full, plain, _ = stream_text(setup.pods[1], long_body(chat, logprobs, structured))
     assert plain[-1]["usage"]["completion_tokens"] > 20, "too short to be cut mid-stream"
+    if structured:  # the grammar ended it, and goes on where it was after the move
+        assert plain[-2]["choices"][0]["finish_reason"] == "stop" and len(json.loads(full)["words"]) == 8
     with CutProxy(setup.pods[0], after_events=after_events, linger_s=linger_s) as proxy, \
             activator_over(setup, proxy, setup.pods[1]) as url:
-        text, chunks, done = stream_text(url, long_body(chat, logprobs))
+        text, chunks, done = stream_text(url, long_body(chat, logprobs, structured))
         assert metric(url, "slinfer_activator_failovers_total", function="tiny") == 1
         assert metric(url, "slinfer_activator_continuations_total", 0.0, function="tiny") == 0
     assert text == full

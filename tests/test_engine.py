@@ -290,9 +290,9 @@ def test_penalties_count_a_continued_stream_s_resumed_tokens(tiny, monkeypatch):
 
     seen: list[list[int]] = []
 
-    def spy(logits, params, generators, generated=None):
+    def spy(logits, params, generators, generated=None, allowed=None):
         seen.extend(list(g) for g, p in zip(generated or [], params, strict=True) if p.penalized)
-        return real(logits, params, generators, generated)
+        return real(logits, params, generators, generated, allowed)
 
     real = engine_mod.sample
     monkeypatch.setattr(engine_mod, "sample", spy)
@@ -305,3 +305,17 @@ def test_penalties_count_a_continued_stream_s_resumed_tokens(tiny, monkeypatch):
     seen.clear()
     run_all(eng, {0: [("b", prompt, replace(sp, resumed_tokens=0))]})
     assert seen[0] == []  # a fresh request has generated nothing
+
+
+def test_a_grammar_s_mask_leaves_only_the_tokens_it_allows():
+    from runtime.engine.sampler import sample
+
+    logits = torch.tensor([[1.0, 0.9, 0.0, 0.5]])
+    allowed = torch.tensor([False, False, True, True])
+    assert sample(logits, [SamplingParams(temperature=0)], [None], None, [allowed]) == [3]
+    # with a bias that would pick a masked token, the mask still wins
+    biased = SamplingParams(temperature=0, logit_bias=((0, 100.0),))
+    assert sample(logits, [biased], [None], [()], [allowed]) == [3]
+    g = torch.Generator().manual_seed(2)
+    hot = SamplingParams(temperature=2.0)
+    assert {sample(logits, [hot], [g], None, [allowed])[0] for _ in range(200)} == {2, 3}

@@ -460,7 +460,6 @@ def test_logit_bias_past_the_vocabulary_is_400(http: httpx.Client) -> None:
 
 
 @pytest.mark.parametrize(("path", "asks"), [
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
     ("/v1/chat/completions", {"tool_choice": "required"}),
     ("/v1/chat/completions", {"modalities": ["text", "audio"]}),
@@ -469,8 +468,8 @@ def test_logit_bias_past_the_vocabulary_is_400(http: httpx.Client) -> None:
     ("/v1/completions", {"suffix": "}"}),
 ], ids=lambda v: v if isinstance(v, str) and v.startswith("/") else "-".join(f"{k}={v[k]}"[:24] for k in v))
 def test_what_we_do_not_serve_is_refused_not_ignored(http: httpx.Client, path: str, asks: dict[str, Any]) -> None:
-    # Answered as if not asked, a client that wanted JSON or tool calls would get plain text and
-    # could not tell.
+    # Answered as if not asked, a client that wanted tool calls would get plain text and could
+    # not tell.
     body = (chat_body if "chat" in path else completion_body)(**asks)
     err = assert_error(http.post(path, json=body), 400, "unsupported_parameter")
     (name,) = asks
@@ -479,7 +478,7 @@ def test_what_we_do_not_serve_is_refused_not_ignored(http: httpx.Client, path: s
 
 
 @pytest.mark.parametrize(("path", "asks"), [
-    ("/v1/chat/completions", {"logprobs": False, "response_format": {"type": "text"},
+    ("/v1/chat/completions", {"logprobs": False,
                               "tools": [], "tool_choice": "auto", "parallel_tool_calls": True, "user": "u"}),
     ("/v1/completions", {"echo": False, "best_of": 1, "suffix": "", "logprobs": None, "user": "u"}),
 ], ids=["chat", "completion"])
@@ -589,6 +588,77 @@ def test_logprobs_are_the_model_s_before_bias_and_penalties(http: httpx.Client) 
     top = dict(biased["top_logprobs"][0])
     top.pop(biased["tokens"][0])  # ... the top 5 stay the model's own
     assert top.items() <= plain["top_logprobs"][0].items()
+
+
+# -- structured output (response_format) --------------------------------------------------------
+WORDS_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["ok", "n", "words"],
+                "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99},
+                               "words": {"type": "array", "items": {"type": "string", "maxLength": 6},
+                                         "minItems": 3, "maxItems": 3}}}
+WORDS_FORMAT = {"type": "json_schema", "json_schema": {"name": "words", "schema": WORDS_SCHEMA}}
+
+
+def assert_follows_words_schema(text: str) -> None:
+    value = json.loads(text)
+    assert set(value) == {"ok", "n", "words"} and isinstance(value["ok"], bool)
+    assert isinstance(value["n"], int) and 0 <= value["n"] <= 99
+    assert len(value["words"]) == 3 and all(isinstance(w, str) and len(w) <= 6 for w in value["words"])
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_json_schema_output_follows_the_schema_and_ends_there(http: httpx.Client, path: str) -> None:
+    # A random-weight model writes what the grammar lets it: every token it could not is masked.
+    make = chat_body if "chat" in path else completion_body
+    body = make(max_tokens=200, response_format=WORDS_FORMAT)
+    out = http.post(path, json=body).json()
+    (choice,) = out["choices"]
+    text = choice["message"]["content"] if "chat" in path else choice["text"]
+    assert choice["finish_reason"] == "stop" and out["usage"]["completion_tokens"] < 200  # the grammar ended it
+    assert_follows_words_schema(text)
+    chunks = stream_choices(http, path, body)
+    assert "".join((c.get("delta") or {}).get("content") or c.get("text") or "" for c in chunks) == text
+    plain = http.post(path, json=make(max_tokens=40)).json()["choices"][0]
+    with pytest.raises(ValueError):  # unconstrained, the same model writes no JSON
+        json.loads(plain["message"]["content"] if "chat" in path else plain["text"])
+
+
+def test_a_continued_structured_stream_goes_on_where_the_grammar_was(http: httpx.Client) -> None:
+    # The guide of a continuation follows its resumed tokens first, so the rest is the same.
+    body = completion_body(max_tokens=200, response_format=WORDS_FORMAT)
+    events = noted_stream(http, "/v1/completions", body)
+    ids = [i for note, _ in events for i in note.get("token_ids", [])]
+    full = "".join(c["choices"][0]["text"] for _, c in events if c["choices"])
+    prompt = events[0][0]["prompt_token_ids"]
+    for k in (1, 9, len(ids) // 2):
+        sent = byte_tokenizer().decode(ids[:k])
+        rest = complete(http, prompt=prompt + ids[:k], resumed_tokens=k, max_tokens=200 - k, response_format=WORDS_FORMAT)
+        if not sent.endswith("\ufffd"):  # (a split character is re-sent whole: text compared whole below)
+            assert sent + rest["choices"][0]["text"] == full, f"after {k} tokens"
+        assert rest["choices"][0]["finish_reason"] == "stop"
+    # resumed tokens the grammar does not allow are refused, and the server goes on
+    bad = byte_tokenizer().encode("xy")
+    err = assert_error(http.post("/v1/completions", json=completion_body(prompt=prompt + bad, resumed_tokens=2,
+                                                                          response_format=WORDS_FORMAT)), 400)
+    assert "grammar" in err["message"]
+    assert_still_serving(http)
+
+
+@pytest.mark.parametrize(("fmt", "status"), [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}, 400),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "minProperties": "x"}}}, 400),
+    ({"type": "json_schema"}, 422),
+    ({"type": "xml"}, 422),
+    ("json", 422),
+], ids=["type-nonsense", "minProperties-str", "json_schema-missing", "type-xml", "not-an-object"])
+def test_a_response_format_we_cannot_enforce_is_refused(http: httpx.Client, fmt: Any, status: int) -> None:
+    err = assert_error(http.post("/v1/chat/completions", json=chat_body(response_format=fmt)), status)
+    assert (err["param"] or "").startswith("response_format")
+    assert_still_serving(http)
+
+
+def test_response_format_text_is_plain_output(http: httpx.Client) -> None:
+    got = http.post("/v1/chat/completions", json=chat_body(response_format={"type": "text"})).json()
+    assert got["choices"] == http.post("/v1/chat/completions", json=chat_body()).json()["choices"]
 
 
 # -- disconnects, concurrency, metrics ----------------------------------------------------------
@@ -703,6 +773,21 @@ def test_smollm2_with_openai_client() -> None:
         assert comp.object == "text_completion"
         assert comp.usage is not None and comp.usage.completion_tokens <= 8
         assert "Paris" in comp.choices[0].text
+
+        # JSON mode, a schema, and logprobs through the client's own types
+        ask = [{"role": "user", "content": "Give the capital of France as JSON."}]
+        obj = client.chat.completions.create(model="smollm2", messages=ask, temperature=0, max_tokens=60,
+                                             response_format={"type": "json_object"})
+        assert obj.choices[0].finish_reason == "stop" and isinstance(json.loads(obj.choices[0].message.content or ""), dict)
+        schema = {"type": "object", "properties": {"capital": {"type": "string"}}, "required": ["capital"],
+                  "additionalProperties": False}
+        fmt: Any = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+        typed = client.chat.completions.create(model="smollm2", messages=ask, temperature=0, max_tokens=60,
+                                               response_format=fmt, logprobs=True, top_logprobs=2)
+        assert "Paris" in json.loads(typed.choices[0].message.content or "")["capital"]
+        lp = typed.choices[0].logprobs
+        assert lp is not None and lp.content is not None and len(lp.content) == typed.usage.completion_tokens  # type: ignore[union-attr]
+        assert lp.content[0].token.startswith("{")
 
 
 @pytest.mark.parametrize("header", ["slinfer-elapsed-s", "slinfer-first-token-age-s"])

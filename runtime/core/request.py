@@ -25,6 +25,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), ids distinct
     logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely
+    grammar: str | None = None  # structured output: an llguidance grammar (runtime.engine.structured)
 
     def __post_init__(self) -> None:
         if self.resumed_tokens < 0:

@@ -24,6 +24,7 @@ from runtime.engine.detokenizer import IncrementalDetokenizer
 from runtime.engine.logprobs import TokenLogprob, TokenSpelling, token_logprob
 from runtime.engine.runner import ModelRunner
 from runtime.engine.sampler import sample
+from runtime.engine.structured import Grammars, Guide
 from runtime.models.llama import PagedKVCache
 from runtime.models.loader import LoadedModel
 
@@ -119,6 +120,8 @@ class LLMEngine:
         self.spelling = TokenSpelling(self.tokenizer)  # token ids as logprobs report them
         self.eos_ids = frozenset(mc.eos_token_ids) | self._tokenizer_eos()
         self._detok: dict[RequestId, IncrementalDetokenizer] = {}
+        self._guides: dict[RequestId, Guide] = {}  # requests with a grammar (response_format)
+        self.grammars = Grammars(self.tokenizer, loaded.config.vocab_size)
         self._gens: dict[RequestId, torch.Generator | None] = {}
         self.last_plan: StepPlan | None = None
 
@@ -138,6 +141,8 @@ class LLMEngine:
         if params.resumed_tokens >= len(prompt_token_ids):
             raise ValueError(f"resumed_tokens ({params.resumed_tokens}) must be < the prompt's "
                              f"{len(prompt_token_ids)} tokens")
+        resumed = prompt_token_ids[len(prompt_token_ids) - params.resumed_tokens:]
+        guide = self.grammars.guide(params.grammar, resumed) if params.grammar is not None else None
         self.scheduler.add(Request(
             rid=rid, prompt_token_ids=tuple(prompt_token_ids), params=params, arrival_s=now,
             eos_token_ids=self.eos_ids, deadline_resumed=min(deadline_resumed, params.resumed_tokens),
@@ -145,7 +150,9 @@ class LLMEngine:
         ))
         detok = self._detok[rid] = IncrementalDetokenizer(self.tokenizer, params.stop)
         if params.resumed_tokens:  # the client has this text already: prime, do not emit
-            detok.add(prompt_token_ids[-params.resumed_tokens:])
+            detok.add(resumed)
+        if guide is not None:
+            self._guides[rid] = guide
         if params.greedy:
             self._gens[rid] = None
         else:
@@ -178,6 +185,7 @@ class LLMEngine:
     def _forget(self, rid: RequestId) -> None:
         self._detok.pop(rid, None)
         self._gens.pop(rid, None)
+        self._guides.pop(rid, None)
 
     @property
     def has_work(self) -> bool:
@@ -199,7 +207,12 @@ class LLMEngine:
         by_id = {r.rid: r for r in reqs if r is not None}  # still readable after they finish
         params = [r.params if r else SamplingParams(temperature=0) for r in reqs]
         generated = [_generated(r) if r is not None and r.params.penalized else () for r in reqs]
-        tokens = sample(logits, params, [self._gens.get(r) for r in rids], generated)
+        guides = [self._guides.get(r) for r in rids]
+        allowed = [g.allowed() if g is not None else None for g in guides] if self._guides else None
+        tokens = sample(logits, params, [self._gens.get(r) for r in rids], generated, allowed)
+        for g, t in zip(guides, tokens, strict=True):
+            if g is not None:
+                g.accept(t)
         rows = {r: i for i, r in enumerate(rids)}
         now = clock() if clock is not None else None
         updates = self.scheduler.update(plan, dict(zip(rids, tokens, strict=True)), now)  # apply
@@ -209,9 +222,11 @@ class LLMEngine:
             detok = self._detok[u.rid]
             reason = u.finish_reason
             text = detok.add(u.new_token_ids, final=reason is not None)
-            if detok.stopped and reason is None:
-                reason = FinishReason.STOP
+            guide = self._guides.get(u.rid)
+            if reason is None and (detok.stopped or (guide is not None and guide.done)):
+                reason = FinishReason.STOP  # a stop string, or the grammar is complete
                 self.scheduler.finish(u.rid, reason)
+                text += detok.add((), final=True)
             k = req.params.logprobs
             lps = () if k is None else tuple(token_logprob(logits[rows[u.rid]], t, k) for t in u.new_token_ids)
             outputs.append(RequestOutput(

@@ -1,8 +1,9 @@
-"""Token sampling: greedy, temperature, top-p, per-request seeded generators, and OpenAI's logit
-adjustments (logit_bias, presence and frequency penalties)."""
+"""Token sampling: greedy, temperature, top-p, per-request seeded generators, OpenAI's logit
+adjustments (logit_bias, presence and frequency penalties) and a grammar's mask."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -26,14 +27,19 @@ def adjusted(row: Tensor, p: SamplingParams, generated: Sequence[int]) -> Tensor
 
 
 def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           generated: Sequence[Sequence[int]] | None = None) -> list[int]:
+           generated: Sequence[Sequence[int]] | None = None,
+           allowed: Sequence[Tensor | None] | None = None) -> list[int]:
     """One token per row. Greedy rows use argmax (what HF generate(do_sample=False) does).
-    ``generated[i]``: row i's generated tokens, needed only for rows with penalties."""
+    ``generated[i]``: row i's generated tokens, needed only for rows with penalties;
+    ``allowed[i]``: the tokens row i may sample (a grammar's mask), None for any."""
     out = logits.argmax(dim=-1).tolist()
     for i, p in enumerate(params):
-        if p.greedy and not p.adjusts_logits:
+        mask = allowed[i] if allowed is not None else None
+        if p.greedy and not p.adjusts_logits and mask is None:
             continue
         row = adjusted(logits[i], p, generated[i] if generated is not None else ()) if p.adjusts_logits else logits[i]
+        if mask is not None:
+            row = row.float().masked_fill(~mask, -math.inf)
         if p.greedy:
             out[i] = int(row.argmax())
             continue

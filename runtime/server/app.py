@@ -209,6 +209,16 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
             raise APIError(400, f"logit_bias keys must be token ids in [0, {vocab})", code="invalid_value",
                            param="logit_bias")
 
+    async def grammar_of(m: Served, req: CompletionRequest | ChatCompletionRequest) -> str | None:
+        schema = req.response_format.output_schema() if req.response_format is not None else None
+        if schema is None:
+            return None
+        assert m.engine is not None
+        try:  # a large schema takes milliseconds: off the event loop
+            return await asyncio.to_thread(m.engine.grammars.compile, schema)
+        except ValueError as e:
+            raise APIError(400, str(e), code="invalid_value", param="response_format") from None
+
     def params_of(req: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                               seed=req.seed, stop=req.stop_list(), presence_penalty=req.presence_penalty,
@@ -224,7 +234,7 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
         if body.resumed_tokens and (isinstance(body.prompt, str) or body.resumed_tokens >= len(ids)):
             raise APIError(400, "resumed_tokens needs a token-id prompt longer than it", param="resumed_tokens")
         params = replace(params_of(body, min(body.max_tokens or 16, m.spec.max_output_tokens)),
-                         resumed_tokens=body.resumed_tokens)
+                         resumed_tokens=body.resumed_tokens, grammar=await grammar_of(m, body))
         lp = None
         if params.logprobs is not None:
             assert m.engine is not None
@@ -255,7 +265,7 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
         check_prompt(m, ids, "messages")
         asked = body.max_completion_tokens or body.max_tokens or eng.max_model_len
         max_tokens = min(asked, m.spec.max_output_tokens)  # the function's own output limit
-        params = params_of(body, max_tokens)
+        params = replace(params_of(body, max_tokens), grammar=await grammar_of(m, body))
         lp = LogprobsFormat(eng.spelling, chat=True) if params.logprobs is not None else None
         return await run(m, request, ids, params, body.stream, chat=True,
                          include_usage=bool(body.stream_options and body.stream_options.include_usage), lp=lp)

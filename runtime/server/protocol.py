@@ -27,6 +27,33 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    name: str = "response"
+    schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: StrictBool | None = None  # we always enforce the schema
+    description: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs 'json_schema': {'name': ..., 'schema': {...}}")
+        return self
+
+    def output_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the output must follow; None for plain text."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.type == "json_schema":
+            assert self.json_schema is not None
+            return self.json_schema.schema_
+        return None
+
+
 class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, ...)
 
@@ -44,6 +71,9 @@ class _SamplingFields(BaseModel):
     # token id (a JSON key, so a string) -> added to its logit; the ids are checked against the
     # model's vocabulary once the model is known
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    # JSON output, enforced token by token (runtime.engine.structured); also taken by
+    # /v1/completions, as vLLM does (and as a chat stream continued there needs)
+    response_format: ResponseFormat | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -143,7 +173,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: StrictBool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-    response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -152,7 +181,6 @@ class ChatCompletionRequest(_SamplingFields):
     audio: Any = None
     modalities: Any = None
     NEUTRAL = {
-        "response_format": (None, {"type": "text"}),
         "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
         "function_call": (None, "none", "auto"), "prediction": (None,), "audio": (None,),
         "modalities": (None, ["text"]),
