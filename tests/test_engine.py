@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -319,3 +320,61 @@ def test_a_grammar_s_mask_leaves_only_the_tokens_it_allows():
     g = torch.Generator().manual_seed(2)
     hot = SamplingParams(temperature=2.0)
     assert {sample(logits, [hot], [g], None, [allowed])[0] for _ in range(200)} == {2, 3}
+
+
+def test_a_grammar_that_fails_midway_ends_its_request_only(tiny, monkeypatch):
+    # llguidance may fail mid-generation (resource limits, a dead end): that request stops there;
+    # the step does not raise (an exception there would evict every request of the instance).
+    from runtime.engine import structured
+
+    class Failing:
+        """A matcher that allows every token, then, after 3, none; or rejects the 3rd token."""
+
+        def __init__(self, how: str) -> None:
+            self.how, self.n = how, 0
+
+        def consume_tokens(self, ids):
+            return True
+
+        def consume_token(self, t):
+            self.n += 1
+            return not (self.how == "reject" and self.n == 3)
+
+        def is_error(self):
+            return False
+
+        def get_error(self):
+            return "simulated"
+
+        def is_stopped(self):
+            return False
+
+        def unsafe_compute_mask_ptr(self, ptr, size):
+            import ctypes
+
+            ctypes.memset(ptr, 0xFF if self.n < 3 else 0, size)
+
+    eng = LLMEngine(tiny)
+    for how in ("empty-mask", "reject"):
+        monkeypatch.setattr(eng.grammars, "guide", lambda g, r=(), e=(), how=how: structured.Guide(Failing(how), eng.grammars.vocab_size, r, e))
+        free = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+        guided = replace(free, grammar="(any)")
+        out = run_all(eng, {0: [("free", [5, 6, 7], free), ("guided", [5, 6, 7], guided)]})
+        assert out["free"] == solo(tiny, [5, 6, 7], free)  # its neighbour is untouched
+        assert 3 <= len(out["guided"]) <= 4  # ended by the grammar's failure, not max_tokens
+        if how == "empty-mask":
+            assert out["guided"][-1] in eng.eos_ids  # only end-of-sequence was left to it
+
+
+def test_requests_with_one_grammar_keep_their_own_place_in_it(tiny):
+    # Each request's guide is a copy of the compiled grammar, not the grammar's own state.
+    schema = {"type": "object", "required": ["w"], "additionalProperties": False,
+              "properties": {"w": {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 4}}}
+    eng = LLMEngine(tiny)
+    sp = SamplingParams(max_tokens=80, temperature=0, grammar=eng.grammars.compile(schema))
+    prompts = {"a": [5, 6, 7], "b": [9, 9, 30, 41], "c": [12]}
+    together = run_all(eng, {0: [(k, p, sp) for k, p in prompts.items()]})
+    for k, p in prompts.items():
+        alone = run_all(LLMEngine(tiny), {0: [(k, p, sp)]})[k]
+        assert together[k] == alone, k
+        assert isinstance(json.loads(tiny.tokenizer.decode(alone, skip_special_tokens=True))["w"], list)

@@ -142,7 +142,7 @@ class LLMEngine:
             raise ValueError(f"resumed_tokens ({params.resumed_tokens}) must be < the prompt's "
                              f"{len(prompt_token_ids)} tokens")
         resumed = prompt_token_ids[len(prompt_token_ids) - params.resumed_tokens:]
-        guide = self.grammars.guide(params.grammar, resumed) if params.grammar is not None else None
+        guide = self.grammars.guide(params.grammar, resumed, sorted(self.eos_ids)) if params.grammar is not None else None
         self.scheduler.add(Request(
             rid=rid, prompt_token_ids=tuple(prompt_token_ids), params=params, arrival_s=now,
             eos_token_ids=self.eos_ids, deadline_resumed=min(deadline_resumed, params.resumed_tokens),
