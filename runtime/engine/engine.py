@@ -23,7 +23,7 @@ from runtime.core.scheduler import Scheduler, SchedulerConfig, StepPlan
 from runtime.engine.detokenizer import IncrementalDetokenizer
 from runtime.engine.logprobs import TokenLogprob, TokenSpelling, token_logprob
 from runtime.engine.runner import ModelRunner
-from runtime.engine.sampler import sample
+from runtime.engine.sampler import Bias, bias_tensors, sample
 from runtime.engine.structured import Grammars, Guide
 from runtime.models.llama import PagedKVCache
 from runtime.models.loader import LoadedModel
@@ -121,6 +121,7 @@ class LLMEngine:
         self.eos_ids = frozenset(mc.eos_token_ids) | self._tokenizer_eos()
         self._detok: dict[RequestId, IncrementalDetokenizer] = {}
         self._guides: dict[RequestId, Guide] = {}  # requests with a grammar (response_format)
+        self._biases: dict[RequestId, Bias] = {}  # requests with a logit_bias, as tensors
         self.grammars = Grammars(self.tokenizer, loaded.config.vocab_size)
         self._gens: dict[RequestId, torch.Generator | None] = {}
         self.last_plan: StepPlan | None = None
@@ -153,6 +154,8 @@ class LLMEngine:
             detok.add(resumed)
         if guide is not None:
             self._guides[rid] = guide
+        if (bias := bias_tensors(params)) is not None:
+            self._biases[rid] = bias
         if params.greedy:
             self._gens[rid] = None
         else:
@@ -186,6 +189,7 @@ class LLMEngine:
         self._detok.pop(rid, None)
         self._gens.pop(rid, None)
         self._guides.pop(rid, None)
+        self._biases.pop(rid, None)
 
     @property
     def has_work(self) -> bool:
@@ -209,7 +213,8 @@ class LLMEngine:
         generated = [_generated(r) if r is not None and r.params.penalized else () for r in reqs]
         guides = [self._guides.get(r) for r in rids]
         allowed = [g.allowed() if g is not None else None for g in guides] if self._guides else None
-        tokens = sample(logits, params, [self._gens.get(r) for r in rids], generated, allowed)
+        biases = [self._biases.get(r) for r in rids] if self._biases else None
+        tokens = sample(logits, params, [self._gens.get(r) for r in rids], generated, allowed, biases)
         for g, t in zip(guides, tokens, strict=True):
             if g is not None:
                 g.accept(t)

@@ -11,15 +11,26 @@ from torch import Tensor
 
 from runtime.core.request import SamplingParams
 
+Bias = tuple[Tensor, Tensor]  # a request's logit_bias as (token ids, values), built once
 
-def adjusted(row: Tensor, p: SamplingParams, generated: Sequence[int]) -> Tensor:
+
+def bias_tensors(p: SamplingParams) -> Bias | None:
+    """``p.logit_bias`` as tensors: built once per request (the engine keeps them), since a
+    vocabulary-wide bias rebuilt every step would cost the shared device ~25 ms a token."""
+    if not p.logit_bias:
+        return None
+    ids, values = zip(*p.logit_bias, strict=True)
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(values, dtype=torch.float32)
+
+
+def adjusted(row: Tensor, p: SamplingParams, generated: Sequence[int], bias: Bias | None = None) -> Tensor:
     """One row of logits (float32, a copy) after ``p``'s bias and penalties, given the tokens the
     request has generated so far (OpenAI's definition: logit - count x frequency - (count > 0) x
     presence; the bias is added first)."""
     row = row.float().clone()
-    if p.logit_bias:
-        ids, bias = zip(*p.logit_bias, strict=True)
-        row.index_add_(0, torch.tensor(ids, dtype=torch.long), torch.tensor(bias, dtype=row.dtype))
+    bias = bias if bias is not None else bias_tensors(p)
+    if bias is not None:
+        row.index_add_(0, bias[0], bias[1])
     if p.penalized and generated:
         ids_t, counts = torch.unique(torch.tensor(generated, dtype=torch.long), return_counts=True)
         row.index_add_(0, ids_t, -(counts.to(row.dtype) * p.frequency_penalty + p.presence_penalty))
@@ -28,16 +39,22 @@ def adjusted(row: Tensor, p: SamplingParams, generated: Sequence[int]) -> Tensor
 
 def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
            generated: Sequence[Sequence[int]] | None = None,
-           allowed: Sequence[Tensor | None] | None = None) -> list[int]:
+           allowed: Sequence[Tensor | None] | None = None,
+           biases: Sequence[Bias | None] | None = None) -> list[int]:
     """One token per row. Greedy rows use argmax (what HF generate(do_sample=False) does).
     ``generated[i]``: row i's generated tokens, needed only for rows with penalties;
-    ``allowed[i]``: the tokens row i may sample (a grammar's mask), None for any."""
+    ``allowed[i]``: the tokens row i may sample (a grammar's mask), None for any;
+    ``biases[i]``: row i's ``bias_tensors`` (built here when not given)."""
     out = logits.argmax(dim=-1).tolist()
     for i, p in enumerate(params):
         mask = allowed[i] if allowed is not None else None
         if p.greedy and not p.adjusts_logits and mask is None:
             continue
-        row = adjusted(logits[i], p, generated[i] if generated is not None else ()) if p.adjusts_logits else logits[i]
+        if p.adjusts_logits:
+            row = adjusted(logits[i], p, generated[i] if generated is not None else (),
+                           biases[i] if biases is not None else None)
+        else:
+            row = logits[i]
         if mask is not None:
             row = row.float().masked_fill(~mask, -math.inf)
         if p.greedy:
