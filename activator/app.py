@@ -350,7 +350,13 @@ def create_app(settings: ActivatorSettings, source: RouteSource | None = None) -
             return resp
         answer = json.loads(bytes(resp.body))
         text = answer["choices"][0]["message"]["content"] or ""
-        msg = events.encode(events.reply_event(spec, text, event), mode)
+        try:
+            reply = events.reply_event(spec, text, event)
+        except ValueError as e:  # a function's JSON cut at max_output_tokens: no reply to forward
+            raise APIError(502, f"function '{spec.name}' answered with incomplete JSON (finish_reason "
+                           f"{answer['choices'][0].get('finish_reason')!r}; max_output_tokens is "
+                           f"{spec.max_output_tokens}): {e}", "incomplete_output", "server_error") from e
+        msg = events.encode(reply, mode)
         return Response(msg.body, status_code=200, headers=msg.headers)
 
     async def models(_: Request) -> Response:

@@ -89,6 +89,9 @@ def event_text(event: BaseCloudEvent) -> str:
 
 
 def reply_event(spec: FunctionSpec, text: str, request: BaseCloudEvent) -> CloudEvent:
+    """The answer as a CloudEvent: text/plain, or, from a function with an ``output_schema``, the
+    JSON value itself (application/json), so a downstream function's trigger can filter on it.
+    ValueError if such a function's answer is not JSON (it was cut at max_output_tokens)."""
     attrs = {
         "specversion": "1.0",
         "id": uuid.uuid4().hex,
@@ -98,7 +101,10 @@ def reply_event(spec: FunctionSpec, text: str, request: BaseCloudEvent) -> Cloud
         "subject": request.get_id(),  # which event this answers
         "datacontenttype": "text/plain; charset=utf-8",
     }
-    return CloudEvent(attrs, data=text)
+    if spec.output_schema is None:
+        return CloudEvent(attrs, data=text)
+    value = json.loads(text)  # ValueError (JSONDecodeError) when cut short
+    return CloudEvent({**attrs, "datacontenttype": "application/json"}, data=value)
 
 
 def encode(event: CloudEvent, mode: Mode) -> HTTPMessage:

@@ -15,6 +15,7 @@ loaders read YAML files and nothing else.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import re
@@ -157,7 +158,10 @@ class SLO:
 class FunctionSpec:
     """One deployable LLM function. Construct with ``parse_function_spec`` from untrusted data.
 
-    ``event_source`` left empty becomes ``/slinfer/functions/<name>``.
+    ``event_source`` left empty becomes ``/slinfer/functions/<name>``. ``output_schema``: a JSON
+    schema every answer follows (a mapping in YAML; kept as compact JSON text so the spec stays
+    hashable), unless a request asks for its own ``response_format``; CloudEvent replies then
+    carry the JSON as ``application/json``.
     """
 
     name: str
@@ -173,6 +177,7 @@ class FunctionSpec:
     event_type: str = "dev.slinfer.response"
     event_source: str = ""
     timeout_s: float = 300.0
+    output_schema: str | None = None
 
     def __post_init__(self) -> None:
         _check_name(self.name)
@@ -196,6 +201,8 @@ class FunctionSpec:
         if not isinstance(self.event_source, str):
             raise _fail("event_source", "must be a string", self.event_source)
         timeout_s = _check_number("timeout_s", self.timeout_s, minimum=0.0, inclusive=False)
+        if self.output_schema is not None:
+            object.__setattr__(self, "output_schema", _schema_text(self.output_schema))
         object.__setattr__(self, "keep_alive_s", keep_alive_s)
         object.__setattr__(self, "timeout_s", timeout_s)
         if not self.event_source:
@@ -214,8 +221,28 @@ class FunctionSpec:
                 value = value.to_dict()
             elif isinstance(value, DevicePreference):
                 value = value.value
+            elif f.name == "output_schema" and value is not None:
+                value = json.loads(value)
             out[f.name] = value
         return out
+
+
+def _schema_text(value: object) -> str:
+    """A JSON schema (a mapping, or JSON text of one) as compact JSON text. Whether llguidance can
+    enforce it is checked where the model is (the pod, at load: ``model_load_failed``)."""
+    rule = "must be a JSON schema: a mapping (or JSON text of one) such as {type: object, properties: {...}}"
+    schema = value
+    if isinstance(value, str):
+        try:
+            schema = json.loads(value)
+        except ValueError:
+            raise _fail("output_schema", rule, value) from None
+    if not isinstance(schema, Mapping):
+        raise _fail("output_schema", rule, value)
+    try:
+        return json.dumps(schema, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError):  # YAML dates, sets, NaN: not JSON
+        raise _fail("output_schema", rule, value) from None
 
 
 def _check_name(value: object) -> None:

@@ -8,6 +8,7 @@ an instance admits (a dict lookup). Instance lifetimes follow runtime.core.lifec
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from runtime.device import DeviceLoop, Instance
 from runtime.device_thread import AsyncDevice, TickObserver
 from runtime.engine.engine import EngineConfig, LLMEngine, RequestOutput, rss_bytes
 from runtime.engine.profiler import profile_engine
+from runtime.engine.structured import Grammars
 from runtime.models.loader import LoadedModel
 from runtime.weights_cache import HostWeightCache
 
@@ -111,8 +113,16 @@ class Pod:
         except Exception as e:
             self._set(s, InstanceEvent.FAILED)
             raise PodError(400, f"cannot load model {spec.model!r}: {e}", "model_load_failed") from e
+        grammars = Grammars(loaded.tokenizer, loaded.config.vocab_size)
+        if spec.output_schema is not None:  # a schema the function promises must be one we can keep
+            try:
+                await asyncio.to_thread(grammars.compile, json.loads(spec.output_schema))
+            except ValueError as e:
+                self.weights.release(spec.model)
+                self._set(s, InstanceEvent.FAILED)
+                raise PodError(400, f"output_schema: {e}", "invalid_output_schema") from e
         try:
-            s.engine = await self.device.call(lambda dev: self._install(dev, spec, loaded, profile))
+            s.engine = await self.device.call(lambda dev: self._install(dev, spec, loaded, profile, grammars))
         except Exception as e:
             self.weights.release(spec.model)
             self._set(s, InstanceEvent.FAILED)
@@ -121,14 +131,15 @@ class Pod:
         self._set(s, InstanceEvent.LOADED)
         return s
 
-    def _install(self, dev: DeviceLoop, spec: FunctionSpec, loaded: LoadedModel, profile: bool) -> LLMEngine:
+    def _install(self, dev: DeviceLoop, spec: FunctionSpec, loaded: LoadedModel, profile: bool,
+                 grammars: Grammars) -> LLMEngine:
         """Device thread: build the engine (no KV yet), profile it briefly on this device with
         KV borrowed from the budget through the action queue, then add it."""
         c = self.config
         eng = LLMEngine(loaded, EngineConfig(
             block_size=c.block_size, kv_cache_bytes=0, max_num_seqs=c.max_num_seqs,
             max_num_batched_tokens=c.max_num_batched_tokens,
-            max_model_len=min(spec.max_context_tokens, loaded.config.max_position)))
+            max_model_len=min(spec.max_context_tokens, loaded.config.max_position)), grammars=grammars)
         cached = self._profiles.get(spec.model)
         if cached is not None:  # same checkpoint, same device: its profile still holds
             prof = cached

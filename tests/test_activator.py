@@ -25,6 +25,9 @@ from functions import FunctionSpec
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 TINY = "random:llama-tiny?seed=0"
 EVENT_FN = "summarize-tiny"
+TYPED_FN, CUT_FN = "typed", "typed-cut"  # functions with an output_schema; the second's answers are cut
+TYPED_SCHEMA = {"type": "object", "required": ["label", "score"], "additionalProperties": False,
+                "properties": {"label": {"enum": ["yes", "no"]}, "score": {"type": "integer", "minimum": 0, "maximum": 9}}}
 
 
 @dataclass(frozen=True)
@@ -52,10 +55,13 @@ def setup() -> Iterator[Setup]:
                     event_source="/tests/summarize", max_output_tokens=8)
     cold = spec("cold", timeout_s=2.0)
     broken = spec("broken", timeout_s=60.0)
-    with serve_app(make_app([tiny, event_fn])) as a, serve_app(make_app([tiny])) as b:
+    typed = spec(TYPED_FN, output_schema=json.dumps(TYPED_SCHEMA), event_type="dev.example.typed")
+    cut = spec(CUT_FN, output_schema=json.dumps(TYPED_SCHEMA), max_output_tokens=4)
+    with serve_app(make_app([tiny, event_fn, typed, cut])) as a, serve_app(make_app([tiny])) as b:
         eps = {"tiny": (Endpoint("tiny@a", "a", a), Endpoint("tiny@b", "b", b)),
-               EVENT_FN: (Endpoint(f"{EVENT_FN}@a", "a", a),)}
-        specs = {s.name: s for s in (tiny, event_fn, cold, broken)}
+               EVENT_FN: (Endpoint(f"{EVENT_FN}@a", "a", a),),
+               TYPED_FN: (Endpoint(f"{TYPED_FN}@a", "a", a),), CUT_FN: (Endpoint(f"{CUT_FN}@a", "a", a),)}
+        specs = {s.name: s for s in (tiny, event_fn, cold, broken, typed, cut)}
         source = StaticRouteSource(RouteTable(1, specs, eps, {"broken": BROKEN_WHY}))
         settings = ActivatorSettings(queue_limit=1, first_routes_timeout_s=1.0, demand_interval_s=0.1)
         with serve_app(create_app(settings, source)) as url:
@@ -162,7 +168,7 @@ def test_unknown_function_is_404_listing_the_deployed_ones(setup: Setup) -> None
     r = httpx.post(f"{setup.url}/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 404
     err = r.json()["error"]
-    assert err["code"] == "function_not_found" and "deployed: broken, cold, summarize-tiny, tiny" in err["message"]
+    assert err["code"] == "function_not_found" and "deployed: broken, cold, summarize-tiny, tiny, typed, typed-cut" in err["message"]
     assert httpx.post(f"{setup.url}/functions/nope", content=b"x").status_code == 404
     still_serving(setup.url)
 
@@ -359,6 +365,35 @@ def test_knative_trigger_delivery_gets_a_cloudevent_reply(setup: Setup) -> None:
     if r.content:  # Knative: an empty reply, or a valid CloudEvent
         reply = from_http_event(HTTPMessage(dict(r.headers), r.content))
         assert reply.get_type() == "dev.example.summary"
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_a_typed_function_s_cloudevent_reply_is_its_json(setup: Setup, mode: str) -> None:
+    msg = (to_binary_event if mode == "binary" else to_structured_event)(_event("is this good?"))
+    r = httpx.post(f"{setup.url}/functions/{TYPED_FN}", content=msg.body, headers=msg.headers, timeout=60)
+    assert r.status_code == 200, r.text
+    reply = from_http_event(HTTPMessage(dict(r.headers), r.content))
+    assert reply.get_type() == "dev.example.typed" and reply.get_datacontenttype() == "application/json"
+    value = reply.get_data()
+    assert isinstance(value, dict) and value["label"] in ("yes", "no") and 0 <= value["score"] <= 9
+    # over HTTP, the function's schema holds without asking; a request's own response_format wins
+    body: dict[str, Any] = {"model": TYPED_FN, "temperature": 0, "messages": [{"role": "user", "content": "hi"}]}
+    out = httpx.post(f"{setup.url}/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+    assert set(json.loads(out["message"]["content"])) == {"label", "score"} and out["finish_reason"] == "stop"
+    free = httpx.post(f"{setup.url}/v1/chat/completions", timeout=60,
+                      json={**body, "max_tokens": 12, "response_format": {"type": "text"}}).json()["choices"][0]
+    with pytest.raises(ValueError):
+        json.loads(free["message"]["content"])
+
+
+def test_a_typed_function_s_cut_answer_is_no_reply(setup: Setup) -> None:
+    # max_output_tokens (4) ends the JSON early: no half a value as a reply; a 502 the Broker
+    # can send to its dead-letter sink
+    msg = to_binary_event(_event("is this good?"))
+    r = httpx.post(f"{setup.url}/functions/{CUT_FN}", content=msg.body, headers=msg.headers, timeout=60)
+    assert r.status_code == 502 and r.json()["error"]["code"] == "incomplete_output", r.text
+    assert "max_output_tokens is 4" in r.json()["error"]["message"]
+    still_serving(setup.url)
 
 
 @pytest.mark.parametrize("headers,body", [

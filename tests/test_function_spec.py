@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -23,8 +24,9 @@ from functions import (
 
 KNOWN_KEYS = (
     "name, model, slo, max_context_tokens, max_output_tokens, device, keep_alive_s, max_instances, "
-    "system_prompt, event_template, event_type, event_source, timeout_s"
+    "system_prompt, event_template, event_type, event_source, timeout_s, output_schema"
 )
+SCHEMA_RULE = "must be a JSON schema: a mapping (or JSON text of one) such as {type: object, properties: {...}}"
 NAME_RULE = (
     "must be a DNS-1123 label (lowercase letters, digits and '-', starting with a letter, "
     "ending with a letter or digit, at most 63 characters)"
@@ -64,6 +66,7 @@ def test_minimal_spec_fills_every_default() -> None:
         "event_type": "dev.slinfer.response",
         "event_source": "/slinfer/functions/fn",
         "timeout_s": 300.0,
+        "output_schema": None,
     }
     assert spec.device is DevicePreference.ANY
 
@@ -74,10 +77,12 @@ def test_examples_load_as_documented() -> None:
     summary = [(s.name, s.model, s.device, s.system_prompt is not None) for s in specs]
     assert summary == [
         ("chat", "bundled:smollm2-135m-instruct", DevicePreference.ANY, True),
+        ("classify", "bundled:smollm2-135m-instruct", DevicePreference.ANY, True),
         ("summarize", "bundled:smollm2-135m-instruct", DevicePreference.CPU, True),
         ("tiny-echo", "random:llama-tiny?seed=0", DevicePreference.ANY, False),
     ]
-    summarize = specs[1]
+    summarize = specs[2]
+    assert json.loads(specs[1].output_schema or "")["required"] == ["sentiment"]
     assert summarize.event_prompt("TEXT") == "Summarize the following in one sentence:\n\nTEXT"
     assert "one sentence" in (summarize.system_prompt or "")
     assert (summarize.slo.ttft_base_s, summarize.slo.tpot_s, summarize.keep_alive_s) == (1.0, 0.25, 120.0)
@@ -251,6 +256,11 @@ def test_accepted_values(overrides: dict[str, object], attribute: str, expected:
         ({"event_type": ""}, "event_type: must be a non-empty string, got ''"),
         ({"event_source": ""}, "event_source: must be a non-empty string, got ''"),
         ({"event_source": 3}, "event_source: must be a non-empty string, got 3"),
+        # output_schema (whether llguidance can enforce it is the pod's check, at load)
+        ({"output_schema": [1]}, f"output_schema: {SCHEMA_RULE}, got a list"),
+        ({"output_schema": "{not json"}, f"output_schema: {SCHEMA_RULE}, got '{{not json'"),
+        ({"output_schema": "[1]"}, f"output_schema: {SCHEMA_RULE}, got '[1]'"),
+        ({"output_schema": {"maximum": math.nan}}, f"output_schema: {SCHEMA_RULE}, got a dict"),
         # keys
         (
             {"max_instance": 2},
@@ -313,6 +323,15 @@ def test_event_prompt_substitutes_data_verbatim() -> None:
 
 # --- round trip --------------------------------------------------------------------------------
 
+def test_an_output_schema_is_kept_as_compact_json_and_given_back_as_a_mapping() -> None:
+    schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"enum": ["x", "y"]}}}
+    spec = parse_function_spec(make_data(output_schema=schema))
+    assert spec.output_schema == '{"properties":{"a":{"enum":["x","y"]},"b":{"type":"integer"}},"type":"object"}'
+    assert spec.to_dict()["output_schema"] == schema
+    assert parse_function_spec(make_data(output_schema=json.dumps(schema))) == spec  # JSON text too
+    assert hash(spec) == hash(parse_function_spec(spec.to_dict()))
+
+
 EVERY_FIELD_CHANGED = FunctionSpec(
     name="custom",
     model="/models/x.gguf",
@@ -327,6 +346,7 @@ EVERY_FIELD_CHANGED = FunctionSpec(
     event_type="com.example.out",
     event_source="/custom",
     timeout_s=12.5,
+    output_schema='{"type":"object"}',
 )
 
 

@@ -59,6 +59,28 @@ def test_load_serve_and_refuse_duplicates_and_bad_specs(pod_url):
     assert dev["admission_decisions"] >= 2 and 0 < dev["admission_mean_us"] <= dev["admission_max_us"]
 
 
+def test_a_function_whose_output_schema_cannot_be_kept_does_not_load(pod_url):
+    # Checked where the model's tokenizer is: the pod, at load; the weights go back to the cache.
+    bad = httpx.post(f"{pod_url}/admin/instances", json=spec_body("typed-bad", output_schema={"type": "nonsense"}),
+                     headers=AUTH, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_output_schema", bad.text
+    assert "output_schema" in bad.json()["error"]["message"] and "nonsense" in bad.json()["error"]["message"]
+    status = httpx.get(f"{pod_url}/admin/status", headers=AUTH).json()
+    assert "typed-bad" not in {i["name"] for i in status["instances"] if i["state"] == "ready"}
+    good = httpx.post(f"{pod_url}/admin/instances", headers=AUTH, timeout=60,
+                      json=spec_body("typed-good", output_schema={"type": "object", "required": ["k"],
+                                                                  "properties": {"k": {"enum": ["a", "b"]}},
+                                                                  "additionalProperties": False}))
+    assert good.status_code == 201, good.text
+    out = complete(pod_url, "typed-good", "x", max_tokens=40).json()["choices"][0]
+    assert json.loads(out["text"])["k"] in ("a", "b") and out["finish_reason"] == "stop"
+    assert complete(pod_url, "base", "still serving").status_code == 200
+    assert httpx.delete(f"{pod_url}/admin/instances/typed-good", headers=AUTH, timeout=60).status_code == 200
+    (entry,) = [m for m in httpx.get(f"{pod_url}/admin/status", headers=AUTH).json()["weights_cache"]["models"]
+                if m["ref"] == TINY]
+    assert entry["pins"] == 1  # base only: the refused load gave its pin back
+
+
 def test_two_functions_on_one_checkpoint_are_two_instances_sharing_weights(pod_url):
     for name in ("twin-a", "twin-b"):
         assert httpx.post(f"{pod_url}/admin/instances", json=spec_body(name), headers=AUTH, timeout=60).status_code == 201

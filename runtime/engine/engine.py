@@ -98,7 +98,7 @@ class PromptTooLongError(ValueError):
 
 
 class LLMEngine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None, grammars: Grammars | None = None):
         self.config = config or EngineConfig()
         self.loaded = loaded
         mc = loaded.config
@@ -122,7 +122,7 @@ class LLMEngine:
         self._detok: dict[RequestId, IncrementalDetokenizer] = {}
         self._guides: dict[RequestId, Guide] = {}  # requests with a grammar (response_format)
         self._biases: dict[RequestId, Bias] = {}  # requests with a logit_bias, as tensors
-        self.grammars = Grammars(self.tokenizer, loaded.config.vocab_size)
+        self.grammars = grammars or Grammars(self.tokenizer, loaded.config.vocab_size)
         self._gens: dict[RequestId, torch.Generator | None] = {}
         self.last_plan: StepPlan | None = None
 

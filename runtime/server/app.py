@@ -210,7 +210,11 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
                            param="logit_bias")
 
     async def grammar_of(m: Served, req: CompletionRequest | ChatCompletionRequest) -> str | None:
-        schema = req.response_format.output_schema() if req.response_format is not None else None
+        """The request's response_format, else the function's output_schema (compiled at load)."""
+        if req.response_format is not None:
+            schema = req.response_format.output_schema()
+        else:
+            schema = json.loads(m.spec.output_schema) if m.spec.output_schema is not None else None
         if schema is None:
             return None
         assert m.engine is not None
