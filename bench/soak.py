@@ -9,6 +9,8 @@ Each round sends, all at once, --per-round requests of these kinds in turn plus 
   nested     JSON nested 100,000 deep                          -> 400
   surrogate  a prompt with a lone UTF-16 surrogate ("\ud800")  -> 400
   oversize   a 9 MiB body (the limit is 8)                     -> 413
+  json       a chat answer from tiny-echo under a JSON schema    -> 200, JSON that follows it
+  logprobs   a completion with logprobs (every other streamed)  -> 200, one logprob per token
   event      a binary-mode CloudEvent to /functions/tiny-echo  -> 200
 Per round it prints the wall time and the resident memory (MB) of every `runtime.cli` process on
 this host (the mesh and its pods: a leak shows as growth over many rounds). Any other outcome is
@@ -36,7 +38,11 @@ import httpx
 
 CHAT = "chat"  # functions/examples: SmolLM2-135M-Instruct
 ECHO = "tiny-echo"  # functions/examples: a tiny random model, max context 256
-KINDS = ("malformed", "too-long", "stream", "abandon", "echo", "nested", "surrogate", "oversize")
+KINDS = ("malformed", "too-long", "stream", "abandon", "echo", "nested", "surrogate", "oversize", "json",
+         "logprobs")
+# bounded JSON: the random model writes what the grammar allows and the grammar ends it
+SCHEMA = {"type": "object", "required": ["ok", "n"], "additionalProperties": False,
+          "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99}}}
 
 
 async def one(c: httpx.AsyncClient, url: str, kind: str, i: int, abandon_s: float) -> tuple[str, str]:
@@ -79,6 +85,29 @@ async def one(c: httpx.AsyncClient, url: str, kind: str, i: int, abandon_s: floa
         tokens = r.json().get("usage", {}).get("completion_tokens") if r.status_code == 200 else None
         # a random model may draw its end-of-sequence token early: 1-5 tokens
         return kind, "ok" if tokens in range(1, 6) else f"status {r.status_code}, {tokens} tokens"
+    if kind == "json":
+        r = await c.post(url + "/v1/chat/completions", json={
+            "model": ECHO, "messages": [{"role": "user", "content": f"j{i}"}], "max_tokens": 30,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "soak", "schema": SCHEMA}}})
+        try:
+            value = json.loads(r.json()["choices"][0]["message"]["content"])
+            good = set(value) == {"ok", "n"} and 0 <= value["n"] <= 99
+        except (ValueError, KeyError, TypeError):
+            good = False
+        return kind, "ok" if r.status_code == 200 and good else f"status {r.status_code}, {r.text[:80]}"
+    if kind == "logprobs":
+        r = await c.post(url + "/v1/completions", json={"model": ECHO, "prompt": f"l{i}", "max_tokens": 5,
+                                                        "logprobs": 2, "stream": i % 2 == 0})
+        if r.status_code != 200:
+            return kind, f"status {r.status_code}"
+        if i % 2:
+            tokens = r.json()["usage"]["completion_tokens"]
+            n = len(r.json()["choices"][0]["logprobs"]["tokens"])
+        else:  # streamed: every token's logprob, with the chunk carrying its text
+            chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+            n = sum(len(ch["choices"][0]["logprobs"]["tokens"]) for ch in chunks if ch["choices"])
+            tokens = n if chunks and chunks[-1]["choices"] and chunks[-1]["choices"][0]["finish_reason"] else -1
+        return kind, "ok" if n == tokens and n in range(1, 6) else f"{n} logprobs for {tokens} tokens"
     headers = {"ce-specversion": "1.0", "ce-id": f"soak-{i}", "ce-source": "/bench/soak",
                "ce-type": "dev.slinfer.soak", "content-type": "text/plain"}
     r = await c.post(url + f"/functions/{ECHO}", headers=headers, content=b"hello")
