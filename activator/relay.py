@@ -135,6 +135,7 @@ class StreamRelay:
         self.usage_seen = False
         self.failovers = 0
         self.carried: dict[str, Any] | None = None  # logprobs of a preempted instance's held-back tokens
+        self.echo_chars = 0  # an echoed prompt's length: continuations' text_offset starts after it
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -230,6 +231,9 @@ class StreamRelay:
                     out: bytes | None = event
                     if self.first_event is None:
                         self.first_event = event  # its id/created/model, should the stream move
+                        if self.original.get("echo") and not self.chat:  # it is the prompt
+                            first = _payload(event) or {}
+                            self.echo_chars = len(((first.get("choices") or [{}])[0]).get("text") or "")
                     if b'"preempted"' in event or self.moved is not None:
                         payload = _payload(event)
                         if payload is None:
@@ -289,6 +293,8 @@ class StreamRelay:
             out["usage"] = {"prompt_tokens": n, "completion_tokens": done, "total_tokens": n + done}
             return _event(out)
         choice = (payload.get("choices") or [{}])[0]
+        if self.echo_chars and out.get("choices"):  # the client's offsets count the echoed prompt
+            out["choices"] = [{**choice, "logprobs": shift_offsets(choice.get("logprobs"), self.echo_chars)}]
         if self.chat:
             text = choice.get("text") or ""
             reason = choice.get("finish_reason")
@@ -306,12 +312,26 @@ class StreamRelay:
 
 def merge_logprobs(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
     """Two runs of logprobs in one of OpenAI's shapes (chat's ``content`` list, or the completions
-    API's parallel lists), the second after the first."""
+    API's parallel lists), the second after the first; the second's ``text_offset`` runs on from
+    the first's end (a continuation counts from its own output, without an echoed prompt)."""
     if a is None or b is None:
         return a if b is None else b
     if "content" in a:
         return {**a, "content": [*(a.get("content") or []), *(b.get("content") or [])]}
-    return {k: [*(a.get(k) or []), *(b.get(k) or [])] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    out = {k: [*(a.get(k) or []), *(b.get(k) or [])] for k in ("tokens", "token_logprobs", "top_logprobs")}
+    first, second = list(a.get("text_offset") or []), list(b.get("text_offset") or [])
+    if first and second and a.get("tokens"):
+        end = first[-1] + len(a["tokens"][-1])
+        second = [o - second[0] + end for o in second]
+    out["text_offset"] = first + second
+    return out
+
+
+def shift_offsets(logprobs: dict[str, Any] | None, by: int) -> dict[str, Any] | None:
+    """Completions-API logprobs with ``text_offset`` moved by ``by`` characters."""
+    if not by or not logprobs or "text_offset" not in logprobs:
+        return logprobs
+    return {**logprobs, "text_offset": [o + by for o in logprobs["text_offset"]]}
 
 
 def _payload(event: bytes) -> dict[str, Any] | None:

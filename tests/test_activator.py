@@ -116,8 +116,8 @@ def logprob_trail(choices: list[dict[str, Any]]) -> tuple[list[str], list[float]
             shapes.add("completion")
             assert lp["text_offset"] == [sum(len(t) for t in tokens + lp["tokens"][:i]) for i in range(len(lp["tokens"]))]
             tokens += lp["tokens"]
-            values += lp["token_logprobs"]
-            tops += [sorted(top) for top in lp["top_logprobs"]]
+            values += [1.0 if v is None else v for v in lp["token_logprobs"]]  # an echo's first has none
+            tops += [sorted(top or []) for top in lp["top_logprobs"]]
     return tokens, values, tops, shapes
 
 
@@ -558,11 +558,11 @@ def test_a_try_cancelled_mid_flight_closes_its_connection_and_gives_its_place_ba
 
 def test_non_streaming_request_moved_by_preemption_is_joined(setup: Setup, request: pytest.FixtureRequest) -> None:
     n = 150
-    plain = complete(setup.pods[1], "tiny", "hello", max_tokens=n, logprobs=2).json()
+    plain = complete(setup.pods[1], "tiny", "hello", max_tokens=n, logprobs=2, echo=True).json()
     request.getfixturevalue("paced_device")  # so the eviction lands mid-request on any machine
     result: dict[str, httpx.Response] = {}
     t = threading.Thread(target=lambda: result.setdefault("r", complete(setup.url, "tiny", "hello",
-                                                                         max_tokens=n, logprobs=2)))
+                                                                         max_tokens=n, logprobs=2, echo=True)))
     t.start()
     try:
         deadline = time.monotonic() + 10
@@ -581,7 +581,8 @@ def test_non_streaming_request_moved_by_preemption_is_joined(setup: Setup, reque
     assert body["choices"][0]["text"] == plain["choices"][0]["text"]
     assert body["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
     assert body["usage"] == plain["usage"] and "continuation" not in body["choices"][0]
-    assert_same_logprobs(body["choices"], plain["choices"], plain["usage"]["completion_tokens"])
+    assert body["choices"][0]["text"].startswith("hello")  # echoed, once
+    assert_same_logprobs(body["choices"], plain["choices"], plain["usage"]["completion_tokens"] + len("hello"))
 
 
 def test_held_requests_are_demand_only_once_they_have_tried_the_current_routes() -> None:
@@ -937,29 +938,32 @@ WORDS_FORMAT = {"type": "json_schema", "json_schema": {"name": "words", "schema"
                              "maxItems": 8}}}}}
 
 
-def long_body(chat: bool, logprobs: bool = False, structured: bool = False) -> dict[str, Any]:
+def long_body(chat: bool, logprobs: bool = False, structured: bool = False, echo: bool = False) -> dict[str, Any]:
     body: dict[str, Any] = {"model": "tiny", "temperature": 0, "max_tokens": 150,
                             "stream_options": {"include_usage": True}}
     body |= logprobs_ask(chat) if logprobs else {}
     body |= {"response_format": WORDS_FORMAT} if structured else {}
+    body |= {"echo": True} if echo else {}
     return body | ({"messages": [{"role": "user", "content": "hello"}]} if chat else {"prompt": "hello"})
 
 
-@pytest.mark.parametrize(("chat", "after_events", "linger_s", "logprobs", "structured"), [
-    (False, 5, 0.0, False, False), (True, 5, 0.0, False, False), (True, 0, 0.3, False, False),
-    (False, 5, 0.0, True, False), (True, 5, 0.0, True, False), (True, 5, 0.0, False, True)])
+@pytest.mark.parametrize(("chat", "after_events", "linger_s", "logprobs", "structured", "echo"), [
+    (False, 5, 0.0, False, False, False), (True, 5, 0.0, False, False, False), (True, 0, 0.3, False, False, False),
+    (False, 5, 0.0, True, False, False), (True, 5, 0.0, True, False, False), (True, 5, 0.0, False, True, False),
+    (False, 5, 0.0, True, False, True)])
 def test_a_stream_whose_pod_dies_mid_stream_goes_on_elsewhere(setup: Setup, chat: bool, after_events: int,
-                                                               linger_s: float, logprobs: bool, structured: bool) -> None:
+                                                               linger_s: float, logprobs: bool, structured: bool,
+                                                               echo: bool) -> None:
     # The pod behind the proxy "dies" after the 5th event (or right after its response head): the
     # activator continues from the ids its notes named (or sends the request again when nothing
     # reached the client) on the other pod; the client sees one stream equal to an uninterrupted one.
-    full, plain, _ = stream_text(setup.pods[1], long_body(chat, logprobs, structured))
+    full, plain, _ = stream_text(setup.pods[1], long_body(chat, logprobs, structured, echo))
     assert plain[-1]["usage"]["completion_tokens"] > 20, "too short to be cut mid-stream"
     if structured:  # the grammar ended it, and goes on where it was after the move
         assert plain[-2]["choices"][0]["finish_reason"] == "stop" and len(json.loads(full)["words"]) == 8
     with CutProxy(setup.pods[0], after_events=after_events, linger_s=linger_s) as proxy, \
             activator_over(setup, proxy, setup.pods[1]) as url:
-        text, chunks, done = stream_text(url, long_body(chat, logprobs, structured))
+        text, chunks, done = stream_text(url, long_body(chat, logprobs, structured, echo))
         assert metric(url, "slinfer_activator_failovers_total", function="tiny") == 1
         assert metric(url, "slinfer_activator_continuations_total", 0.0, function="tiny") == 0
     assert text == full
@@ -968,9 +972,10 @@ def test_a_stream_whose_pod_dies_mid_stream_goes_on_elsewhere(setup: Setup, chat
     reasons = [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")]
     assert reasons[-1] == plain[-2]["choices"][0]["finish_reason"] and reasons.count(reasons[-1]) == 1
     assert chunks[-1]["usage"] == plain[-1]["usage"]
-    if logprobs:
+    if logprobs:  # with echo, the prompt's first (and text_offset counting it after the move)
+        n = plain[-1]["usage"]["completion_tokens"] + (plain[-1]["usage"]["prompt_tokens"] if echo else 0)
         assert_same_logprobs([c["choices"][0] for c in chunks if c.get("choices")],
-                             [c["choices"][0] for c in plain if c.get("choices")], plain[-1]["usage"]["completion_tokens"])
+                             [c["choices"][0] for c in plain if c.get("choices")], n)
     if chat:
         assert chunks[0]["choices"][0]["delta"].get("role") == "assistant"
         assert sum(1 for c in chunks if c.get("choices") and "role" in c["choices"][0]["delta"]) == 1

@@ -398,3 +398,28 @@ def test_a_logit_bias_is_built_into_tensors_once_per_request(tiny, monkeypatch):
                         logit_bias=tuple((i, -100.0) for i in range(tiny.config.vocab_size) if i != 40))
     out = run_all(LLMEngine(tiny), {0: [("a", [5, 6, 7], sp)]})["a"]
     assert out == [40] * 10 and len(built) == 1
+
+
+@pytest.mark.parametrize("chunk", [16, 512])
+def test_prompt_logprobs_score_each_prompt_token_once_in_any_chunking(tiny, chunk):
+    # Position i's logits predict token i + 1: the prompt's tokens but the first get a logprob,
+    # computed as the prompt is prefilled, however it is cut into chunks.
+    prompt = [(7 * i + 3) % 300 + 10 for i in range(50)]
+    sp = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, prompt_logprobs=3)
+    eng = LLMEngine(tiny, EngineConfig(block_size=16, max_num_batched_tokens=chunk))
+    eng.add_request(RequestId("a"), prompt, sp, 0.0)
+    outs = []
+    while eng.has_work:
+        outs += eng.step()
+    got = [lp for o in outs for lp in o.prompt_logprobs]
+    assert [t.token_id for t in got] == prompt[1:]
+    assert len(outs[0].prompt_logprobs) == 49 and all(not o.prompt_logprobs for o in outs[1:])
+    # the same numbers as a request whose prompt ends just before the token, asked for its own
+    for j in (1, 17, 33, 49):
+        forced = SamplingParams(max_tokens=1, temperature=0, logprobs=0, logit_bias=((prompt[j], 100.0),))
+        e2 = LLMEngine(tiny)
+        e2.add_request(RequestId("b"), prompt[:j], forced, 0.0)
+        (o,) = e2.step()
+        assert o.logprobs[0].token_id == prompt[j]
+        assert o.logprobs[0].logprob == pytest.approx(got[j - 1].logprob, abs=1e-4)
+        assert len(got[j - 1].top) == 3

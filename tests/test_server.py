@@ -463,7 +463,6 @@ def test_logit_bias_past_the_vocabulary_is_400(http: httpx.Client) -> None:
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
     ("/v1/chat/completions", {"tool_choice": "required"}),
     ("/v1/chat/completions", {"modalities": ["text", "audio"]}),
-    ("/v1/completions", {"echo": True}),
     ("/v1/completions", {"best_of": 2}),
     ("/v1/completions", {"suffix": "}"}),
 ], ids=lambda v: v if isinstance(v, str) and v.startswith("/") else "-".join(f"{k}={v[k]}"[:24] for k in v))
@@ -588,6 +587,41 @@ def test_logprobs_are_the_model_s_before_bias_and_penalties(http: httpx.Client) 
     top = dict(biased["top_logprobs"][0])
     top.pop(biased["tokens"][0])  # ... the top 5 stay the model's own
     assert top.items() <= plain["top_logprobs"][0].items()
+
+
+def test_echo_puts_the_prompt_first_and_scores_it(http: httpx.Client) -> None:
+    plain = complete(http, max_tokens=6)["choices"][0]["text"]
+    echoed = complete(http, max_tokens=6, echo=True)
+    assert echoed["choices"][0]["text"] == PROMPT + plain and echoed["choices"][0]["logprobs"] is None
+    # max_tokens 0: the prompt's likelihood, as evaluation harnesses ask for it
+    scored = complete(http, max_tokens=0, echo=True, logprobs=1)
+    (choice,) = scored["choices"]
+    assert choice["text"] == PROMPT and choice["finish_reason"] == "length"
+    assert scored["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": 0, "total_tokens": len(PROMPT)}
+    lp = choice["logprobs"]
+    assert "".join(lp["tokens"]) == PROMPT and lp["text_offset"] == list(range(len(PROMPT)))
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(v < 0 for v in lp["token_logprobs"][1:]) and all(len(t) <= 2 for t in lp["top_logprobs"][1:])
+    # with an answer: the prompt's entries, then the answer's, offsets running on
+    both = complete(http, max_tokens=6, echo=True, logprobs=1)["choices"][0]["logprobs"]
+    assert both["tokens"][:len(PROMPT)] == lp["tokens"] and len(both["tokens"]) == len(PROMPT) + 6
+    assert both["text_offset"] == [sum(len(t) for t in both["tokens"][:i]) for i in range(len(PROMPT) + 6)]
+    # streamed: the prompt is the first chunk
+    for body in (completion_body(max_tokens=0, echo=True, logprobs=1), completion_body(max_tokens=6, echo=True)):
+        chunks = stream_choices(http, "/v1/completions", body)
+        assert chunks[0]["text"] == PROMPT
+        assert "".join(c["text"] for c in chunks) == (PROMPT if body["max_tokens"] == 0 else PROMPT + plain)
+        if body.get("logprobs") is not None:
+            assert chunks[0]["logprobs"] == lp and len(chunks) == 2 and chunks[1]["finish_reason"] == "length"
+
+
+def test_echo_asks_that_make_no_sense_are_refused(http: httpx.Client) -> None:
+    err = assert_error(http.post("/v1/completions", json=completion_body(max_tokens=0)), 422, "invalid_value")
+    assert err["param"] == "max_tokens" and "echo" in err["message"]
+    ids = byte_tokenizer().encode(PROMPT)
+    err = assert_error(http.post("/v1/completions", json=completion_body(prompt=ids, resumed_tokens=2, echo=True)), 400)
+    assert err["param"] == "echo"
+    assert_still_serving(http)
 
 
 # -- structured output (response_format) --------------------------------------------------------

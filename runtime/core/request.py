@@ -26,6 +26,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), ids distinct
     logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely
     grammar: str | None = None  # structured output: an llguidance grammar (runtime.engine.structured)
+    prompt_logprobs: int | None = None  # like logprobs, for the prompt's tokens (echo)
 
     def __post_init__(self) -> None:
         if self.resumed_tokens < 0:
@@ -44,8 +45,10 @@ class SamplingParams:
             raise ValueError("logit_bias token ids must be distinct and >= 0")
         if any(not -100 <= b <= 100 for _, b in self.logit_bias):
             raise ValueError("logit_bias values must be in [-100, 100]")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= 20:
+                raise ValueError(f"{name} must be in [0, 20], got {k}")
 
     @property
     def greedy(self) -> bool:

@@ -69,6 +69,8 @@ class RequestOutput:
     completion_tokens: int
     continuation: Continuation | None = None  # set when finish_reason is PREEMPTED
     logprobs: tuple[TokenLogprob, ...] = ()  # one per new token, when the request asked
+    # with the first token, when asked: each prompt token's but the first (nothing predicts it)
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
     @property
     def finished(self) -> bool:
@@ -122,6 +124,8 @@ class LLMEngine:
         self._detok: dict[RequestId, IncrementalDetokenizer] = {}
         self._guides: dict[RequestId, Guide] = {}  # requests with a grammar (response_format)
         self._biases: dict[RequestId, Bias] = {}  # requests with a logit_bias, as tensors
+        # requests scoring their prompt (prompt_logprobs): (next position to score, logprobs so far)
+        self._scoring: dict[RequestId, tuple[int, list[TokenLogprob]]] = {}
         self.grammars = grammars or Grammars(self.tokenizer, loaded.config.vocab_size)
         self._gens: dict[RequestId, torch.Generator | None] = {}
         self.last_plan: StepPlan | None = None
@@ -156,6 +160,8 @@ class LLMEngine:
             self._guides[rid] = guide
         if (bias := bias_tensors(params)) is not None:
             self._biases[rid] = bias
+        if params.prompt_logprobs is not None:
+            self._scoring[rid] = (0, [])
         if params.greedy:
             self._gens[rid] = None
         else:
@@ -185,7 +191,21 @@ class LLMEngine:
         rids = [r.rid for r in (*self.scheduler.running, *self.scheduler.waiting)]
         return [o for o in (self.evict(r) for r in rids) if o is not None]
 
+    def _score_prompt(self, rid: RequestId, first: int, rows: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens these logits predict (row i: position first + i, which
+        predicts the token after it), each position once even if the prompt is recomputed."""
+        req = self.scheduler.get(rid)
+        entry = self._scoring.get(rid)
+        if req is None or entry is None or req.params.prompt_logprobs is None:
+            return
+        want, got = entry
+        end = len(req.prompt_token_ids) - req.params.resumed_tokens - 1  # positions that predict prompt tokens
+        for i in range(max(0, want - first), min(rows.shape[0], end - first)):
+            got.append(token_logprob(rows[i], req.prompt_token_ids[first + i + 1], req.params.prompt_logprobs))
+        self._scoring[rid] = (max(want, min(first + rows.shape[0], end)), got)
+
     def _forget(self, rid: RequestId) -> None:
+        self._scoring.pop(rid, None)
         self._detok.pop(rid, None)
         self._gens.pop(rid, None)
         self._guides.pop(rid, None)
@@ -206,7 +226,10 @@ class LLMEngine:
         self.last_plan = plan
         if plan.empty:
             return evicted
-        rids, logits = self.runner.execute(plan)  # execute
+        score = {rid: want for rid, (want, _) in self._scoring.items()} if self._scoring else None
+        rids, logits, scored = self.runner.execute(plan, score)  # execute
+        for rid, (first, chunk) in scored.items():
+            self._score_prompt(rid, first, chunk)
         reqs = [self.scheduler.get(r) for r in rids]
         by_id = {r.rid: r for r in reqs if r is not None}  # still readable after they finish
         params = [r.params if r else SamplingParams(temperature=0) for r in reqs]
@@ -234,9 +257,10 @@ class LLMEngine:
                 text += detok.add((), final=True)
             k = req.params.logprobs
             lps = () if k is None else tuple(token_logprob(logits[rows[u.rid]], t, k) for t in u.new_token_ids)
+            scoring = self._scoring.pop(u.rid, None)  # the prompt is done: its first token is out
             outputs.append(RequestOutput(
                 u.rid, u.new_token_ids, text, reason, len(req.prompt_token_ids), len(req.output_token_ids),
-                logprobs=lps,
+                logprobs=lps, prompt_logprobs=tuple(scoring[1]) if scoring is not None else (),
             ))
             if reason is not None:
                 self._forget(u.rid)

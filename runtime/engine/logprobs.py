@@ -104,3 +104,17 @@ class LogprobsFormat:
         out = self.spelling.completion(ts, self.offset)
         self.offset += sum(len(s) for s in out["tokens"])
         return out
+
+    def prompt(self, first_token_id: int, ts: list[TokenLogprob]) -> dict[str, Any]:
+        """An echoed prompt's logprobs (completions API): its first token has none."""
+        first = self.spelling.text_of(first_token_id)
+        head: dict[str, Any] = {"tokens": [first], "token_logprobs": [None], "top_logprobs": [None],
+                                "text_offset": [self.offset]}
+        self.offset += len(first)
+        rest = self(ts)
+        return {k: head[k] + rest[k] for k in head}
+
+    def echoed(self, first_token_id: int, prompt: list[TokenLogprob], output: list[TokenLogprob]) -> dict[str, Any]:
+        """An echoed prompt's logprobs and then the output's, as one completions-API value."""
+        head, rest = self.prompt(first_token_id, prompt), self(output)
+        return {k: head[k] + rest[k] for k in head}

@@ -5,6 +5,8 @@ Owns the KV tensors; block ids come from the scheduler's plan.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
@@ -18,12 +20,22 @@ class ModelRunner:
         self.model = model
         self.cache = cache
 
-    def execute(self, plan: StepPlan) -> tuple[list[RequestId], Tensor]:
-        """Run one step. Returns the ids that sample this step and their logits [S, vocab]."""
-        batch, sample_ids = self.build_batch(plan)
-        return sample_ids, self.model.forward(batch, self.cache)
+    def execute(self, plan: StepPlan, score: Mapping[RequestId, int] | None = None
+                ) -> tuple[list[RequestId], Tensor, dict[RequestId, tuple[int, Tensor]]]:
+        """Run one step. Returns the ids that sample this step, their logits [S, vocab], and for
+        the requests in ``score`` (rid -> the first position whose logits are wanted) the logits
+        this step computed at that position and after, up to the last known token's (which is
+        the sample row): {rid: (first position, logits [n, vocab])}. Prompt logprobs use them."""
+        batch, sample_ids, scored = self.build_batch(plan, score)
+        logits = self.model.forward(batch, self.cache)
+        n, out = len(sample_ids), {}
+        for rid, first, rows in scored:
+            out[rid] = (first, logits[n:n + rows])
+            n += rows
+        return sample_ids, logits[:len(sample_ids)], out
 
-    def build_batch(self, plan: StepPlan) -> tuple[ForwardBatch, list[RequestId]]:
+    def build_batch(self, plan: StepPlan, score: Mapping[RequestId, int] | None = None
+                    ) -> tuple[ForwardBatch, list[RequestId], list[tuple[RequestId, int, int]]]:
         bs = self.cache.block_size
         decode = [s for s in plan.seqs if len(s.token_ids) == 1]
         prefill = [s for s in plan.seqs if len(s.token_ids) > 1]
@@ -58,8 +70,17 @@ class ModelRunner:
                     len(decode), 1, 1, -1
                 )
         segs: list[PrefillSegment] = []
+        extra: list[int] = []  # rows of scored positions, after the sample rows
+        scored: list[tuple[RequestId, int, int]] = []  # (rid, first position, rows)
         for s in prefill:
             start = len(ids)
+            want = score.get(s.rid) if score else None
+            if want is not None:  # every position of the chunk from `want` on, but the sample row
+                first = max(want, s.start_pos)
+                last = s.start_pos + len(s.token_ids) - (1 if s.sample else 0)
+                if last > first:
+                    extra.extend(range(start + first - s.start_pos, start + last - s.start_pos))
+                    scored.append((s.rid, first, last - first))
             emit(s)
             t = len(s.token_ids)
             blocks = torch.tensor(s.block_ids, dtype=torch.long)
@@ -78,6 +99,6 @@ class ModelRunner:
             decode_mask=mask,
             decode_context_len=ctx_len,
             prefills=tuple(segs),
-            logits_indices=torch.tensor(logit_rows, dtype=torch.long),
+            logits_indices=torch.tensor(logit_rows + extra, dtype=torch.long),
         )
-        return batch, sample_ids
+        return batch, sample_ids, scored

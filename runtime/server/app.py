@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from functions import ELAPSED_HEADER, FIRST_TOKEN_AGE_HEADER, STREAM_NOTE, TOKEN_IDS_HEADER, FunctionSpec
 from functions.http import MAX_REQUEST_BYTES, READ_TIMEOUT_S, BodyLimit
 from runtime.core.lifecycle import InstanceState
-from runtime.core.request import SamplingParams
+from runtime.core.request import FinishReason, SamplingParams
 from runtime.device_thread import AdmissionRefused, EngineDeadError, InstanceUnavailable
 from runtime.engine.engine import RequestOutput
 from runtime.engine.logprobs import LogprobsFormat, TokenLogprob
@@ -237,8 +237,19 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
         check_prompt(m, ids, "prompt")
         if body.resumed_tokens and (isinstance(body.prompt, str) or body.resumed_tokens >= len(ids)):
             raise APIError(400, "resumed_tokens needs a token-id prompt longer than it", param="resumed_tokens")
-        params = replace(params_of(body, min(body.max_tokens or 16, m.spec.max_output_tokens)),
+        score_only = body.max_tokens == 0  # echo with nothing generated: the prompt's logprobs
+        asked = 16 if body.max_tokens is None else max(1, body.max_tokens)
+        params = replace(params_of(body, min(asked, m.spec.max_output_tokens)),
                          resumed_tokens=body.resumed_tokens, grammar=await grammar_of(m, body))
+        echo = None
+        if body.echo:
+            if body.resumed_tokens:
+                raise APIError(400, "echo cannot go with resumed_tokens", param="echo")
+            assert m.engine is not None
+            echo = Echo(body.prompt if isinstance(body.prompt, str) else
+                        body.prompt[0] if isinstance(body.prompt[0], str) else m.engine.tokenizer.decode(ids),
+                        ids[0], score_only)
+            params = replace(params, prompt_logprobs=params.logprobs)
         lp = None
         if params.logprobs is not None:
             assert m.engine is not None
@@ -247,7 +258,8 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
             offset = sum(len(spell.text_of(i)) for i in ids[len(ids) - body.resumed_tokens:])
             lp = LogprobsFormat(spell, chat=body.chat_logprobs, offset=0 if body.chat_logprobs else offset)
         return await run(m, request, ids, params, body.stream, chat=False,
-                         include_usage=bool(body.stream_options and body.stream_options.include_usage), lp=lp)
+                         include_usage=bool(body.stream_options and body.stream_options.include_usage), lp=lp,
+                         echo=echo)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
@@ -275,7 +287,8 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
                          include_usage=bool(body.stream_options and body.stream_options.include_usage), lp=lp)
 
     async def run(m: Served, request: Request, ids: list[int], params: SamplingParams,
-                  stream: bool, chat: bool, include_usage: bool, lp: LogprobsFormat | None) -> Response:
+                  stream: bool, chat: bool, include_usage: bool, lp: LogprobsFormat | None,
+                  echo: Echo | None = None) -> Response:
         rid = pod.device.new_id(m.name)
         public_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
@@ -288,16 +301,18 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
             noted = request.headers.get(TOKEN_IDS_HEADER) == "1"
             note = {"prompt_token_ids": ids, "max_tokens": params.max_tokens} if noted else None
             return StreamingResponse(
-                sse(m.name, gen, first, public_id, created, chat, include_usage, len(ids), note, lp),
+                sse(m.name, gen, first, public_id, created, chat, include_usage, len(ids), note, lp, echo),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         text: list[str] = []
         lps: list[TokenLogprob] = []
+        prompt_lps: list[TokenLogprob] = []
         last: RequestOutput | None = None
         try:
             async for out in gen:
                 text.append(out.text)
                 lps.extend(out.logprobs)
+                prompt_lps.extend(out.prompt_logprobs)
                 last = out
                 if await request.is_disconnected():
                     break  # leaving the loop closes gen, which aborts the request
@@ -309,10 +324,17 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
             raise APIError(499, "client closed the request", code="client_closed")
         reason = last.finish_reason.value
         extra = continuation_of(last)
-        usage = {"prompt_tokens": len(ids), "completion_tokens": last.completion_tokens,
-                 "total_tokens": len(ids) + last.completion_tokens}
+        done = last.completion_tokens
         content = "".join(text)
-        logprobs = lp(lps) if lp is not None else None
+        if echo is not None and echo.score_only:  # the one token generated is not the answer
+            reason, done, content, lps = FinishReason.LENGTH.value, 0, "", []
+        usage = {"prompt_tokens": len(ids), "completion_tokens": done, "total_tokens": len(ids) + done}
+        logprobs = None
+        if lp is not None:
+            # with echo the prompt's first: text_offset runs on from its text
+            logprobs = lp(lps) if echo is None else lp.echoed(echo.first_id, prompt_lps, lps)
+        if echo is not None:
+            content = echo.text + content
         if chat:
             return JSONResponse({
                 "id": public_id, "object": "chat.completion", "created": created, "model": m.name,
@@ -358,7 +380,8 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
 
     async def sse(name: str, gen: AsyncGenerator[RequestOutput, None], first: RequestOutput, public_id: str,
                   created: int, chat: bool, include_usage: bool, prompt_n: int,
-                  note: dict[str, Any] | None, lp: LogprobsFormat | None) -> AsyncIterator[bytes]:
+                  note: dict[str, Any] | None, lp: LogprobsFormat | None,
+                  echo: Echo | None = None) -> AsyncIterator[bytes]:
         """The stream's events. With ``note`` (the activator asked, ``TOKEN_IDS_HEADER``) each event
         starts with a comment line naming the output ids behind it (``functions.STREAM_NOTE``): the
         first carries ``note`` (prompt ids, max_tokens) as well; ids whose text is held back ride on
@@ -407,8 +430,15 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
         try:
             if chat:
                 yield noted(chunk("", None, first=True))
+            if echo is not None:  # the prompt, with its logprobs, before any answer
+                head = lp.prompt(echo.first_id, list(first.prompt_logprobs)) if lp is not None else None
+                yield noted(chunk(echo.text, None, extra={"logprobs": head}))
+                if echo.score_only:  # and nothing else: the one token generated is not the answer
+                    yield noted(chunk("", FinishReason.LENGTH.value, extra={"logprobs": lp([]) if lp else None}),
+                                finish=FinishReason.LENGTH.value)
             last: RequestOutput | None = None
-            async for out in prepend(first, gen):
+            outputs = prepend(first, gen) if echo is None or not echo.score_only else _nothing()
+            async for out in outputs:
                 last = out
                 unsent_lps.extend(out.logprobs)
                 if out.continuation is not None:  # preempted: the held-back tail rides on the
@@ -424,9 +454,9 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
                     yield noted(chunk(out.text or (None if chat else ""), reason), finish=reason)
                 elif out.text:
                     yield noted(chunk(out.text, None))
-            if include_usage and last is not None:
-                usage = {"prompt_tokens": prompt_n, "completion_tokens": last.completion_tokens,
-                         "total_tokens": prompt_n + last.completion_tokens}
+            if include_usage and (last is not None or (echo is not None and echo.score_only)):
+                done = last.completion_tokens if last is not None else 0
+                usage = {"prompt_tokens": prompt_n, "completion_tokens": done, "total_tokens": prompt_n + done}
                 payload = {"id": public_id, "object": obj, "created": created, "model": name,
                            "choices": [], "usage": usage}
                 yield b"data: " + json.dumps(payload).encode() + b"\n\n"
@@ -438,6 +468,15 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
         yield b"data: [DONE]\n\n"
 
     return app
+
+
+@dataclass(frozen=True)
+class Echo:
+    """A completion that starts with its prompt (``echo``)."""
+
+    text: str
+    first_id: int  # the prompt's first token, which has no logprob
+    score_only: bool  # max_tokens 0: the prompt is all the answer has
 
 
 def api_error(e: BaseException) -> APIError:
@@ -489,6 +528,11 @@ def continuation_of(out: RequestOutput) -> dict[str, Any]:
                              # or a possible stop-string prefix): a client continuing with
                              # resumed_tokens drops it, the next instance emits it exactly
                              "tail_text": out.text}}
+
+
+async def _nothing() -> AsyncGenerator[RequestOutput, None]:
+    return
+    yield  # an async generator that yields nothing
 
 
 async def prepend(first: RequestOutput, gen: AsyncGenerator[RequestOutput, None]) -> AsyncGenerator[RequestOutput, None]:

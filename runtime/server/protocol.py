@@ -126,17 +126,26 @@ class CompletionRequest(_SamplingFields):
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # true is chat's, not this
     # slinfer extension: logprobs in chat's shape, for a chat stream the activator continues here
     chat_logprobs: StrictBool = False
-    echo: Any = None
+    # the prompt's text first, and with logprobs its tokens' (the first has none); with
+    # max_tokens 0 only that: how evaluation harnesses score a text's likelihood
+    echo: StrictBool | None = None
     best_of: Any = None
     suffix: Any = None
-    NEUTRAL = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, "")}
-
-    def logprobs_k(self) -> int | None:
-        return self.logprobs
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    NEUTRAL = {"best_of": (None, 1), "suffix": (None, "")}
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16
     # slinfer extension for continuing a preempted stream: the prompt is token ids (prompt +
     # output so far) and its last `resumed_tokens` ids are output the client already received.
     resumed_tokens: Annotated[int, Field(ge=0)] = 0
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _nothing_only_with_echo(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v == 0 and not info.data.get("echo"):
+            raise ValueError("max_tokens 0 needs echo: true (the prompt is then all there is)")
+        return v
+
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
