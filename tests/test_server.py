@@ -615,6 +615,30 @@ def test_echo_puts_the_prompt_first_and_scores_it(http: httpx.Client) -> None:
             assert chunks[0]["logprobs"] == lp and len(chunks) == 2 and chunks[1]["finish_reason"] == "length"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_echo_preempted_before_its_first_token_is_a_503_to_send_again(http: httpx.Client, stream: bool,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its prompt's logprobs are not all there, and a continuation elsewhere would not echo: the
+    # activator sends a 503 before any answer to another instance, whole.
+    from runtime.engine.engine import LLMEngine
+
+    real = LLMEngine.step
+
+    def evicting(self: LLMEngine, *a: Any, **kw: Any) -> Any:
+        victims = [r.rid for r in (*self.scheduler.running, *self.scheduler.waiting)
+                   if r.params.prompt_logprobs is not None and not r.output_token_ids]
+        return [o for o in (self.evict(v) for v in victims) if o is not None] if victims else real(self, *a, **kw)
+
+    monkeypatch.setattr(LLMEngine, "step", evicting)
+    body = completion_body(max_tokens=0, echo=True, logprobs=1, stream=stream)
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "instance_unavailable" and "send it again" in r.json()["error"]["message"]
+    assert complete(http, max_tokens=3)["usage"]["completion_tokens"] == 3  # others are served
+    monkeypatch.undo()
+    assert complete(http, max_tokens=0, echo=True, logprobs=1)["choices"][0]["text"] == PROMPT
+
+
 def test_echo_asks_that_make_no_sense_are_refused(http: httpx.Client) -> None:
     err = assert_error(http.post("/v1/completions", json=completion_body(max_tokens=0)), 422, "invalid_value")
     assert err["param"] == "max_tokens" and "echo" in err["message"]

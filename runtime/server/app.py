@@ -298,6 +298,9 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
         gen = timed(m.name, pod.device.generate(m.name, rid, ids, params, elapsed_s=elapsed, first_token_age_s=age))
         if stream:
             first = await first_output(m.name, gen)  # admission decides before any byte is sent
+            if echo is not None and unscored(first):
+                await gen.aclose()
+                raise unscored_error(m.name)
             noted = request.headers.get(TOKEN_IDS_HEADER) == "1"
             note = {"prompt_token_ids": ids, "max_tokens": params.max_tokens} if noted else None
             return StreamingResponse(
@@ -322,6 +325,8 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
             await gen.aclose()
         if last is None or last.finish_reason is None:
             raise APIError(499, "client closed the request", code="client_closed")
+        if echo is not None and unscored(last):
+            raise unscored_error(m.name)
         reason = last.finish_reason.value
         extra = continuation_of(last)
         done = last.completion_tokens
@@ -347,6 +352,16 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
             "choices": [{"index": 0, "text": content, "finish_reason": reason, "logprobs": logprobs, **extra}],
             "usage": usage,
         })
+
+    def unscored(out: RequestOutput) -> bool:
+        """Preempted before its first token: an echo's prompt logprobs are not all there, and a
+        continuation elsewhere would not echo."""
+        return out.finish_reason is FinishReason.PREEMPTED and out.completion_tokens == 0
+
+    def unscored_error(name: str) -> APIError:
+        # the activator sends a 503 before any answer to another instance, as a whole new request
+        return APIError(503, f"function '{name}' was preempted here before its prompt was scored; "
+                        "send it again", type_="server_error", code="instance_unavailable")
 
     async def timed(name: str, gen: AsyncGenerator[RequestOutput, None]) -> AsyncGenerator[RequestOutput, None]:
         t0 = time.monotonic()
