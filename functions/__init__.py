@@ -13,7 +13,7 @@ from functions.spec import (
     parse_function_spec,
 )
 
-# The example functions shipped with the package (chat, summarize, tiny-echo).
+# The example functions shipped with the package (chat, classify, summarize, tiny-echo).
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 
 # Activator -> runtime pod: seconds a request already spent before it reached the pod (held while
