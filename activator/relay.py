@@ -244,7 +244,8 @@ class StreamRelay:
                         cont = preempted(choices[0]) if choices else None
                         if cont is not None:  # the next instance re-emits its tail exactly, but
                             # not the logprobs of the tokens behind it: those go on from here
-                            self.carried = merge_logprobs(self.carried, choices[0].get("logprobs"))
+                            shift = self.echo_chars if self.moved is not None else 0  # a continuation's frame
+                            self.carried = merge_logprobs(self.carried, shift_offsets(choices[0].get("logprobs"), shift))
                             continue
                         if self.moved is not None:
                             out = self._rewrite(payload)

@@ -234,11 +234,11 @@ class LLMEngine:
         by_id = {r.rid: r for r in reqs if r is not None}  # still readable after they finish
         params = [r.params if r else SamplingParams(temperature=0) for r in reqs]
         generated = [_generated(r) if r is not None and r.params.penalized else () for r in reqs]
-        guides = [self._guides.get(r) for r in rids]
-        allowed = [g.allowed() if g is not None else None for g in guides] if self._guides else None
+        guides = [self._guides.get(r) for r in rids] if self._guides else None
+        allowed = [g.allowed() if g is not None else None for g in guides] if guides is not None else None
         biases = [self._biases.get(r) for r in rids] if self._biases else None
         tokens = sample(logits, params, [self._gens.get(r) for r in rids], generated, allowed, biases)
-        for g, t in zip(guides, tokens, strict=True):
+        for g, t in zip(guides or (), tokens, strict=False):
             if g is not None:
                 g.accept(t)
         rows = {r: i for i, r in enumerate(rids)}
