@@ -113,7 +113,7 @@ class Pod:
         except Exception as e:
             self._set(s, InstanceEvent.FAILED)
             raise PodError(400, f"cannot load model {spec.model!r}: {e}", "model_load_failed") from e
-        grammars = Grammars(loaded.tokenizer, loaded.config.vocab_size)
+        grammars = Grammars.of(loaded.tokenizer, loaded.config.vocab_size)
         if spec.output_schema is not None:  # a schema the function promises must be one we can keep
             try:
                 await asyncio.to_thread(grammars.compile, json.loads(spec.output_schema))

@@ -372,6 +372,7 @@ def test_requests_with_one_grammar_keep_their_own_place_in_it(tiny):
               "properties": {"w": {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 4}}}
     eng = LLMEngine(tiny)
     sp = SamplingParams(max_tokens=80, temperature=0, grammar=eng.grammars.compile(schema))
+    assert LLMEngine(tiny).grammars is eng.grammars  # instances of one checkpoint share its compiled grammars
     prompts = {"a": [5, 6, 7], "b": [9, 9, 30, 41], "c": [12]}
     together = run_all(eng, {0: [(k, p, sp) for k, p in prompts.items()]})
     for k, p in prompts.items():

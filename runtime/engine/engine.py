@@ -126,7 +126,7 @@ class LLMEngine:
         self._biases: dict[RequestId, Bias] = {}  # requests with a logit_bias, as tensors
         # requests scoring their prompt (prompt_logprobs): (next position to score, logprobs so far)
         self._scoring: dict[RequestId, tuple[int, list[TokenLogprob]]] = {}
-        self.grammars = grammars or Grammars(self.tokenizer, loaded.config.vocab_size)
+        self.grammars = grammars or Grammars.of(self.tokenizer, loaded.config.vocab_size)
         self._gens: dict[RequestId, torch.Generator | None] = {}
         self.last_plan: StepPlan | None = None
 

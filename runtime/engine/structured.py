@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -32,13 +33,25 @@ JSON_LAYOUT: dict[str, Any] = {"whitespace_flexible": False, "item_separator": "
 
 
 class Grammars:
-    """One engine's view of its tokenizer for llguidance (built on first use: 0.2 s for
-    SmolLM2's 49k tokens) and the grammars it has compiled, each as a matcher to copy. Compiling
-    takes milliseconds (10 ms for a 40-field schema) and is done by the server off its event loop;
-    the device thread only copies (~20 us), so a large schema never stalls other requests' tokens.
-    Thread-safe."""
+    """A tokenizer's view for llguidance (built on first use: 0.2 s for SmolLM2's 49k tokens) and
+    the grammars compiled against it, each as a matcher to copy. Compiling takes milliseconds
+    (10 ms for a 40-field schema) and is done by the server off its event loop; the device thread
+    only copies (~20 us), so a large schema never stalls other requests' tokens. One per tokenizer
+    object (``of``): the instances of one checkpoint share its loaded tokenizer, so they share
+    this too. Thread-safe."""
 
     CACHED = 64  # compiled grammars kept (least recently used dropped)
+    _shared: weakref.WeakKeyDictionary[Any, Grammars] = weakref.WeakKeyDictionary()
+    _shared_lock = threading.Lock()
+
+    @classmethod
+    def of(cls, tokenizer: Any, vocab_size: int) -> Grammars:
+        """The one for this tokenizer object (made on first call; gone with the tokenizer)."""
+        with cls._shared_lock:
+            got = cls._shared.get(tokenizer)
+            if got is None or got.vocab_size != vocab_size:
+                got = cls._shared[tokenizer] = cls(tokenizer, vocab_size)
+            return got
 
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
         self._hf = tokenizer
