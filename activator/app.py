@@ -362,7 +362,9 @@ def create_app(settings: ActivatorSettings, source: RouteSource | None = None) -
     async def models(_: Request) -> Response:
         table = act.routes.table
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "slinfer",
-                 "ready_instances": len(table.endpoints_of(name)), "max_model_len": spec.max_context_tokens}
+                 "ready_instances": len(table.endpoints_of(name)), "max_model_len": spec.max_context_tokens,
+                 # a typed function's promise, for clients to read before they call
+                 **({"output_schema": json.loads(spec.output_schema)} if spec.output_schema is not None else {})}
                 for name, spec in sorted(table.functions.items())]
         return JSONResponse({"object": "list", "data": data})
 

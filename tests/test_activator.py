@@ -386,6 +386,13 @@ def test_a_typed_function_s_cloudevent_reply_is_its_json(setup: Setup, mode: str
         json.loads(free["message"]["content"])
 
 
+def test_models_lists_every_function_with_its_instances_and_a_typed_one_s_schema(setup: Setup) -> None:
+    data = {m["id"]: m for m in httpx.get(f"{setup.url}/v1/models").json()["data"]}
+    assert sorted(data) == ["broken", "cold", EVENT_FN, "tiny", TYPED_FN, CUT_FN]
+    assert (data["tiny"]["ready_instances"], data["cold"]["ready_instances"], data["tiny"]["max_model_len"]) == (2, 0, 256)
+    assert data[TYPED_FN]["output_schema"] == TYPED_SCHEMA and "output_schema" not in data["tiny"]
+
+
 def test_a_typed_function_s_cut_answer_is_no_reply(setup: Setup) -> None:
     # max_output_tokens (4) ends the JSON early: no half a value as a reply; a 502 the Broker
     # can send to its dead-letter sink
