@@ -413,7 +413,7 @@ def test_request_shapes_past_any_use_are_refused(http: httpx.Client, body: dict[
     ("/v1/completions", completion_body(max_tokens="abc"), "max_tokens"),
     ("/v1/chat/completions", chat_body(messages="hi"), "messages"),
     ("/v1/completions", completion_body(temperature=-1), "temperature"),
-    ("/v1/chat/completions", chat_body(n=2), "n"),
+    ("/v1/chat/completions", chat_body(n=17), "n"),
     ("/v1/chat/completions", chat_body(messages=[]), "messages"),
     ("/v1/completions", {"model": "tiny"}, "prompt"),
     ("/v1/chat/completions", chat_body(stream="no"), "stream"),
@@ -432,7 +432,7 @@ def test_request_shapes_past_any_use_are_refused(http: httpx.Client, body: dict[
     ("/v1/chat/completions", chat_body(logprobs=1), "logprobs"),
     ("/v1/completions", completion_body(logprobs=-1), "logprobs"),
     ("/v1/completions", completion_body(logprobs=True), "logprobs"),
-], ids=["max_tokens-str", "messages-str", "temperature-negative", "n-2", "messages-empty", "prompt-missing",
+], ids=["max_tokens-str", "messages-str", "temperature-negative", "n-17", "messages-empty", "prompt-missing",
         "stream-str", "include_usage-str", "seed-past-64-bits",
         "user-without-content", "frequency_penalty-2.5", "presence_penalty--3", "logit_bias-word",
         "logit_bias-negative-id", "logit_bias-101", "logit_bias-id-twice", "top_logprobs-21",
@@ -511,6 +511,80 @@ def test_penalties_reach_the_sampler(http: httpx.Client, asks: dict[str, Any]) -
     plain = greedy_ids(http, max_tokens=40)
     got = greedy_ids(http, max_tokens=40, **asks)
     assert len(got) == len(plain) == 40 and got != plain
+
+
+# -- n choices ---------------------------------------------------------------------------------
+def test_n_choices_are_sampled_apart_and_each_as_one_request_would_be(http: httpx.Client) -> None:
+    body = completion_body(temperature=1.0, seed=7, max_tokens=10, n=3, logprobs=1)
+    out = http.post("/v1/completions", json=body).json()
+    choices = out["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    assert len({c["text"] for c in choices}) == 3  # seeds 7, 8, 9
+    for i, c in enumerate(choices):  # each is what one request with its seed gives
+        alone = complete(http, **{**body, "n": 1, "seed": 7 + i})["choices"][0]
+        assert (c["text"], c["logprobs"]["tokens"]) == (alone["text"], alone["logprobs"]["tokens"])
+    generated = sum(len(c["logprobs"]["tokens"]) for c in choices)  # a sampled end-of-sequence may come early
+    assert out["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": generated,
+                            "total_tokens": len(PROMPT) + generated}
+    chat = http.post("/v1/chat/completions", json=chat_body(n=2)).json()["choices"]
+    assert len(chat) == 2 and chat[0]["message"] == chat[1]["message"]  # greedy: the same answer twice
+
+
+def test_n_choices_are_all_or_nothing(http: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The third choice is refused (429): the answer is a 429, and the two admitted are aborted.
+    from runtime.core.admission import Decision, RefusalReason
+    from runtime.device_thread import AdmissionRefused, AsyncDevice
+
+    real, calls = AsyncDevice.generate, []
+
+    def third_refused(self: AsyncDevice, *a: Any, **kw: Any) -> Any:
+        calls.append(a)
+        if len(calls) == 3:
+            async def refused() -> Any:
+                raise AdmissionRefused(Decision(False, RefusalReason.MEMORY, 1.0, "simulated"))
+                yield  # an async generator, as generate is
+            return refused()
+        return real(self, *a, **kw)
+
+    assert_still_serving(http)  # (so the token counter has its label)
+    monkeypatch.setattr(AsyncDevice, "generate", third_refused)
+    before = metric(http.get("/metrics").text, "slinfer_generation_tokens_total")
+    r = http.post("/v1/completions", json=completion_body(max_tokens=240, n=3))
+    assert r.status_code == 429 and r.json()["error"]["code"] == "memory", r.text
+    monkeypatch.undo()
+    deadline = time.monotonic() + 5
+    while not idle(http.get("/metrics").text):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # aborted, not finished: 2 x 240 tokens had they run to the end
+    assert metric(http.get("/metrics").text, "slinfer_generation_tokens_total") - before < 100
+    assert_still_serving(http)
+
+
+def test_n_choices_preempted_are_a_503_to_send_again(http: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One answer of several choices cannot continue elsewhere choice by choice: sent again, whole.
+    # (A single choice gets its continuation, as before.)
+    from runtime.engine.engine import LLMEngine
+
+    real = LLMEngine.step
+
+    def evicting(self: LLMEngine, *a: Any, **kw: Any) -> Any:
+        victims = [r.rid for r in self.scheduler.running if len(r.output_token_ids) >= 2]
+        return [o for o in (self.evict(v) for v in victims) if o is not None] if victims else real(self, *a, **kw)
+
+    monkeypatch.setattr(LLMEngine, "step", evicting)
+    r = http.post("/v1/completions", json=completion_body(max_tokens=20, n=2))
+    assert r.status_code == 503 and r.json()["error"]["code"] == "instance_unavailable", r.text
+    one = http.post("/v1/completions", json=completion_body(max_tokens=20)).json()["choices"][0]
+    assert one["finish_reason"] == "preempted" and one["continuation"]["output_token_ids"]
+    monkeypatch.undo()
+    assert_still_serving(http)
+
+
+def test_n_with_stream_is_refused(http: httpx.Client) -> None:
+    err = assert_error(http.post("/v1/chat/completions", json=chat_body(n=2, stream=True)), 400, "unsupported_parameter")
+    assert err["param"] == "n"
+    assert_still_serving(http)
 
 
 # -- logprobs ----------------------------------------------------------------------------------

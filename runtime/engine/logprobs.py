@@ -98,6 +98,10 @@ class LogprobsFormat:
     def __init__(self, spelling: TokenSpelling, chat: bool, offset: int = 0) -> None:
         self.spelling, self.chat, self.offset = spelling, chat, offset
 
+    def fresh(self) -> LogprobsFormat:
+        """The same format from the start again (another choice of the answer)."""
+        return LogprobsFormat(self.spelling, self.chat, self.offset)
+
     def __call__(self, ts: list[TokenLogprob]) -> dict[str, Any]:
         if self.chat:
             return {"content": [self.spelling.chat_entry(t) for t in ts], "refusal": None}

@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -200,6 +200,9 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
     def check_asks(m: Served, req: CompletionRequest | ChatCompletionRequest) -> None:
         """Refuse what we would otherwise answer as if it had not been asked (protocol.NEUTRAL)."""
         assert m.engine is not None
+        if req.n > 1 and req.stream:
+            raise APIError(400, f"n > 1 is served without stream (got n = {req.n})", code="unsupported_parameter",
+                           param="n")
         name = req.unsupported()
         if name is not None:
             raise APIError(400, f"'{name}' is not supported by this server (got {json.dumps(getattr(req, name))[:80]})",
@@ -259,7 +262,7 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
             lp = LogprobsFormat(spell, chat=body.chat_logprobs, offset=0 if body.chat_logprobs else offset)
         return await run(m, request, ids, params, body.stream, chat=False,
                          include_usage=bool(body.stream_options and body.stream_options.include_usage), lp=lp,
-                         echo=echo)
+                         echo=echo, n=body.n)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
@@ -284,11 +287,12 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
         params = replace(params_of(body, max_tokens), grammar=await grammar_of(m, body))
         lp = LogprobsFormat(eng.spelling, chat=True) if params.logprobs is not None else None
         return await run(m, request, ids, params, body.stream, chat=True,
-                         include_usage=bool(body.stream_options and body.stream_options.include_usage), lp=lp)
+                         include_usage=bool(body.stream_options and body.stream_options.include_usage), lp=lp,
+                         n=body.n)
 
     async def run(m: Served, request: Request, ids: list[int], params: SamplingParams,
                   stream: bool, chat: bool, include_usage: bool, lp: LogprobsFormat | None,
-                  echo: Echo | None = None) -> Response:
+                  echo: Echo | None = None, n: int = 1) -> Response:
         rid = pod.device.new_id(m.name)
         public_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
@@ -307,61 +311,67 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
                 sse(m.name, gen, first, public_id, created, chat, include_usage, len(ids), note, lp, echo),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        text: list[str] = []
-        lps: list[TokenLogprob] = []
-        prompt_lps: list[TokenLogprob] = []
-        last: RequestOutput | None = None
+        # n > 1: each choice its own request on the device (a seed, if given, + its index)
+        gens = [gen] + [timed(m.name, pod.device.generate(
+            m.name, pod.device.new_id(m.name), ids,
+            replace(params, seed=None if params.seed is None else (params.seed + i) % 2**64),
+            elapsed_s=elapsed, first_token_age_s=age)) for i in range(1, n)]
+        tasks = [asyncio.ensure_future(collect(g, request)) for g in gens] if n > 1 else []
         try:
-            async for out in gen:
-                text.append(out.text)
-                lps.extend(out.logprobs)
-                prompt_lps.extend(out.prompt_logprobs)
-                last = out
-                if await request.is_disconnected():
-                    break  # leaving the loop closes gen, which aborts the request
+            got = await asyncio.gather(*tasks) if tasks else [await collect(gen, request)]
         except (EngineDeadError, AdmissionRefused, InstanceUnavailable, ValueError) as e:
-            raise fail(m.name, e) from e
+            raise fail(m.name, e) from e  # all or nothing: the other choices are aborted below
         finally:
-            await gen.aclose()
-        if last is None or last.finish_reason is None:
-            raise APIError(499, "client closed the request", code="client_closed")
-        if echo is not None and unscored(last):
-            raise unscored_error(m.name)
-        reason = last.finish_reason.value
-        extra = continuation_of(last)
-        done = last.completion_tokens
-        content = "".join(text)
-        if echo is not None and echo.score_only:  # the one token generated is not the answer
-            reason, done, content, lps = FinishReason.LENGTH.value, 0, "", []
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for g in gens:
+                await g.aclose()
+        choices, done = [], 0
+        for i, c in enumerate(got):
+            if c.last is None or c.last.finish_reason is None:
+                raise APIError(499, "client closed the request", code="client_closed")
+            if echo is not None and unscored(c.last):
+                raise unscored_error(m.name)
+            if n > 1 and c.last.continuation is not None:  # choices cannot each continue elsewhere
+                raise unscored_error(m.name, f"in one of the {n} choices")
+            reason, extra, tokens = c.last.finish_reason.value, continuation_of(c.last), c.last.completion_tokens
+            content, lps = "".join(c.text), c.lps
+            if echo is not None and echo.score_only:  # the one token generated is not the answer
+                reason, tokens, content, lps = FinishReason.LENGTH.value, 0, "", []
+            done += tokens
+            logprobs = None
+            if lp is not None:  # with echo the prompt's first: text_offset runs on from its text
+                f = lp.fresh()
+                logprobs = f(lps) if echo is None else f.echoed(echo.first_id, c.prompt_lps, lps)
+            if echo is not None:
+                content = echo.text + content
+            body: dict[str, Any] = {"message": {"role": "assistant", "content": content}} if chat else {"text": content}
+            choices.append({"index": i, **body, "finish_reason": reason, "logprobs": logprobs, **extra})
         usage = {"prompt_tokens": len(ids), "completion_tokens": done, "total_tokens": len(ids) + done}
-        logprobs = None
-        if lp is not None:
-            # with echo the prompt's first: text_offset runs on from its text
-            logprobs = lp(lps) if echo is None else lp.echoed(echo.first_id, prompt_lps, lps)
-        if echo is not None:
-            content = echo.text + content
-        if chat:
-            return JSONResponse({
-                "id": public_id, "object": "chat.completion", "created": created, "model": m.name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                             "finish_reason": reason, "logprobs": logprobs, **extra}],
-                "usage": usage,
-            })
-        return JSONResponse({
-            "id": public_id, "object": "text_completion", "created": created, "model": m.name,
-            "choices": [{"index": 0, "text": content, "finish_reason": reason, "logprobs": logprobs, **extra}],
-            "usage": usage,
-        })
+        return JSONResponse({"id": public_id, "object": "chat.completion" if chat else "text_completion",
+                             "created": created, "model": m.name, "choices": choices, "usage": usage})
+
+    async def collect(gen: AsyncGenerator[RequestOutput, None], request: Request) -> Collected:
+        c = Collected()
+        async for out in gen:
+            c.text.append(out.text)
+            c.lps.extend(out.logprobs)
+            c.prompt_lps.extend(out.prompt_logprobs)
+            c.last = out
+            if await request.is_disconnected():
+                break  # the caller closes gen, which aborts the request
+        return c
 
     def unscored(out: RequestOutput) -> bool:
         """Preempted before its first token: an echo's prompt logprobs are not all there, and a
         continuation elsewhere would not echo."""
         return out.finish_reason is FinishReason.PREEMPTED and out.completion_tokens == 0
 
-    def unscored_error(name: str) -> APIError:
+    def unscored_error(name: str, why: str = "before its prompt was scored") -> APIError:
         # the activator sends a 503 before any answer to another instance, as a whole new request
-        return APIError(503, f"function '{name}' was preempted here before its prompt was scored; "
-                        "send it again", type_="server_error", code="instance_unavailable")
+        return APIError(503, f"function '{name}' was preempted here {why}; send it again",
+                        type_="server_error", code="instance_unavailable")
 
     async def timed(name: str, gen: AsyncGenerator[RequestOutput, None]) -> AsyncGenerator[RequestOutput, None]:
         t0 = time.monotonic()
@@ -483,6 +493,16 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
         yield b"data: [DONE]\n\n"
 
     return app
+
+
+@dataclass
+class Collected:
+    """One choice of a non-streamed answer, as its outputs came."""
+
+    text: list[str] = field(default_factory=list)
+    lps: list[TokenLogprob] = field(default_factory=list)
+    prompt_lps: list[TokenLogprob] = field(default_factory=list)
+    last: RequestOutput | None = None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from pydantic import (
     model_validator,
 )
 
+MAX_CHOICES = 16  # n: choices of one answer
 MAX_TOP_LOGPROBS = 20  # OpenAI's chat limit; the completions API's 5 is raised to it, as vLLM does
 
 # Stop strings are matched against the text after every token of the request, on the device's
@@ -60,7 +61,7 @@ class _SamplingFields(BaseModel):
     model: str
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    n: Literal[1] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1  # each choice its own request on the device
     # Strict: "no" or "false" must not read as a boolean here and as truthy in the activator.
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
