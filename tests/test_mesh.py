@@ -227,6 +227,14 @@ def test_restarting_the_autoscaler_loses_no_waiting_request(mesh: MeshHandle) ->
     assert placed(mesh, "delta")
 
 
+def test_the_autoscaler_api_refuses_a_body_over_the_limit(mesh: MeshHandle) -> None:
+    # Internal and token-protected, but it parses what it is sent: the activator's 8 MiB limit.
+    auth = {"Authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
+    r = httpx.post(f"{mesh.autoscaler_url}/functions", content=b"[" + b" " * (9 << 20) + b"]", headers=auth, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+    assert httpx.get(f"{mesh.autoscaler_url}/status", headers=auth, timeout=10).status_code == 200
+
+
 def test_a_model_that_cannot_load_is_answered_at_once_with_why(mesh: MeshHandle) -> None:
     api = f"{mesh.autoscaler_url}/functions"
     auth = {"Authorization": f"Bearer {TOKEN}"}

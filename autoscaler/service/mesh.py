@@ -25,7 +25,7 @@ from autoscaler.service.api import create_api
 from autoscaler.service.controller import Controller, ControllerSettings
 from autoscaler.service.local import LocalPods, PodResources, free_port
 from functions import FunctionSpec
-from functions.http import http_protocol
+from functions.http import BodyLimit, http_protocol
 
 log = logging.getLogger("slinfer.mesh")
 
@@ -114,7 +114,9 @@ class Mesh:
         self.controller = Controller(self.pods, {f.name: f for f in s.functions},
                                      s.controller or ControllerSettings(s.token), self._client, store_dir=store)
         self._tasks["controller"] = asyncio.create_task(self.controller.run(), name="controller")
-        await self._serve("autoscaler", create_api(self.controller, s.token), self.autoscaler_port)
+        act = s.activator or ActivatorSettings()  # the same body limits as the activator's
+        api = BodyLimit(create_api(self.controller, s.token), act.max_request_bytes, act.read_timeout_s)
+        await self._serve("autoscaler", api, self.autoscaler_port)
 
     async def stop_autoscaler(self) -> None:
         if self.controller is not None:
