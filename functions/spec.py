@@ -221,7 +221,9 @@ class FunctionSpec:
                 value = value.to_dict()
             elif isinstance(value, DevicePreference):
                 value = value.value
-            elif f.name == "output_schema" and value is not None:
+            elif f.name == "output_schema":
+                if value is None:
+                    continue  # left out, so a spec without one reads as it did before the field existed
                 value = json.loads(value)
             out[f.name] = value
         return out
