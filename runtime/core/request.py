@@ -104,6 +104,15 @@ class Request:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
+    @property
+    def resumed_ids(self) -> tuple[int, ...]:
+        """The prompt's last ``params.resumed_tokens`` ids: a continued stream's output so far."""
+        return self.prompt_token_ids[len(self.prompt_token_ids) - self.params.resumed_tokens:]
+
+    def generated_ids(self) -> list[int]:
+        """Every token generated for this stream: resumed ones, then this request's own output."""
+        return [*self.resumed_ids, *self.output_token_ids]
+
     def token_at(self, i: int) -> int:
         n = len(self.prompt_token_ids)
         return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]

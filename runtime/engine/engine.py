@@ -21,7 +21,7 @@ from runtime.core.memory import context_bound, reservation_blocks
 from runtime.core.request import FinishReason, Request, SamplingParams
 from runtime.core.scheduler import Scheduler, SchedulerConfig, StepPlan
 from runtime.engine.detokenizer import IncrementalDetokenizer
-from runtime.engine.logprobs import TokenLogprob, TokenSpelling, token_logprob
+from runtime.engine.logprobs import TokenLogprob, TokenSpelling, token_logprob, token_logprobs
 from runtime.engine.runner import ModelRunner
 from runtime.engine.sampler import Bias, bias_tensors, sample
 from runtime.engine.structured import Grammars, Guide
@@ -146,16 +146,17 @@ class LLMEngine:
         if params.resumed_tokens >= len(prompt_token_ids):
             raise ValueError(f"resumed_tokens ({params.resumed_tokens}) must be < the prompt's "
                              f"{len(prompt_token_ids)} tokens")
-        resumed = prompt_token_ids[len(prompt_token_ids) - params.resumed_tokens:]
-        guide = self.grammars.guide(params.grammar, resumed, sorted(self.eos_ids)) if params.grammar is not None else None
-        self.scheduler.add(Request(
+        req = Request(
             rid=rid, prompt_token_ids=tuple(prompt_token_ids), params=params, arrival_s=now,
             eos_token_ids=self.eos_ids, deadline_resumed=min(deadline_resumed, params.resumed_tokens),
             deadline_first_s=deadline_first_s if deadline_resumed else None,
-        ))
+        )
+        # before the request is queued: resumed tokens the grammar refuses are the caller's error
+        guide = self.grammars.guide(params.grammar, req.resumed_ids, sorted(self.eos_ids)) if params.grammar else None
+        self.scheduler.add(req)
         detok = self._detok[rid] = IncrementalDetokenizer(self.tokenizer, params.stop)
         if params.resumed_tokens:  # the client has this text already: prime, do not emit
-            detok.add(resumed)
+            detok.add(req.resumed_ids)
         if guide is not None:
             self._guides[rid] = guide
         if (bias := bias_tensors(params)) is not None:
@@ -200,8 +201,10 @@ class LLMEngine:
             return
         want, got = entry
         end = len(req.prompt_token_ids) - req.params.resumed_tokens - 1  # positions that predict prompt tokens
-        for i in range(max(0, want - first), min(rows.shape[0], end - first)):
-            got.append(token_logprob(rows[i], req.prompt_token_ids[first + i + 1], req.params.prompt_logprobs))
+        lo, hi = max(0, want - first), min(rows.shape[0], end - first)
+        if hi > lo:
+            got.extend(token_logprobs(rows[lo:hi], req.prompt_token_ids[first + lo + 1:first + hi + 1],
+                                      req.params.prompt_logprobs))
         self._scoring[rid] = (max(want, min(first + rows.shape[0], end)), got)
 
     def _forget(self, rid: RequestId) -> None:
@@ -233,7 +236,7 @@ class LLMEngine:
         reqs = [self.scheduler.get(r) for r in rids]
         by_id = {r.rid: r for r in reqs if r is not None}  # still readable after they finish
         params = [r.params if r else SamplingParams(temperature=0) for r in reqs]
-        generated = [_generated(r) if r is not None and r.params.penalized else () for r in reqs]
+        generated = [r.generated_ids() if r is not None and r.params.penalized else () for r in reqs]
         guides = [self._guides.get(r) for r in rids] if self._guides else None
         allowed = [g.allowed() if g is not None else None for g in guides] if guides is not None else None
         biases = [self._biases.get(r) for r in rids] if self._biases else None
@@ -309,10 +312,3 @@ class LLMEngine:
         if system_prompt and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": system_prompt}, *messages]
         return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-
-
-def _generated(r: Request) -> list[int]:
-    """The tokens a request has generated: a continued stream's resumed ones (the end of its
-    prompt) and its own output."""
-    n = len(r.prompt_token_ids)
-    return [*r.prompt_token_ids[n - r.params.resumed_tokens:], *r.output_token_ids]

@@ -7,6 +7,7 @@ still reads how likely each label was.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -23,12 +24,21 @@ class TokenLogprob:
 
 
 def token_logprob(logits: Tensor, token_id: int, k: int) -> TokenLogprob:
+    """One row of logits [vocab]: ``token_id``'s logprob and the ``k`` most likely."""
+    return token_logprobs(logits.unsqueeze(0), [token_id], k)[0]
+
+
+def token_logprobs(logits: Tensor, token_ids: Sequence[int], k: int) -> list[TokenLogprob]:
+    """Rows of logits [n, vocab] and the token each row scores, in one pass (a prompt's are
+    hundreds of rows)."""
     lp = torch.log_softmax(logits.float(), dim=-1)
-    top: tuple[tuple[int, float], ...] = ()
-    if k > 0:
-        values, ids = lp.topk(min(k, lp.numel()))
-        top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
-    return TokenLogprob(token_id, float(lp[token_id]), top)
+    ids = torch.tensor(list(token_ids), dtype=torch.long)
+    chosen = lp.gather(1, ids.unsqueeze(1)).squeeze(1).tolist()
+    if k <= 0:
+        return [TokenLogprob(t, v) for t, v in zip(token_ids, chosen, strict=True)]
+    values, top_ids = lp.topk(min(k, lp.shape[1]), dim=-1)
+    return [TokenLogprob(t, v, tuple(zip(i, w, strict=True)))
+            for t, v, i, w in zip(token_ids, chosen, top_ids.tolist(), values.tolist(), strict=True)]
 
 
 @lru_cache(maxsize=1)
