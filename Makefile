@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 MODEL ?= bundled:smollm2-135m-instruct
 
-.PHONY: venv run serve test lint bench-engine bench-capacity bench-activator bench-retries bench-features fetch-model clean simulate
+.PHONY: venv run serve test lint bench-engine bench-capacity bench-activator bench-retries bench-features bench-prefix-cache fetch-model clean simulate
 
 venv: $(STAMP)
 
@@ -60,6 +60,9 @@ bench-retries: $(STAMP)
 
 bench-features: $(STAMP)
 	$(PY) bench/bench_features.py $(BENCH_ARGS)
+
+bench-prefix-cache: $(STAMP)
+	$(PY) bench/bench_prefix_cache.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -65,6 +65,8 @@ def parse_serve(argv: list[str], env: dict[str, str] | None = None) -> ServeSett
     ap.add_argument("--no-newcomer-slack", dest="newcomer_slack", action="store_false",
                     help="admission plans a new request's first token against the 5%%-tighter deadline it "
                          "plans admitted work against, rather than against the request's SLO")
+    ap.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                    help="every request computes its whole prompt (no KV shared between requests)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--shutdown-drain-s", type=float, default=PodConfig.shutdown_drain_s,
                     help="on SIGTERM, how long running requests may finish here before the rest are handed "
@@ -99,7 +101,8 @@ def parse_serve(argv: list[str], env: dict[str, str] | None = None) -> ServeSett
                     weight_cache_bytes=a.weight_cache_mb << 20, block_size=a.block_size,
                     max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_batched_tokens,
                     max_prefill_step_s=a.max_prefill_step_ms / 1000 if a.max_prefill_step_ms > 0 else math.inf,
-                    displace=a.displace, newcomer_slack=a.newcomer_slack, shutdown_drain_s=a.shutdown_drain_s)
+                    displace=a.displace, newcomer_slack=a.newcomer_slack, shutdown_drain_s=a.shutdown_drain_s,
+                    prefix_caching=a.prefix_caching)
     token = a.admin_token or secrets.token_urlsafe(24)
     if not a.max_request_mb >= 0:
         ap.error(f"--max-request-mb must be >= 0, got {a.max_request_mb}")

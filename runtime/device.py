@@ -99,7 +99,14 @@ class Instance:
 
     def kv_holding(self, lookahead_tokens: int) -> KVHolding:
         eng = self.engine
-        return KVHolding(eng.pool.num_blocks, eng.reserved_blocks(lookahead_tokens), eng.bytes_per_block)
+        reserved = eng.reserved_blocks(lookahead_tokens)
+        return KVHolding(eng.pool.num_blocks, reserved, eng.bytes_per_block, self.lent_blocks(reserved))
+
+    def lent_blocks(self, reserved_blocks: int) -> int:
+        """Cached prefix blocks held beyond what this instance's requests need (their
+        reservation, or what they hold): the device takes these back on demand."""
+        pool = self.engine.pool
+        return max(0, min(pool.num_cached, pool.num_blocks - max(reserved_blocks, pool.num_used)))
 
     def tokens_left(self, req: Request) -> int:
         """Tokens req may still emit: max_tokens, and never past the context."""
@@ -172,6 +179,7 @@ class DeviceLoop:
             raise ValueError(f"instance {inst.iid!r} already on this device")
         held = inst.engine.cache.nbytes
         if held:  # an engine built with KV of its own: it must fit in the budget as a LOAD
+            self.reclaim(held)
             a = self.actions.submit(ActionKind.LOAD, inst.iid, held)
             if a not in self.actions.ready():
                 raise ValueError(f"instance {inst.iid!r} holds {held} bytes of KV; {self.actions.free} free")
@@ -197,6 +205,25 @@ class DeviceLoop:
         inst.engine.resize_kv(inst.engine.pool.num_blocks - blocks)  # synchronous on CPU
         self.actions.complete(a.action_id)  # only now does the memory count as free
 
+    def reclaim(self, need_bytes: int, keep: str | None = None) -> None:
+        """Take back cached prefix blocks that instances lend (``Instance.lent_blocks``) until
+        ``need_bytes`` are free, the instances lending most first; ``keep``'s own are not
+        taken. The least recently freed prefixes go first (``KVCacheManager.compact``)."""
+        if need_bytes <= self.actions.free:
+            return
+        la = self.memory.lookahead_tokens
+        lenders = []
+        for inst in self.instances.values():
+            lent = inst.lent_blocks(inst.engine.reserved_blocks(la)) if inst.iid != keep else 0
+            if lent > 0:
+                lenders.append((-lent * inst.engine.bytes_per_block, inst.iid, lent))
+        for _, iid, lent in sorted(lenders):
+            short = need_bytes - self.actions.free
+            if short <= 0:
+                break
+            inst = self.instances[iid]
+            self._release(inst, ActionKind.SHRINK, min(lent, -(-short // inst.engine.bytes_per_block)))
+
     def plan_memory(self) -> None:
         """Size every instance's KV to its reservation x watermark: shrinks first (hysteresis),
         then grows, most urgent instance first, each only against memory already freed."""
@@ -208,8 +235,8 @@ class DeviceLoop:
             target = resize_target(self.memory, cur, eng.reserved_blocks(lookahead))
             if target is None:
                 continue
-            if target < cur:
-                self._release(inst, ActionKind.SHRINK, cur - max(target, eng.pool.num_used))
+            if target < cur:  # cached prefixes stay, lent, until memory is wanted (reclaim)
+                self._release(inst, ActionKind.SHRINK, cur - max(target, eng.pool.num_used + eng.pool.num_cached))
             elif target > cur:
                 reqs = inst.requests()
                 urgency = min((inst.deadline(r) for r in reqs), default=float("inf"))
@@ -217,6 +244,7 @@ class DeviceLoop:
         for _, iid, want in sorted(grows):
             inst = self.instances[iid]
             bpb = inst.engine.bytes_per_block
+            self.reclaim(want * bpb, keep=iid)
             blocks = min(want, self.actions.free // bpb)  # partial growth beats none
             if blocks <= 0:
                 continue  # the engine preempts (recompute) or evicts if it outgrows what it has
@@ -266,11 +294,13 @@ class DeviceLoop:
         return inst.spec.slo.ttft_s(prompt_tokens) * SLO_MARGIN
 
     def admit(self, iid: str, prompt_tokens: int, now: float, arrival_s: float | None = None,
-              max_tokens: int | None = None, anchor: Anchor | None = None) -> Decision:
+              max_tokens: int | None = None, anchor: Anchor | None = None, cached_tokens: int = 0) -> Decision:
         """May a request join iid now? arrival_s (default now) anchors its TTFT deadline, so a
         retried request keeps the deadline it arrived with; max_tokens bounds its output (None:
         up to the context), which lets admission see when its work ends; ``anchor`` (from
-        ``anchor``) replaces arrival_s for a request whose deadlines began before this pod."""
+        ``anchor``) replaces arrival_s for a request whose deadlines began before this pod;
+        ``cached_tokens`` of its prompt are in iid's prefix cache (``LLMEngine.cached_prefix_tokens``)
+        and cost no prefill."""
         inst = self.instances[iid]
         eng = inst.engine
         la = self.memory.lookahead_tokens
@@ -283,7 +313,8 @@ class DeviceLoop:
         room = eng.max_model_len - prompt_tokens
         outputs = max(0, (room if max_tokens is None else min(max_tokens, room)) - 1)
         due = inst.first_deadline(prompt_tokens, anchor.arrival_s, anchor.resumed, anchor.first_token_s)
-        req = NewRequest(prompt_tokens, due, need, outputs, self._own_slack(inst, prompt_tokens, anchor.resumed))
+        req = NewRequest(prompt_tokens, due, need, outputs, self._own_slack(inst, prompt_tokens, anchor.resumed),
+                         cached_tokens)
         t = time.perf_counter()
         loads = [i.load(self.prefill_chunk_tokens(i)) for i in self.instances.values()]
         d = admit(loads, iid, req, free, now, displace=self.displace)

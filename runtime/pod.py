@@ -45,6 +45,7 @@ class PodConfig:
     max_prefill_step_s: float = MAX_PREFILL_STEP_S  # a step carrying a prefill chunk ends within this
     displace: bool = True  # admission may hand back a longer waiting prompt to take a shorter one
     newcomer_slack: bool = True  # a newcomer's own first token is held to its SLO, not the 5% tighter plan
+    prefix_caching: bool = True  # requests share the KV of prompt prefixes already computed
     profile_prefill: tuple[int, ...] = (32, 128)
     profile_decode: tuple[tuple[int, tuple[int, ...]], ...] = ((128, (1, 4)),)
     drain_timeout_s: float = 60.0
@@ -139,13 +140,15 @@ class Pod:
         eng = LLMEngine(loaded, EngineConfig(
             block_size=c.block_size, kv_cache_bytes=0, max_num_seqs=c.max_num_seqs,
             max_num_batched_tokens=c.max_num_batched_tokens,
-            max_model_len=min(spec.max_context_tokens, loaded.config.max_position)), grammars=grammars)
+            max_model_len=min(spec.max_context_tokens, loaded.config.max_position),
+            prefix_caching=c.prefix_caching), grammars=grammars)
         cached = self._profiles.get(spec.model)
         if cached is not None:  # same checkpoint, same device: its profile still holds
             prof = cached
         elif profile:
             tokens = max([*c.profile_prefill, *(ctx * max(b) + ctx for ctx, b in c.profile_decode)])
             blocks = -(-min(tokens, eng.max_model_len * c.max_num_seqs) // c.block_size)
+            dev.reclaim(blocks * eng.bytes_per_block)
             a = dev.actions.submit(ActionKind.LOAD, spec.name, blocks * eng.bytes_per_block)
             if a not in dev.actions.ready():
                 raise RuntimeError(f"no KV room to profile ({blocks} blocks)")
@@ -234,6 +237,10 @@ def _device_status(dev: DeviceLoop) -> dict[str, Any]:
             "kv_blocks_total": eng.kv_blocks_total, "kv_blocks_used": eng.kv_blocks_used,
             "kv_blocks_reserved": eng.reserved_blocks(dev.memory.lookahead_tokens),
             "kv_bytes": eng.cache.nbytes, "block_size": eng.config.block_size,
+            # held only for cached prompt prefixes, given back on demand: free to a placement
+            "kv_lent_bytes": inst.lent_blocks(eng.reserved_blocks(dev.memory.lookahead_tokens)) * eng.bytes_per_block,
+            "prefix_cache": {"cached_blocks": eng.pool.num_cached, "hit_tokens": eng.scheduler.kv.hit_tokens,
+                             "queried_tokens": eng.scheduler.kv.queried_tokens},
             "profile": {"prefill_ms": est.profile.prefill_ms, "decode_ms": est.profile.decode_ms,
                         "prefill_factor": round(est.prefill_factor, 3), "decode_factor": round(est.decode_factor, 3)},
         })

@@ -66,6 +66,18 @@ def test_newcomer_missing_its_own_deadline_is_refused_unless_the_device_is_idle(
     assert admit([inst("a")], "a", req(prompt=1000, deadline=0.5, blocks=101), 100, 0.0).reason is RefusalReason.MEMORY
 
 
+def test_cached_prompt_tokens_cost_no_prefill():
+    # 1000 tokens take 1 s of prefill against a 0.5 s deadline; with 960 of them cached (prefix
+    # caching) only 40 are computed, 40 ms: the same request fits, on a busy device as well
+    busy = [inst("a"), inst("b", batch=1, due=5.0)]
+    assert admit(busy, "a", req(prompt=1000, deadline=0.5), 100, 0.0).reason is RefusalReason.PREFILL
+    cached = NewRequest(1000, 0.5, 1, cached_tokens=960)
+    assert cached.prefill_tokens == 40
+    assert admit(busy, "a", cached, 100, 0.0).admitted
+    # the context limit still counts every token
+    assert admit([inst("a", max_ctx=1000)], "a", cached, 100, 0.0).reason is RefusalReason.CONTEXT
+
+
 def test_a_newcomer_late_even_alone_is_refused_on_prefill_not_compute():
     # The device is over on compute too, but no eviction could make a 1000-token prompt (1 s of
     # prefill) meet a 0.5 s deadline: the reason must not invite a preemption.

@@ -109,6 +109,15 @@ def test_parse_status_snapshot_and_routes() -> None:
     assert table.endpoints_of("b") == ()
 
 
+def test_kv_a_pod_lends_to_cached_prefixes_is_free_to_placement() -> None:
+    status = {"functions": {"a": {"state": "ready", "model": "m"}},
+              "instances": [{"name": "a", "kv_bytes": 1000, "kv_blocks_total": 10, "kv_blocks_reserved": 2,
+                             "kv_lent_bytes": 600}],
+              "device": {"kv_budget_bytes": 5000}}
+    (inst,) = parse_status(NODES.specs[0], status).instances
+    assert (inst.kv_bytes, inst.kv_reserved_bytes) == (400, 200)
+
+
 def test_demand_loads_one_instance_and_stale_demand_does_not_scale_out() -> None:
     async def go() -> None:
         h = Harness([fn("a")])

@@ -171,7 +171,10 @@ def test_kv_never_exceeds_the_device_budget_under_adversarial_lengths(tiny):
         if o.finish_reason is FinishReason.PREEMPTED:
             assert o.continuation is not None and len(o.continuation.prompt_token_ids) > 0
     dev.plan_memory()  # what the device does on an idle tick
-    assert dev.kv_bytes == 0  # idle instances shrink to nothing
+    # idle instances shrink to their cached prompt prefixes, all of it lent: taken back on demand
+    assert dev.kv_bytes == sum(i.lent_blocks(0) for i in dev.instances.values()) * bpb > 0
+    dev.reclaim(budget)
+    assert dev.kv_bytes == 0 and dev.actions.free == budget
 
 
 def test_oversized_request_is_evicted_with_a_continuation(tiny):
@@ -453,3 +456,83 @@ def test_a_decode_step_carries_no_prompt_due_later_than_a_prompt_elsewhere(tiny)
     b.abort(RequestId("sooner"))
     dev.step()
     assert {str(q.rid) for q in a.last_plan.seqs} == {"stream", "later"}
+
+
+# -- cached prompt prefixes: kept while idle, lent, taken back on demand -------------------------
+
+def _run_to_end(dev):
+    outs = []
+    steps = 0
+    while dev.has_work:
+        _, o = dev.step()
+        outs += o
+        steps += 1
+        assert steps < 5000
+    dev.plan_memory()  # an idle tick
+    return outs
+
+
+def test_an_idle_instance_keeps_its_prompt_prefix_for_the_next_request(tiny):
+    dev = DeviceLoop(DeviceKind.CPU, kv_budget_bytes=64 * make_instance(tiny, "p").engine.bytes_per_block)
+    dev.add_instance(make_instance(tiny, "a", kv_cache_bytes=0))
+    eng = dev.instances["a"].engine
+    system = list(range(5, 85))  # 80 tokens: 5 blocks of 16
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    eng.add_request(RequestId("r1"), system + [200, 201], sp, now=0.0)
+    first = [o for o in _run_to_end(dev) if o.rid == "r1"]
+    assert eng.pool.num_used == 0 and eng.pool.num_cached >= 5  # idle, and the prefix is still there
+    eng.add_request(RequestId("r2"), system + [210, 211, 212], sp, now=0.0)
+    _run_to_end(dev)
+    assert eng.scheduler.kv.hit_tokens == 80
+    assert sum(len(o.new_token_ids) for o in first) == 8
+
+
+def test_lent_prefix_memory_counts_as_free_and_is_taken_back_for_a_grow(tiny):
+    bpb = make_instance(tiny, "p").engine.bytes_per_block
+    budget = 24 * bpb
+    dev = DeviceLoop(DeviceKind.CPU, kv_budget_bytes=budget, clock=lambda: 0.0)
+    for iid in ("a", "b"):
+        dev.add_instance(make_instance(tiny, iid, kv_cache_bytes=0, max_model_len=400))
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    dev.instances["a"].engine.add_request(RequestId("a1"), list(range(5, 5 + 300)), sp, now=0.0)
+    _run_to_end(dev)
+    a = dev.instances["a"]
+    lent = a.lent_blocks(0)
+    assert lent >= 18 and dev.actions.free == budget - lent * bpb  # a holds its prefix, lent
+    # b's request needs 20 blocks: only lent memory can give them
+    assert dev.admit("b", 300, now=0.0, max_tokens=4).admitted
+    dev.instances["b"].engine.add_request(RequestId("b1"), [(7 * i) % 300 + 10 for i in range(300)], sp, now=0.0)
+    outs = []
+    while dev.has_work:
+        assert dev.kv_bytes <= budget
+        _, o = dev.step()
+        outs += o
+    assert [o.finish_reason.value for o in outs if o.finished] == ["length"]  # served, not evicted
+    assert dev.peak_kv_bytes <= budget and a.lent_blocks(0) < lent  # a's cache gave way
+    assert dev.instances["b"].engine.scheduler.num_running == 0
+
+
+def test_a_prefix_moved_by_a_shrink_is_still_the_same_kv(tiny):
+    """Compaction copies cached blocks down with the held ones: a request finding a moved
+    prefix answers as one that computes it afresh."""
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    system = list(range(7, 7 + 64))
+    eng = LLMEngine(tiny, EngineConfig(block_size=16, kv_cache_bytes=0))
+    eng.resize_kv(30)
+    eng.add_request(RequestId("pad"), list(range(100, 100 + 200)), sp, 0.0)  # takes the low blocks
+    eng.add_request(RequestId("x"), system + [1, 2], sp, 0.0)
+    while eng.has_work:
+        eng.step()
+    eng.resize_kv(6)  # the cached prefix blocks move down (or are dropped past what fits)
+    assert eng.pool.num_cached == 6
+    eng.add_request(RequestId("y"), system + [3], sp, 0.0)
+    got = []
+    while eng.has_work:
+        got += [t for o in eng.step() for t in o.new_token_ids]
+    assert eng.scheduler.kv.hit_tokens == 64
+    fresh = LLMEngine(tiny, EngineConfig(block_size=16, prefix_caching=False))
+    fresh.add_request(RequestId("y"), system + [3], sp, 0.0)
+    want = []
+    while fresh.has_work:
+        want += [t for o in fresh.step() for t in o.new_token_ids]
+    assert got == want

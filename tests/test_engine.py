@@ -424,3 +424,78 @@ def test_prompt_logprobs_score_each_prompt_token_once_in_any_chunking(tiny, chun
         assert o.logprobs[0].token_id == prompt[j]
         assert o.logprobs[0].logprob == pytest.approx(got[j - 1].logprob, abs=1e-4)
         assert len(got[j - 1].top) == 3
+
+
+# -- prefix caching ------------------------------------------------------------------------------
+
+def _count_computed(eng: LLMEngine) -> list[int]:
+    """Tokens each step computes, recorded as the runner executes them."""
+    seen: list[int] = []
+    execute = eng.runner.execute
+
+    def counting(plan, score=None):
+        seen.append(plan.num_tokens)
+        return execute(plan, score)
+
+    eng.runner.execute = counting  # type: ignore[method-assign]
+    return seen
+
+
+def test_requests_sharing_a_prefix_compute_it_once_and_answer_as_without_caching(tiny):
+    cfg = {"block_size": 16, "max_num_batched_tokens": 64}
+    system = prompts(1, seed=7)[0][:80] + [5] * max(0, 80 - len(prompts(1, seed=7)[0]))  # 80 shared tokens
+    users = prompts(5, seed=8)
+    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (6, 20, 9, 14, 4)]
+    # r0 alone first; r1, r2 together once r0 has gone; r3 and r4 while r1 and r2 still run
+    steps = (0, 30, 30, 34, 35)
+    arrivals: dict[int, list] = {}
+    for i, (u, sp, at) in enumerate(zip(users, params, steps, strict=True)):
+        arrivals.setdefault(at, []).append((f"r{i}", system + u[:20], sp))
+    cached = LLMEngine(tiny, EngineConfig(**cfg))
+    plain = LLMEngine(tiny, EngineConfig(**cfg, prefix_caching=False))
+    work_cached, work_plain = _count_computed(cached), _count_computed(plain)
+    assert run_all(cached, arrivals) == run_all(plain, arrivals)
+    # four of the five find the 80-token prefix's 5 full blocks: 4 x 80 tokens not computed again
+    assert cached.scheduler.kv.hit_tokens == 4 * 80
+    assert sum(work_plain) - sum(work_cached) == 4 * 80
+    assert cached.kv_blocks_used == 0 and cached.pool.num_cached > 0
+
+
+def test_prompt_logprobs_never_use_cached_blocks(tiny):
+    """Scoring a prompt needs the logits at every position: nothing may be skipped."""
+    cfg = {"block_size": 16}
+    p = prompts(1, seed=9)[0] + prompts(1, seed=10)[0]
+    eng = LLMEngine(tiny, EngineConfig(**cfg))
+    run_all(eng, {0: [("a", p, SamplingParams(max_tokens=2, temperature=0))]})
+    scored = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=0)
+    # what admission is told: the cached prefix, unless the prompt is to be scored
+    assert eng.cached_prefix_tokens(p, SamplingParams()) == (len(p) - 1) // 16 * 16
+    assert eng.cached_prefix_tokens(p, scored) == 0
+    outs = []
+    eng.add_request(RequestId("b"), p, scored, 0.0)
+    while eng.has_work:
+        outs.extend(eng.step())
+    assert eng.scheduler.kv.hit_tokens == 0
+    assert [lp.token_id for o in outs for lp in o.prompt_logprobs] == p[1:]
+    run_all(eng, {0: [("c", p, SamplingParams(max_tokens=2, temperature=0))]})
+    assert eng.scheduler.kv.hit_tokens > 0  # the same prompt unscored does use them
+
+
+@pytest.mark.slow
+def test_smollm2_shares_a_function_s_system_prompt(smol):
+    """A function's requests share its system prompt: the second and third find its blocks
+    cached, and answer exactly as with caching off."""
+    system = "You are a careful assistant for a travel agency. " * 6
+    questions = ["What is the capital of France?", "Name a river in Germany.", "Where is Lisbon?"]
+    outs = {}
+    for caching in (True, False):
+        eng = LLMEngine(smol, EngineConfig(block_size=16, prefix_caching=caching))
+        got = {}
+        for i, q in enumerate(questions):
+            ids = eng.encode_prompt(eng.render_chat([{"role": "user", "content": q}], system_prompt=system))
+            got.update(run_all(eng, {0: [(f"q{i}", ids, GREEDY)]}))
+        outs[caching] = got
+        if caching:
+            shared = len(eng.encode_prompt(eng.render_chat([{"role": "system", "content": system}])))
+            assert eng.scheduler.kv.hit_tokens >= 2 * (shared // 16 - 1) * 16
+    assert outs[True] == outs[False]

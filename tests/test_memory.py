@@ -96,9 +96,13 @@ def test_completing_twice_is_an_error():
     ([(6, 2), (2, 5)], 0, 1000, 11),
     # promised more than is free: only the slack is left
     ([(6, 2), (0, 20)], 0, 1000, 4),
+    # another instance lends 5 cached blocks: the device takes them back on demand
+    ([(0, 0), (5, 0, 5)], 0, 1000, 15),
+    # the target's own lent blocks are its slack already: not counted twice
+    ([(5, 0, 5), (0, 0)], 0, 1000, 15),
 ])
 def test_admissible_blocks_discount_unbacked_reservations(holdings, target, free_bytes, want):
     from runtime.core.memory import KVHolding, admissible_blocks
 
-    hs = [KVHolding(held, reserved, 100) for held, reserved in holdings]
+    hs = [KVHolding(*h[:2], 100, *h[2:]) for h in holdings]
     assert admissible_blocks(free_bytes, hs, hs[target]) == want

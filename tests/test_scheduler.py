@@ -11,9 +11,11 @@ def make_sched(blocks=16, block_size=4, budget=8, max_seqs=4, max_len=64):
     return Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=max_len), kv)
 
 
-def make_req(rid, n_prompt, max_tokens=4, eos=frozenset()):
-    return Request(RequestId(rid), tuple(range(10, 10 + n_prompt)), SamplingParams(max_tokens=max_tokens, temperature=0),
-                   0.0, eos_token_ids=eos)
+def make_req(rid, n_prompt, max_tokens=4, eos=frozenset(), prompt=None):
+    """A request whose prompt shares no prefix with another id's (unless ``prompt`` says so)."""
+    base = 10 + 1000 * sum(map(ord, rid))
+    return Request(RequestId(rid), prompt or tuple(range(base, base + n_prompt)),
+                   SamplingParams(max_tokens=max_tokens, temperature=0), 0.0, eos_token_ids=eos)
 
 
 def run_step(s, token=7):
@@ -84,7 +86,9 @@ def test_out_of_blocks_preempts_newest_and_recomputes_it():
     b = s.get(RequestId("b"))
     assert b is not None and b.status is RequestStatus.WAITING and b.num_computed_tokens == 0
     assert b.output_token_ids == [7, 7]  # generated tokens are kept and recomputed as prompt
-    assert s.kv.block_table(RequestId("a")) == [0, 1, 2]
+    # b's full first block (2) stays cached for its recompute; a's third block is the free one
+    assert s.kv.block_table(RequestId("a")) == [0, 1, 3]
+    assert s.kv.pool.num_cached == 1
 
 
 def test_finish_while_running_frees_blocks_and_ignores_stale_results():

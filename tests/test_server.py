@@ -826,6 +826,18 @@ def open_stream_and_hang_up(http: httpx.Client, chunks: int) -> list[dict[str, A
     return events
 
 
+def test_a_repeated_prompt_prefix_is_served_from_the_prefix_cache(http: httpx.Client) -> None:
+    """The second request with the same 112-byte prompt finds its first 6 blocks (16 tokens
+    each) cached, and answers as the first did; /metrics counts the tokens not computed again."""
+    prompt = "A long shared instruction for every call of this function. " * 2  # 112 bytes
+    before = metric(http.get("/metrics").text, "slinfer_prefix_cache_hit_tokens_total")
+    answers = [http.post("/v1/completions", json=completion_body(prompt=prompt, max_tokens=6)).json()
+               for _ in range(2)]
+    assert answers[0]["choices"][0]["text"] == answers[1]["choices"][0]["text"]
+    after = wait_for_metrics(http, lambda t: metric(t, "slinfer_prefix_cache_hit_tokens_total") > before)
+    assert metric(after, "slinfer_prefix_cache_hit_tokens_total") - before >= 96
+
+
 def test_client_disconnect_frees_kv_blocks(http: httpx.Client) -> None:
     events = open_stream_and_hang_up(http, chunks=2)
     assert [e["choices"][0]["finish_reason"] for e in events] == [None, None]

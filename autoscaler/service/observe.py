@@ -67,7 +67,9 @@ def parse_status(node: NodeSpec, data: Mapping[str, Any]) -> PodStatus:
         out.append(PodInstance(
             function=name, state=str(f["state"]), model=str(f.get("model", "")),
             batch=int(d.get("batch", 0)), waiting=int(d.get("waiting", 0)), demand=float(d.get("demand", 0.0)),
-            kv_bytes=int(d.get("kv_bytes", 0)), kv_reserved_bytes=int(d.get("kv_blocks_reserved", 0)) * per_block,
+            # KV lent to cached prefixes is the pod's to take back: not held, to a placement
+            kv_bytes=int(d.get("kv_bytes", 0)) - int(d.get("kv_lent_bytes", 0)),
+            kv_reserved_bytes=int(d.get("kv_blocks_reserved", 0)) * per_block,
         ))
     cache = data.get("weights_cache", {}).get("models", [])
     weights = {str(m["ref"]): int(m["bytes"]) for m in cache}

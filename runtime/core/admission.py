@@ -120,6 +120,12 @@ class NewRequest:
     # admitted work against estimate error; refusing a newcomer that the (already pessimistic)
     # estimate still serves within its SLO would make a sure miss of a likely hit.
     own_slack_s: float = 0.0
+    # Leading prompt tokens whose KV the instance has cached (prefix caching): not computed again.
+    cached_tokens: int = 0
+
+    @property
+    def prefill_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
 
 
 @dataclass(frozen=True)
@@ -348,7 +354,7 @@ def admit(instances: Sequence[InstanceLoad], target: str, req: NewRequest, free_
         # Refusing it on a pessimistic estimate would also starve the estimator of the very
         # observations that correct it (a profile taken on a busy host would refuse forever).
         return ADMIT
-    own_s = prefill_time(inst, req.prompt_tokens)
+    own_s = prefill_time(inst, req.prefill_tokens)
     if now + own_s > req.ttft_deadline_s + req.own_slack_s + LATENESS_TOLERANCE_S:
         # Late even if it ran alone from now: no replay can do better, and no eviction would help
         # (a COMPUTE reason here would invite the autoscaler to preempt an instance for nothing).
@@ -359,7 +365,7 @@ def admit(instances: Sequence[InstanceLoad], target: str, req: NewRequest, free_
     bounded = math.isfinite(req.output_tokens) and all(i.bounded() for i in instances)
     if demand > 1.0 and not bounded:  # nothing will end: the paper's steady-state rule decides
         return Decision(False, RefusalReason.COMPUTE, 1.0, f"decode demand would be {demand:.2f} of the device")
-    newcomer = PendingPrefill(req.prompt_tokens, req.ttft_deadline_s, req.output_tokens)
+    newcomer = PendingPrefill(req.prefill_tokens, req.ttft_deadline_s, req.output_tokens)
     after = replay(instances, (target, newcomer), now)
     if not _hurt(after.late, {}, req.own_slack_s) and after.demand_left <= 1.0:
         return ADMIT  # nothing late, nothing left over: no need to compare with the device without it

@@ -71,20 +71,26 @@ def resize_target(cfg: MemoryConfig, current_blocks: int, reserved_blocks: int) 
 
 @dataclass(frozen=True)
 class KVHolding:
-    """An instance's KV as admission sees it: blocks it holds, blocks its requests reserve."""
+    """An instance's KV as admission sees it: blocks it holds, blocks its requests reserve, and
+    blocks it lends: held only for cached prompt prefixes, beyond what it needs, which the device
+    takes back before any grow or load goes short."""
 
     held_blocks: int
     reserved_blocks: int
     bytes_per_block: int
+    lent_blocks: int = 0
 
 
 def admissible_blocks(free_bytes: int, holdings: Iterable[KVHolding], target: KVHolding) -> int:
-    """Blocks a new request on ``target`` may reserve: memory actually free, minus reservations
-    already admitted but not yet backed by a grow (else two admissions in a row would count the
-    same free memory), plus the target's own slack (held beyond what its requests reserve)."""
+    """Blocks a new request on ``target`` may reserve: memory actually free or lent by other
+    instances, minus reservations already admitted but not yet backed by a grow (else two
+    admissions in a row would count the same free memory), plus the target's own slack (held
+    beyond what its requests reserve, its own cached blocks included)."""
+    holdings = list(holdings)
     unmet = sum(max(0, h.reserved_blocks - h.held_blocks) * h.bytes_per_block for h in holdings)
+    lent = sum(h.lent_blocks * h.bytes_per_block for h in holdings if h is not target)
     slack = max(0, target.held_blocks - target.reserved_blocks)
-    return max(0, free_bytes - unmet) // target.bytes_per_block + slack
+    return max(0, free_bytes + lent - unmet) // target.bytes_per_block + slack
 
 
 class ActionKind(enum.Enum):

@@ -162,10 +162,14 @@ class Scheduler:
                 continue
             if len(self.running) >= self.config.max_num_seqs:
                 break
+            if req.params.prompt_logprobs is None:  # (scoring needs every prompt position computed)
+                req.num_computed_tokens = self.kv.match_prefix(req.rid, req.tokens(0, req.num_tokens))
             n = min(req.num_tokens - req.num_computed_tokens, budget, self._fits(req))
             if n > 1:
                 n = min(n, prefill_left)
             if n <= 0:
+                self.kv.free(req.rid)  # a prefix found is shared again when it starts
+                req.num_computed_tokens = 0
                 break  # later requests do not overtake this one (FCFS, or by key)
             end = req.num_computed_tokens + n
             self.waiting.remove(req)
@@ -225,6 +229,7 @@ class Scheduler:
             if req is None or req.status is not RequestStatus.RUNNING:
                 continue  # finished (aborted) while the step ran
             req.num_computed_tokens = seq.start_pos + len(seq.token_ids)
+            self.kv.commit(req.rid, req.tokens, req.num_computed_tokens)
             if not seq.sample:
                 continue
             tok = sampled[seq.rid]

@@ -36,6 +36,7 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None  # default: min(model's max positions, 4096)
+    prefix_caching: bool = True  # share the KV of prompt prefixes already computed (block_pool)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.kv_cache_bytes < 0:
@@ -115,7 +116,7 @@ class LLMEngine:
                 max_num_batched_tokens=self.config.max_num_batched_tokens,
                 max_model_len=self.max_model_len,
             ),
-            KVCacheManager(self.pool, self.config.block_size),
+            KVCacheManager(self.pool, self.config.block_size, self.config.prefix_caching),
         )
         self.runner = ModelRunner(loaded.model, self.cache)
         self.tokenizer: Any = loaded.tokenizer
@@ -279,6 +280,13 @@ class LLMEngine:
         if num_blocks > self.pool.num_blocks:
             self.pool.resize(num_blocks)
         self.cache.resize(num_blocks, [(int(a), int(b)) for a, b in moves])
+
+    def cached_prefix_tokens(self, prompt_token_ids: list[int] | tuple[int, ...], params: SamplingParams) -> int:
+        """Leading tokens of this prompt whose KV is cached now, which a request would not compute
+        again if it started at once (a request scoring its prompt computes every position)."""
+        if params.prompt_logprobs is not None:
+            return 0
+        return len(self.scheduler.kv.cached_prefix(prompt_token_ids)) * self.config.block_size
 
     def reserved_blocks(self, lookahead_tokens: int) -> int:
         """Forward-looking reservation: each live request's prompt + output + look-ahead, never

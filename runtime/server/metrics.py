@@ -29,6 +29,11 @@ class ServerMetrics:
         self.waiting = Gauge("slinfer_requests_waiting", "Requests waiting to run", ["model"], registry=r)
         self.kv_used = Gauge("slinfer_kv_blocks_used", "KV cache blocks in use", ["model"], registry=r)
         self.kv_total = Gauge("slinfer_kv_blocks_total", "KV cache blocks in the pool", ["model"], registry=r)
+        self.kv_cached = Gauge("slinfer_kv_blocks_cached", "Free KV blocks still holding a cached prompt prefix",
+                               ["model"], registry=r)
+        self.prefix_hits = Counter("slinfer_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache "
+                                   "(not computed again)", ["model"], registry=r)
+        self._hits_seen: dict[str, int] = {}  # per model: the engine's cumulative count last observed
         self.kv_device_bytes = Gauge("slinfer_device_kv_bytes", "KV bytes held by all instances", registry=r)
         self.kv_budget_bytes = Gauge("slinfer_device_kv_budget_bytes", "The device's KV budget", registry=r)
         self.arbiter = Histogram("slinfer_arbiter_decision_seconds", "Cost of one EDF arbiter decision",
@@ -55,3 +60,7 @@ class ServerMetrics:
         self.waiting.labels(model).set(engine.scheduler.num_waiting)
         self.kv_used.labels(model).set(engine.kv_blocks_used)
         self.kv_total.labels(model).set(engine.kv_blocks_total)
+        self.kv_cached.labels(model).set(engine.pool.num_cached)
+        hits, seen = engine.scheduler.kv.hit_tokens, self._hits_seen.get(model, 0)
+        self.prefix_hits.labels(model).inc(hits - seen if hits >= seen else hits)  # a new engine counts from 0
+        self._hits_seen[model] = hits
