@@ -290,8 +290,7 @@ class StreamRelay:
                 return None
             u = payload["usage"]
             done = len(self.moved.output_ids) + int(u.get("completion_tokens", 0))
-            n = len(self.moved.prompt_ids)
-            out["usage"] = {"prompt_tokens": n, "completion_tokens": done, "total_tokens": n + done}
+            out["usage"] = moved_usage(len(self.moved.prompt_ids), done, u)
             return _event(out)
         choice = (payload.get("choices") or [{}])[0]
         if self.echo_chars and out.get("choices"):  # the client's offsets count the echoed prompt
@@ -412,10 +411,21 @@ def _joined(head: dict[str, Any], last: dict[str, Any], texts: list[str], moved:
         choice["message"] = {"role": "assistant", "content": content}
     else:
         choice["text"] = content
-    n = len(moved.prompt_ids)
-    done = len(moved.output_ids) + int((last.get("usage") or {}).get("completion_tokens", 0))
-    return {**head, "choices": [choice], "usage": {"prompt_tokens": n, "completion_tokens": done,
-                                                  "total_tokens": n + done}}
+    usage = last.get("usage") or {}
+    done = len(moved.output_ids) + int(usage.get("completion_tokens", 0))
+    return {**head, "choices": [choice], "usage": moved_usage(len(moved.prompt_ids), done, usage)}
+
+
+def moved_usage(prompt_tokens: int, completion_tokens: int, pod_usage: dict[str, Any]) -> dict[str, Any]:
+    """The client's usage of a request that finished elsewhere: its own prompt and every token
+    it got. The pod that finished it names the cached prompt tokens of the prompt it was given
+    (the client's and the tokens carried over); the client's share of those is reported."""
+    out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                           "total_tokens": prompt_tokens + completion_tokens}
+    details = pod_usage.get("prompt_tokens_details")
+    if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+        out["prompt_tokens_details"] = {"cached_tokens": min(details["cached_tokens"], prompt_tokens)}
+    return out
 
 
 async def until_disconnect(receive: Receive) -> None:

@@ -74,6 +74,13 @@ def metric(text: str, name: str, model: str = "tiny") -> float:
     return float(m.group(1))
 
 
+def counts(usage: dict[str, Any]) -> dict[str, Any]:
+    """Usage but the prompt's cached tokens (prefix caching: they depend on what ran before),
+    which are always named and never more than the prompt."""
+    assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] <= usage["prompt_tokens"], usage
+    return {k: v for k, v in usage.items() if k != "prompt_tokens_details"}
+
+
 def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
     assert r.status_code == status, r.text
     body = r.json()
@@ -115,8 +122,8 @@ def test_completion_counts_tokens_and_is_greedy_deterministic(http: httpx.Client
     [choice] = out["choices"]
     assert choice["finish_reason"] == "length"
     assert isinstance(choice["text"], str) and choice["text"]
-    assert out["usage"] == {"prompt_tokens": len(PROMPT.encode()), "completion_tokens": 8,
-                            "total_tokens": len(PROMPT.encode()) + 8}
+    assert counts(out["usage"]) == {"prompt_tokens": len(PROMPT.encode()), "completion_tokens": 8,
+                                    "total_tokens": len(PROMPT.encode()) + 8}
 
     assert complete(http)["choices"][0]["text"] == choice["text"]
 
@@ -163,7 +170,7 @@ def test_streaming_chat_matches_non_streaming(http: httpx.Client) -> None:
     reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]]
     assert reasons == ["length"]
     assert usage_chunk["choices"] == []
-    assert usage_chunk["usage"] == expected["usage"]
+    assert counts(usage_chunk["usage"]) == counts(expected["usage"])
 
 
 def test_streaming_completion_matches_non_streaming(http: httpx.Client) -> None:
@@ -178,7 +185,7 @@ def test_streaming_completion_matches_non_streaming(http: httpx.Client) -> None:
     reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]]
     assert reasons == ["length"]
     assert usage_chunk["choices"] == []
-    assert usage_chunk["usage"] == expected["usage"]
+    assert counts(usage_chunk["usage"]) == counts(expected["usage"])
 
 
 def test_streaming_without_include_usage_has_no_usage_chunk(http: httpx.Client) -> None:
@@ -524,8 +531,8 @@ def test_n_choices_are_sampled_apart_and_each_as_one_request_would_be(http: http
         alone = complete(http, **{**body, "n": 1, "seed": 7 + i})["choices"][0]
         assert (c["text"], c["logprobs"]["tokens"]) == (alone["text"], alone["logprobs"]["tokens"])
     generated = sum(len(c["logprobs"]["tokens"]) for c in choices)  # a sampled end-of-sequence may come early
-    assert out["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": generated,
-                            "total_tokens": len(PROMPT) + generated}
+    assert counts(out["usage"]) == {"prompt_tokens": len(PROMPT), "completion_tokens": generated,
+                                    "total_tokens": len(PROMPT) + generated}
     chat = http.post("/v1/chat/completions", json=chat_body(n=2)).json()["choices"]
     assert len(chat) == 2 and chat[0]["message"] == chat[1]["message"]  # greedy: the same answer twice
 
@@ -671,7 +678,8 @@ def test_echo_puts_the_prompt_first_and_scores_it(http: httpx.Client) -> None:
     scored = complete(http, max_tokens=0, echo=True, logprobs=1)
     (choice,) = scored["choices"]
     assert choice["text"] == PROMPT and choice["finish_reason"] == "length"
-    assert scored["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": 0, "total_tokens": len(PROMPT)}
+    assert scored["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": 0, "total_tokens": len(PROMPT),
+                               "prompt_tokens_details": {"cached_tokens": 0}}  # a scored prompt is computed whole
     lp = choice["logprobs"]
     assert "".join(lp["tokens"]) == PROMPT and lp["text_offset"] == list(range(len(PROMPT)))
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
@@ -834,6 +842,7 @@ def test_a_repeated_prompt_prefix_is_served_from_the_prefix_cache(http: httpx.Cl
     answers = [http.post("/v1/completions", json=completion_body(prompt=prompt, max_tokens=6)).json()
                for _ in range(2)]
     assert answers[0]["choices"][0]["text"] == answers[1]["choices"][0]["text"]
+    assert answers[1]["usage"]["prompt_tokens_details"]["cached_tokens"] >= 96  # as OpenAI reports it
     after = wait_for_metrics(http, lambda t: metric(t, "slinfer_prefix_cache_hit_tokens_total") > before)
     assert metric(after, "slinfer_prefix_cache_hit_tokens_total") - before >= 96
 
@@ -1037,7 +1046,7 @@ def test_stream_notes_name_the_ids_behind_the_text_so_far(http: httpx.Client, st
     events = noted_stream(http, "/v1/completions",
                           completion_body(max_tokens=n, stop=stop, stream_options={"include_usage": True}))
     *chunks, (usage_note, usage) = events
-    assert usage_note == {} and usage["usage"] == plain["usage"]
+    assert usage_note == {} and counts(usage["usage"]) == counts(plain["usage"])
     assert all(note for note, _ in chunks), "every event but the usage carries a note"
     first = chunks[0][0]
     assert first["prompt_token_ids"] == byte_tokenizer().encode(PROMPT) and first["max_tokens"] == n

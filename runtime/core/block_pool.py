@@ -5,7 +5,7 @@ Pure bookkeeping; the tensors live in the executor. Allocation is deterministic 
 id first), so tests can assert exact block ids.
 
 Prefix caching (as vLLM's automatic prefix caching): a block whose tokens are all computed is
-named by a hash of its tokens and of every token before it. When a request starts, the blocks of
+named by a digest of its tokens and of every token before it. When a request starts, the blocks of
 the longest run of its full leading blocks already named are shared with it (a reference count
 each) and its prefill starts after them: an LLM function's requests share its system prompt, a
 chat shares its history, and a preempted request finds its own blocks again. A block no request
@@ -15,13 +15,15 @@ so cached blocks count as free: they never hold memory the device planner could 
 
 from __future__ import annotations
 
+import hashlib
 import heapq
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from runtime.core.ids import BlockId, RequestId
 
-BlockHash = int
+BlockHash = bytes  # 16-byte blake2b digest of a block's tokens and its parent's name
 
 
 class OutOfBlocksError(RuntimeError):
@@ -194,11 +196,15 @@ def blocks_for(tokens: int, block_size: int) -> int:
 
 
 def block_names(token_ids: Sequence[int], block_size: int, parent: BlockHash | None = None) -> list[BlockHash]:
-    """The names of the full blocks of token_ids, each a hash of its tokens and its parent's
-    name (so a name stands for the whole prefix up to the end of its block)."""
+    """The names of the full blocks of token_ids, each a digest of its tokens and its parent's
+    name (so a name stands for the whole prefix up to the end of its block). A cryptographic
+    digest: with Python's hash a crafted prompt could collide with another's prefix and have its
+    KV served to that request."""
     out: list[BlockHash] = []
     for i in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash((parent, tuple(token_ids[i:i + block_size])))
+        h = hashlib.blake2b(parent or b"", digest_size=16)
+        h.update(array("q", token_ids[i:i + block_size]).tobytes())
+        parent = h.digest()
         out.append(parent)
     return out
 

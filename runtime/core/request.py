@@ -92,6 +92,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when it first started
     first_token_s: float | None = None  # when its first output token existed (the caller's clock)
     # Output tokens of a continued stream (the last ``deadline_resumed`` prompt tokens, produced on
     # an earlier instance) that count as emitted in its deadlines: 0 unless its deadlines keep

@@ -164,6 +164,8 @@ class Scheduler:
                 break
             if req.params.prompt_logprobs is None:  # (scoring needs every prompt position computed)
                 req.num_computed_tokens = self.kv.match_prefix(req.rid, req.tokens(0, req.num_tokens))
+                if not req.num_preemptions:
+                    req.num_cached_tokens = req.num_computed_tokens
             n = min(req.num_tokens - req.num_computed_tokens, budget, self._fits(req))
             if n > 1:
                 n = min(n, prefill_left)

@@ -72,6 +72,7 @@ class RequestOutput:
     logprobs: tuple[TokenLogprob, ...] = ()  # one per new token, when the request asked
     # with the first token, when asked: each prompt token's but the first (nothing predicts it)
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (OpenAI's usage detail)
 
     @property
     def finished(self) -> bool:
@@ -265,6 +266,7 @@ class LLMEngine:
             outputs.append(RequestOutput(
                 u.rid, u.new_token_ids, text, reason, len(req.prompt_token_ids), len(req.output_token_ids),
                 logprobs=lps, prompt_logprobs=tuple(scoring[1]) if scoring is not None else (),
+                cached_tokens=req.num_cached_tokens,
             ))
             if reason is not None:
                 self._forget(u.rid)

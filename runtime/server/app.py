@@ -348,7 +348,8 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
                 content = echo.text + content
             body: dict[str, Any] = {"message": {"role": "assistant", "content": content}} if chat else {"text": content}
             choices.append({"index": i, **body, "finish_reason": reason, "logprobs": logprobs, **extra})
-        usage = {"prompt_tokens": len(ids), "completion_tokens": done, "total_tokens": len(ids) + done}
+        usage = {"prompt_tokens": len(ids), "completion_tokens": done, "total_tokens": len(ids) + done,
+                 "prompt_tokens_details": {"cached_tokens": min(c.last.cached_tokens for c in got if c.last)}}
         return JSONResponse({"id": public_id, "object": "chat.completion" if chat else "text_completion",
                              "created": created, "model": m.name, "choices": choices, "usage": usage})
 
@@ -481,7 +482,8 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
                     yield noted(chunk(out.text, None))
             if include_usage and (last is not None or (echo is not None and echo.score_only)):
                 done = last.completion_tokens if last is not None else 0
-                usage = {"prompt_tokens": prompt_n, "completion_tokens": done, "total_tokens": prompt_n + done}
+                usage = {"prompt_tokens": prompt_n, "completion_tokens": done, "total_tokens": prompt_n + done,
+                         "prompt_tokens_details": {"cached_tokens": last.cached_tokens if last is not None else 0}}
                 payload = {"id": public_id, "object": obj, "created": created, "model": name,
                            "choices": [], "usage": usage}
                 yield b"data: " + json.dumps(payload).encode() + b"\n\n"
