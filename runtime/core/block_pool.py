@@ -10,7 +10,8 @@ the longest run of its full leading blocks already named are shared with it (a r
 each) and its prefill starts after them: an LLM function's requests share its system prompt, a
 chat shares its history, and a preempted request finds its own blocks again. A block no request
 holds keeps its name and its KV until an allocation needs the room (least recently freed first),
-so cached blocks count as free: they never hold memory the device planner could want back.
+so cached blocks count as free in the pool. (On a shared device the memory they sit in is lent:
+runtime.device takes it back before another instance goes short.)
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class BlockPool:
         self._free: list[int] = list(range(num_blocks))  # a min-heap
         self._refs: dict[int, int] = {}  # held blocks -> holders
         self._cached: OrderedDict[int, None] = OrderedDict()  # free but named, least recent first
-        self._name: dict[int, BlockHash] = {}  # named blocks (held or cached) -> hash
+        self._name: dict[int, BlockHash] = {}  # named blocks (held or cached) -> name
         self._by_name: dict[BlockHash, int] = {}
 
     @property
