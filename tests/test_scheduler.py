@@ -192,3 +192,20 @@ def test_prefill_key_preempts_only_requests_not_yet_in_the_step():
     for q in plan.seqs:  # every planned sequence still holds the blocks it was planned with
         assert s.get(q.rid).status is RequestStatus.RUNNING
         assert tuple(s.kv.block_table(q.rid)) == q.block_ids
+
+
+def test_a_request_shares_a_cached_prefix_and_a_blocked_one_is_counted_once():
+    s = make_sched(blocks=12, block_size=4, budget=32)
+    shared = tuple(range(500, 512))  # 12 tokens: 3 blocks
+    s.add(make_req("a", 0, max_tokens=2, prompt=shared + (1, 2)))
+    while s.has_work:
+        run_step(s)
+    s.add(make_req("b", 0, max_tokens=2, prompt=shared + (3, 4, 5, 6, 7, 8, 9, 10)))
+    for _ in range(3):  # no prompt tokens allowed in these steps: b matches, cannot start, waits
+        plan = s.schedule(prefill_budget=0)
+        assert plan.empty and s.kv.pool.num_used == 0
+    assert s.kv.hit_tokens == 0
+    plan, _ = run_step(s)
+    (seq,) = plan.seqs
+    assert (seq.rid, seq.start_pos, len(seq.token_ids)) == ("b", 12, 8)  # its prefill starts after the prefix
+    assert s.kv.hit_tokens == 12 and s.get(RequestId("b")).num_cached_tokens == 12

@@ -271,6 +271,15 @@ class KVCacheManager:
         self.hit_tokens += matched
         return matched
 
+    def unmatch(self, rid: RequestId, prompt_tokens: int) -> None:
+        """Undo a match_prefix for a request that could not start after all (it matches again
+        when it does): its shared blocks go back and the counts forget it."""
+        matched = len(self._tables.get(rid, ())) * self.block_size
+        self.free(rid)
+        if self.prefix_caching:
+            self.hit_tokens -= matched
+            self.queried_tokens -= prompt_tokens
+
     def commit(self, rid: RequestId, tokens: Callable[[int, int], Sequence[int]], computed_tokens: int) -> None:
         """Name rid's blocks that are full of computed tokens (``tokens(start, end)`` gives its
         token ids), so later requests with the same prefix can share them."""

@@ -162,7 +162,8 @@ class Scheduler:
                 continue
             if len(self.running) >= self.config.max_num_seqs:
                 break
-            if req.params.prompt_logprobs is None:  # (scoring needs every prompt position computed)
+            cacheable = req.params.prompt_logprobs is None  # (scoring needs every prompt position computed)
+            if cacheable:
                 req.num_computed_tokens = self.kv.match_prefix(req.rid, req.tokens(0, req.num_tokens))
                 if not req.num_preemptions:
                     req.num_cached_tokens = req.num_computed_tokens
@@ -170,7 +171,8 @@ class Scheduler:
             if n > 1:
                 n = min(n, prefill_left)
             if n <= 0:
-                self.kv.free(req.rid)  # a prefix found is shared again when it starts
+                if cacheable:
+                    self.kv.unmatch(req.rid, req.num_tokens)  # a prefix found is shared again when it starts
                 req.num_computed_tokens = 0
                 break  # later requests do not overtake this one (FCFS, or by key)
             end = req.num_computed_tokens + n
