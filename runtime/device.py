@@ -36,6 +36,7 @@ from runtime.core.arbiter import (
     pick,
     prefill_chunk_budget,
 )
+from runtime.core.block_pool import NO_HIT, PrefixHit
 from runtime.core.estimator import LatencyEstimator
 from runtime.core.ids import RequestId
 from runtime.core.memory import (
@@ -294,18 +295,18 @@ class DeviceLoop:
         return inst.spec.slo.ttft_s(prompt_tokens) * SLO_MARGIN
 
     def admit(self, iid: str, prompt_tokens: int, now: float, arrival_s: float | None = None,
-              max_tokens: int | None = None, anchor: Anchor | None = None, cached_tokens: int = 0) -> Decision:
+              max_tokens: int | None = None, anchor: Anchor | None = None, prefix: PrefixHit = NO_HIT) -> Decision:
         """May a request join iid now? arrival_s (default now) anchors its TTFT deadline, so a
         retried request keeps the deadline it arrived with; max_tokens bounds its output (None:
         up to the context), which lets admission see when its work ends; ``anchor`` (from
         ``anchor``) replaces arrival_s for a request whose deadlines began before this pod;
-        ``cached_tokens`` of its prompt are in iid's prefix cache (``LLMEngine.cached_prefix_tokens``)
-        and cost no prefill."""
+        ``prefix`` is what its prompt finds in iid's prefix cache (``LLMEngine.prefix_hit``): those
+        tokens cost no prefill, and blocks other requests hold cost no memory."""
         inst = self.instances[iid]
         eng = inst.engine
         la = self.memory.lookahead_tokens
         need = reservation_blocks(prompt_tokens, la, eng.config.block_size,
-                                  context_bound(prompt_tokens, max_tokens, eng.max_model_len))
+                                  context_bound(prompt_tokens, max_tokens, eng.max_model_len)) - prefix.held_blocks
         holdings = {name: i.kv_holding(la) for name, i in self.instances.items()}
         free = admissible_blocks(self.actions.free, holdings.values(), holdings[iid])
         if anchor is None:
@@ -314,7 +315,7 @@ class DeviceLoop:
         outputs = max(0, (room if max_tokens is None else min(max_tokens, room)) - 1)
         due = inst.first_deadline(prompt_tokens, anchor.arrival_s, anchor.resumed, anchor.first_token_s)
         req = NewRequest(prompt_tokens, due, need, outputs, self._own_slack(inst, prompt_tokens, anchor.resumed),
-                         cached_tokens)
+                         prefix.tokens)
         t = time.perf_counter()
         loads = [i.load(self.prefill_chunk_tokens(i)) for i in self.instances.values()]
         d = admit(loads, iid, req, free, now, displace=self.displace)

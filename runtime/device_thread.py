@@ -189,7 +189,7 @@ class AsyncDevice:
                                     cmd.params.resumed_tokens, cmd.first_token_age_s)
                 if cmd.admission:
                     d = dev.admit(cmd.iid, len(cmd.prompt_ids), now, max_tokens=cmd.params.max_tokens, anchor=anchor,
-                                  cached_tokens=inst.engine.cached_prefix_tokens(cmd.prompt_ids, cmd.params))
+                                  prefix=inst.engine.prefix_hit(cmd.prompt_ids, cmd.params))
                     if handed_back := dev.take_handed_back():  # a longer prompt gave way: it goes elsewhere
                         loop.call_soon_threadsafe(self._deliver, handed_back)
                     if not d.admitted:

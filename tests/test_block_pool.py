@@ -211,6 +211,7 @@ def test_random_operations_keep_the_books_consistent():
                 holders[blk] = holders.get(blk, 0) + 1
                 assert blk < pool.num_blocks
         assert holders == pool._refs
+        assert pool.shared_extra == sum(n - 1 for n in holders.values())
         assert pool.num_used + pool.num_free == pool.num_blocks
         assert set(pool._free).isdisjoint(pool._refs) and set(pool._cached).isdisjoint(pool._refs)
         assert set(pool._cached) <= set(pool._name) and set(pool._name) <= set(pool._refs) | set(pool._cached)

@@ -536,3 +536,33 @@ def test_a_prefix_moved_by_a_shrink_is_still_the_same_kv(tiny):
     while fresh.has_work:
         want += [t for o in fresh.step() for t in o.new_token_ids]
     assert got == want
+
+
+def test_a_prefix_held_by_a_running_request_is_reserved_once(tiny):
+    """Two requests sharing a 160-token prompt prefix reserve its 10 blocks once: in the device's
+    sizing, and in admission, where the second fits a budget the two could not fill apart."""
+    from runtime.core.block_pool import PrefixHit
+    from runtime.core.memory import MemoryConfig
+    from runtime.core.request import SamplingParams
+
+    bpb = make_instance(tiny, "p").engine.bytes_per_block
+    dev = DeviceLoop(DeviceKind.CPU, kv_budget_bytes=22 * bpb, clock=lambda: 0.0,
+                     memory=MemoryConfig(block_tokens=16, lookahead_tokens=16, watermark=1.0))
+    # deadlines too loose to matter: this is about memory
+    dev.add_instance(make_instance(tiny, "a", tpot_s=30.0, ttft_base_s=60.0, kv_cache_bytes=0, max_model_len=400))
+    eng = dev.instances["a"].engine
+    shared = [(5 * i) % 300 + 10 for i in range(160)]
+    sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    eng.add_request(RequestId("r1"), shared + [1], sp, now=0.0)  # 161 + 16 tokens: 12 blocks
+    dev.step()  # prefilled: its 10 full prefix blocks are named, and held
+    assert eng.reserved_blocks(16) == 12
+    second = shared + [2]
+    hit = eng.prefix_hit(second, sp)
+    assert hit == PrefixHit(tokens=160, held_blocks=10)
+    # 12 blocks reserved apart, 2 with the prefix shared: 12 + 2 <= 22, where 12 + 12 is not
+    assert dev.admit("a", len(second), now=0.0, max_tokens=16, prefix=hit).admitted
+    assert not dev.admit("a", len(second), now=0.0, max_tokens=16).admitted
+    eng.add_request(RequestId("r2"), second, sp, now=0.0)
+    dev.step()
+    assert eng.scheduler.kv.hit_tokens == 160
+    assert eng.reserved_blocks(16) == 12 + 12 - 10

@@ -469,8 +469,8 @@ def test_prompt_logprobs_never_use_cached_blocks(tiny):
     run_all(eng, {0: [("a", p, SamplingParams(max_tokens=2, temperature=0))]})
     scored = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=0)
     # what admission is told: the cached prefix, unless the prompt is to be scored
-    assert eng.cached_prefix_tokens(p, SamplingParams()) == (len(p) - 1) // 16 * 16
-    assert eng.cached_prefix_tokens(p, scored) == 0
+    assert eng.prefix_hit(p, SamplingParams()).tokens == (len(p) - 1) // 16 * 16
+    assert eng.prefix_hit(p, scored).tokens == 0
     outs = []
     eng.add_request(RequestId("b"), p, scored, 0.0)
     while eng.has_work:

@@ -21,6 +21,7 @@ import heapq
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from runtime.core.ids import BlockId, RequestId
 
@@ -44,6 +45,7 @@ class BlockPool:
         self._cached: OrderedDict[int, None] = OrderedDict()  # free but named, least recent first
         self._name: dict[int, BlockHash] = {}  # named blocks (held or cached) -> name
         self._by_name: dict[BlockHash, int] = {}
+        self._extra_refs = 0  # holders beyond the first, over all held blocks
 
     @property
     def num_free(self) -> int:
@@ -57,6 +59,15 @@ class BlockPool:
     @property
     def num_cached(self) -> int:
         return len(self._cached)
+
+    @property
+    def shared_extra(self) -> int:
+        """How many more blocks the requests' tables name than are held: a block shared by k
+        requests is counted k times in their reservations, and held once."""
+        return self._extra_refs
+
+    def is_held(self, b: BlockId) -> bool:
+        return b in self._refs
 
     def allocate(self, n: int) -> list[BlockId]:
         if n > self.num_free:
@@ -81,7 +92,9 @@ class BlockPool:
                 raise ValueError(f"block {b} is not allocated")
         for b in reversed(blocks):
             self._refs[b] -= 1
-            if self._refs[b] == 0:
+            if self._refs[b] > 0:
+                self._extra_refs -= 1
+            else:
                 del self._refs[b]
                 if b in self._name:
                     self._cached[b] = None
@@ -100,6 +113,7 @@ class BlockPool:
         """One more holder of a named block (held already, or cached)."""
         if b in self._refs:
             self._refs[b] += 1
+            self._extra_refs += 1
         elif b in self._cached:
             del self._cached[b]
             self._refs[b] = 1
@@ -210,6 +224,19 @@ def block_names(token_ids: Sequence[int], block_size: int, parent: BlockHash | N
     return out
 
 
+@dataclass(frozen=True)
+class PrefixHit:
+    """What a prompt would find in an instance's prefix cache if it started now: the leading
+    tokens it would not compute, and how many of their blocks other requests hold already (it
+    shares those without taking memory)."""
+
+    tokens: int = 0
+    held_blocks: int = 0
+
+
+NO_HIT = PrefixHit()
+
+
 class KVCacheManager:
     """Per-request block tables over one BlockPool. Answers "fits or not" and hands out slots."""
 
@@ -252,6 +279,10 @@ class KVCacheManager:
                 break
             hits.append(b)
         return hits
+
+    def prefix_hit(self, token_ids: Sequence[int]) -> PrefixHit:
+        hits = self.cached_prefix(token_ids)
+        return PrefixHit(len(hits) * self.block_size, sum(self.pool.is_held(b) for b in hits))
 
     def match_prefix(self, rid: RequestId, token_ids: Sequence[int]) -> int:
         """Start rid's table with the blocks of its longest cached prefix, shared; returns the

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from runtime.core.block_pool import BlockPool, KVCacheManager
+from runtime.core.block_pool import NO_HIT, BlockPool, KVCacheManager, PrefixHit
 from runtime.core.ids import RequestId
 from runtime.core.memory import context_bound, reservation_blocks
 from runtime.core.request import FinishReason, Request, SamplingParams
@@ -283,20 +283,22 @@ class LLMEngine:
             self.pool.resize(num_blocks)
         self.cache.resize(num_blocks, [(int(a), int(b)) for a, b in moves])
 
-    def cached_prefix_tokens(self, prompt_token_ids: list[int] | tuple[int, ...], params: SamplingParams) -> int:
-        """Leading tokens of this prompt whose KV is cached now, which a request would not compute
-        again if it started at once (a request scoring its prompt computes every position)."""
+    def prefix_hit(self, prompt_token_ids: list[int] | tuple[int, ...], params: SamplingParams) -> PrefixHit:
+        """What this prompt finds in the prefix cache now (a request scoring its prompt computes
+        every position, so it finds nothing)."""
         if params.prompt_logprobs is not None:
-            return 0
-        return len(self.scheduler.kv.cached_prefix(prompt_token_ids)) * self.config.block_size
+            return NO_HIT
+        return self.scheduler.kv.prefix_hit(prompt_token_ids)
 
     def reserved_blocks(self, lookahead_tokens: int) -> int:
         """Forward-looking reservation: each live request's prompt + output + look-ahead, never
-        past what its max_tokens lets it reach."""
+        past what its max_tokens lets it reach; a prefix block that several requests share is
+        reserved once."""
         bs, limit = self.config.block_size, self.max_model_len
-        return sum(reservation_blocks(r.num_tokens, lookahead_tokens, bs,
+        each = sum(reservation_blocks(r.num_tokens, lookahead_tokens, bs,
                                       context_bound(len(r.prompt_token_ids), r.params.max_tokens, limit))
                    for r in (*self.scheduler.running, *self.scheduler.waiting))
+        return each - self.pool.shared_extra
 
     def evict_oversized(self) -> list[RequestOutput]:
         """A request whose next token cannot fit even in the whole pool would be preempted and
