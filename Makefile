@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 MODEL ?= bundled:smollm2-135m-instruct
 
-.PHONY: venv run serve test lint bench-engine bench-capacity bench-activator bench-retries bench-features bench-prefix-cache fetch-model clean simulate
+.PHONY: venv run serve test lint bench-engine bench-capacity bench-activator bench-retries bench-features bench-prefix-cache bench-dtype fetch-model clean simulate
 
 venv: $(STAMP)
 
@@ -63,6 +63,9 @@ bench-features: $(STAMP)
 
 bench-prefix-cache: $(STAMP)
 	$(PY) bench/bench_prefix_cache.py $(BENCH_ARGS)
+
+bench-dtype: $(STAMP)
+	$(PY) bench/bench_dtype.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

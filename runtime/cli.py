@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from functions import FunctionSpec, SpecError, load_function_dir, load_function_spec
+from functions import Dtype, FunctionSpec, SpecError, load_function_dir, load_function_spec
 from functions.http import MAX_REQUEST_BYTES, READ_TIMEOUT_S, http_protocol
 from runtime.core.arbiter import MAX_PREFILL_STEP_S, DeviceKind
 from runtime.pod import PodConfig
@@ -43,6 +43,10 @@ def parse_serve(argv: list[str], env: dict[str, str] | None = None) -> ServeSett
                     help="model reference: bundled:<name>, random:<preset>[?seed=N], HF folder or .gguf "
                          "(repeatable; served under --name or a name derived from the reference)")
     ap.add_argument("--name", action="append", default=[], help="served name for the matching --model")
+    ap.add_argument("--dtype", choices=[d.value for d in Dtype], default=Dtype.FLOAT32.value,
+                    help="what --model instances compute in (weights, activations, KV); bfloat16 halves "
+                         "their memory and is faster on CPUs with bf16 instructions (a function file sets "
+                         "its own dtype)")
     ap.add_argument("--function", action="append", default=[], help="serve a FunctionSpec YAML file (repeatable)")
     ap.add_argument("--functions-dir", help="serve every FunctionSpec YAML in this folder")
     ap.add_argument("--no-functions", action="store_true",
@@ -82,7 +86,7 @@ def parse_serve(argv: list[str], env: dict[str, str] | None = None) -> ServeSett
     specs: list[FunctionSpec] = []
     for i, ref in enumerate(a.model):
         specs.append(FunctionSpec(name=a.name[i] if i < len(a.name) else _served_name(ref), model=ref,
-                                  max_output_tokens=4095, max_context_tokens=4096))
+                                  max_output_tokens=4095, max_context_tokens=4096, dtype=Dtype(a.dtype)))
     try:
         specs += [load_function_spec(p) for p in a.function]
         if a.functions_dir:
@@ -91,7 +95,7 @@ def parse_serve(argv: list[str], env: dict[str, str] | None = None) -> ServeSett
         ap.error(str(e))
     if not specs and not a.no_functions:
         specs.append(FunctionSpec(name="smollm2-135m-instruct", model="bundled:smollm2-135m-instruct",
-                                  max_output_tokens=4095, max_context_tokens=4096))
+                                  max_output_tokens=4095, max_context_tokens=4096, dtype=Dtype(a.dtype)))
     if not a.max_prefill_step_ms >= 0:
         ap.error(f"--max-prefill-step-ms must be >= 0, got {a.max_prefill_step_ms}")
     names = [s.name for s in specs]

@@ -110,7 +110,7 @@ class Pod:
         self.served[spec.name] = s
         t0 = time.monotonic()
         try:
-            loaded, cached = await asyncio.to_thread(self.weights.acquire, spec.model)
+            loaded, cached = await asyncio.to_thread(self.weights.acquire, spec.model, spec.dtype)
         except Exception as e:
             self._set(s, InstanceEvent.FAILED)
             raise PodError(400, f"cannot load model {spec.model!r}: {e}", "model_load_failed") from e
@@ -119,13 +119,13 @@ class Pod:
             try:
                 await asyncio.to_thread(grammars.compile, json.loads(spec.output_schema))
             except ValueError as e:
-                self.weights.release(spec.model)
+                self.weights.release(spec.checkpoint)
                 self._set(s, InstanceEvent.FAILED)
                 raise PodError(400, f"output_schema: {e}", "invalid_output_schema") from e
         try:
             s.engine = await self.device.call(lambda dev: self._install(dev, spec, loaded, profile, grammars))
         except Exception as e:
-            self.weights.release(spec.model)
+            self.weights.release(spec.checkpoint)
             self._set(s, InstanceEvent.FAILED)
             raise PodError(507, f"cannot place '{spec.name}' on this device: {e}", "insufficient_capacity") from e
         s.loaded, s.weights_cached, s.load_s = loaded, cached, time.monotonic() - t0
@@ -142,7 +142,7 @@ class Pod:
             max_num_batched_tokens=c.max_num_batched_tokens,
             max_model_len=min(spec.max_context_tokens, loaded.config.max_position),
             prefix_caching=c.prefix_caching), grammars=grammars)
-        cached = self._profiles.get(spec.model)
+        cached = self._profiles.get(spec.checkpoint)  # (a bfloat16 instance runs at its own speed)
         if cached is not None:  # same checkpoint, same device: its profile still holds
             prof = cached
         elif profile:
@@ -160,7 +160,7 @@ class Pod:
                 dev.actions.complete(a.action_id)
                 r = dev.actions.submit(ActionKind.SHRINK, spec.name, blocks * eng.bytes_per_block)
                 dev.actions.complete(r.action_id)
-            self._profiles[spec.model] = prof
+            self._profiles[spec.checkpoint] = prof
         else:  # unprofiled: optimistic until observed steps correct it
             prof = LatencyProfile.from_tables([[1, 1.0]], [(1, [[1, 1.0]])])
         dev.add_instance(Instance(spec.name, spec, eng, LatencyEstimator(prof)))
@@ -178,7 +178,7 @@ class Pod:
                 await asyncio.sleep(0.02)
         evicted = await self.device.call_delivering(lambda dev: self._remove(dev, name))
         self._set(s, InstanceEvent.DRAINED if s.state is InstanceState.DRAINING and not evicted else InstanceEvent.EVICT)
-        self.weights.release(s.spec.model)
+        self.weights.release(s.spec.checkpoint)
         s.engine = None
         s.loaded = None
         return {"name": name, "state": s.state.value, "evicted_requests": evicted, "rss_bytes": rss_bytes()}
@@ -218,7 +218,7 @@ class Pod:
     # -- status ------------------------------------------------------------------------------
     async def status(self) -> dict[str, Any]:
         dev_status = await self.device.call(_device_status)
-        states = {n: {"state": s.state.value, "model": s.spec.model, "load_s": round(s.load_s, 3),
+        states = {n: {"state": s.state.value, "model": s.spec.checkpoint, "load_s": round(s.load_s, 3),
                       "weights_cached": s.weights_cached} for n, s in self.served.items()}
         for inst in dev_status["instances"]:
             inst.update(states.get(inst["name"], {}))

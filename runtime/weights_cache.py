@@ -12,6 +12,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from functions import Dtype, checkpoint_key
 from runtime.engine.engine import release_memory
 from runtime.models.loader import LoadedModel, load_model
 
@@ -31,26 +32,29 @@ class HostWeightCache:
         self.hits = 0
         self.misses = 0
 
-    def acquire(self, ref: str) -> tuple[LoadedModel, bool]:
-        """Pin the model for ref, loading it if needed. Returns (model, was_cached)."""
+    def acquire(self, ref: str, dtype: Dtype = Dtype.FLOAT32) -> tuple[LoadedModel, bool]:
+        """Pin the model for ref in dtype, loading it if needed. Returns (model, was_cached).
+        Entries are named by ``functions.checkpoint_key``."""
+        key = checkpoint_key(ref, dtype)
         with self._lock:
-            e = self._entries.get(ref)
+            e = self._entries.get(key)
             if e is not None:
                 e.pins += 1
-                self._entries.move_to_end(ref)
+                self._entries.move_to_end(key)
                 self.hits += 1
                 return e.loaded, True
             self.misses += 1
-            loaded = load_model(ref)
-            self._entries[ref] = _Entry(loaded, loaded.model.num_params * 4, pins=1)
+            loaded = load_model(ref, dtype)
+            self._entries[key] = _Entry(loaded, loaded.model.num_params * loaded.model.dtype.itemsize, pins=1)
             self._trim()
             return loaded, False
 
-    def release(self, ref: str) -> None:
+    def release(self, key: str) -> None:
+        """Unpin the entry ``key`` (``functions.checkpoint_key``) names."""
         with self._lock:
-            e = self._entries.get(ref)
+            e = self._entries.get(key)
             if e is None or e.pins == 0:
-                raise ValueError(f"{ref!r} is not pinned")
+                raise ValueError(f"{key!r} is not pinned")
             e.pins -= 1
             self._trim()
         release_memory()

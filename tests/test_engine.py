@@ -96,6 +96,27 @@ def test_smollm2_answers_paris(smol):
     assert "Paris" in "".join(text)
 
 
+@pytest.mark.slow
+def test_bfloat16_smollm2_matches_hf_in_bfloat16_at_half_the_memory(smol):
+    from transformers import AutoModelForCausalLM
+
+    from functions import Dtype
+
+    half = load_model("bundled:smollm2-135m-instruct", Dtype.BFLOAT16)
+    assert half.model.dtype is torch.bfloat16 and half.model.embed.dtype is torch.bfloat16
+    eng = LLMEngine(half)
+    assert eng.bytes_per_block * 2 == LLMEngine(smol).bytes_per_block  # the KV too
+    assert eng.cache.k[0].dtype is torch.bfloat16
+    ids = eng.encode_prompt(eng.render_chat([{"role": "user", "content": "What is the capital of France?"}]))
+    ours = run_all(eng, {0: [("a", ids, GREEDY)]})["a"]
+    assert "Paris" in eng.tokenizer.decode(ours)
+    hf = AutoModelForCausalLM.from_pretrained(str(half.folder), dtype=torch.bfloat16).eval()
+    with torch.inference_mode():
+        ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          max_new_tokens=GREEDY.max_tokens, do_sample=False)
+    assert ours == ref[0, len(ids):].tolist()
+
+
 # -- random models: batching equals solo, KV never leaks ---------------------------------------
 
 @pytest.fixture(scope="module", params=["random:llama-tiny?seed=0", "random:qwen2-tiny?seed=3"])

@@ -14,6 +14,7 @@ from functions import (
     EXAMPLES_DIR,
     SLO,
     DevicePreference,
+    Dtype,
     FunctionSpec,
     SpecError,
     load_function_dir,
@@ -24,7 +25,7 @@ from functions import (
 
 KNOWN_KEYS = (
     "name, model, slo, max_context_tokens, max_output_tokens, device, keep_alive_s, max_instances, "
-    "system_prompt, event_template, event_type, event_source, timeout_s, output_schema"
+    "system_prompt, event_template, event_type, event_source, timeout_s, output_schema, dtype"
 )
 SCHEMA_RULE = "must be a JSON schema: a mapping (or JSON text of one) such as {type: object, properties: {...}}"
 NAME_RULE = (
@@ -260,6 +261,8 @@ def test_accepted_values(overrides: dict[str, object], attribute: str, expected:
         ({"output_schema": "{not json"}, f"output_schema: {SCHEMA_RULE}, got '{{not json'"),
         ({"output_schema": "[1]"}, f"output_schema: {SCHEMA_RULE}, got '[1]'"),
         ({"output_schema": {"maximum": math.nan}}, f"output_schema: {SCHEMA_RULE}, got a dict"),
+        ({"dtype": "float16"}, "dtype: must be one of float32, bfloat16, got 'float16'"),
+        ({"dtype": 16}, "dtype: must be one of float32, bfloat16, got 16"),
         # keys
         (
             {"max_instance": 2},
@@ -346,7 +349,16 @@ EVERY_FIELD_CHANGED = FunctionSpec(
     event_source="/custom",
     timeout_s=12.5,
     output_schema='{"type":"object"}',
+    dtype=Dtype.BFLOAT16,
 )
+
+
+def test_dtype_names_the_checkpoint_and_is_left_out_of_the_dict_when_float32() -> None:
+    plain = parse_function_spec(make_data())
+    assert plain.dtype is Dtype.FLOAT32 and plain.checkpoint == plain.model and "dtype" not in plain.to_dict()
+    bf16 = parse_function_spec(make_data(dtype="bfloat16"))
+    assert bf16.checkpoint == f"{bf16.model}#bfloat16" and bf16.to_dict()["dtype"] == "bfloat16"
+    assert parse_function_spec(bf16.to_dict()) == bf16
 
 
 def test_every_field_changed_differs_from_defaults_everywhere() -> None:

@@ -93,6 +93,21 @@ def test_two_functions_on_one_checkpoint_are_two_instances_sharing_weights(pod_u
     assert a.json()["choices"][0]["text"] == b.json()["choices"][0]["text"]
 
 
+def test_a_bfloat16_function_has_its_own_weights_at_half_the_memory(pod_url):
+    r = httpx.post(f"{pod_url}/admin/instances", json=spec_body("half", dtype="bfloat16"), headers=AUTH, timeout=60)
+    assert r.status_code == 201, r.text
+    st = httpx.get(f"{pod_url}/admin/status", headers=AUTH).json()
+    models = {m["ref"]: m for m in st["weights_cache"]["models"]}
+    assert models[f"{TINY}#bfloat16"]["pins"] == 1  # not the float32 copy "base" uses
+    assert models[f"{TINY}#bfloat16"]["bytes"] * 2 == models[TINY]["bytes"]
+    assert st["functions"]["half"]["model"] == f"{TINY}#bfloat16"
+    answer = complete(pod_url, "half", "a bfloat16 answer")
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 12
+    assert httpx.delete(f"{pod_url}/admin/instances/half", headers=AUTH, timeout=60).status_code == 200
+    st = httpx.get(f"{pod_url}/admin/status", headers=AUTH).json()
+    assert {m["ref"]: m["pins"] for m in st["weights_cache"]["models"]}[f"{TINY}#bfloat16"] == 0  # unpinned
+
+
 def test_evict_mid_stream_ends_with_a_continuation_that_resumes_exactly(pod_url, request: pytest.FixtureRequest):
     assert httpx.post(f"{pod_url}/admin/instances", json=spec_body("victim"), headers=AUTH, timeout=60).status_code == 201
     prompt, n = "hello", 230

@@ -107,13 +107,13 @@ def snapshot(now_s: float, pods: Iterable[PodStatus], functions: Mapping[str, Fu
                 idle_since_s=idle_since.get(iid), loading=i.state != "ready"))
         for fn, node_id in sorted(pending):
             if node_id == p.node.node_id and fn not in seen:
-                model = functions[fn].model if fn in functions else ""
+                model = functions[fn].checkpoint if fn in functions else ""
                 insts.append(InstanceView(instance_id(fn, node_id), FunctionId(fn), node_id, batch=0, demand=0.0,
                                           weight_bytes=weights.get(model, 0), kv_bytes=0, kv_reserved_bytes=0,
                                           idle_since_s=None, loading=True))
         nodes.append(NodeView(p.node.node_id, p.node.kind, p.node.memory_bytes, p.kv_budget_bytes, tuple(insts)))
     rates = rates or {}
-    fns = tuple(FunctionView(FunctionId(s.name), s.device, weights.get(s.model, 0), s.keep_alive_s, s.max_instances,
+    fns = tuple(FunctionView(FunctionId(s.name), s.device, weights.get(s.checkpoint, 0), s.keep_alive_s, s.max_instances,
                              rates.get(FunctionId(s.name), 0.0))
                 for _, s in sorted(functions.items()))
     return ClusterSnapshot(now_s, tuple(nodes), fns)

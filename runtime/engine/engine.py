@@ -107,9 +107,10 @@ class LLMEngine:
         self.loaded = loaded
         mc = loaded.config
         self.max_model_len = self.config.max_model_len or min(mc.max_position, 4096)
-        per_block = self.bytes_per_block = PagedKVCache.bytes_per_block(mc, self.config.block_size)
+        dtype = loaded.model.dtype  # the KV is kept in the model's dtype
+        per_block = self.bytes_per_block = PagedKVCache.bytes_per_block(mc, self.config.block_size, dtype.itemsize)
         num_blocks = self.config.kv_cache_bytes // per_block  # 0 is fine: a device grows it later
-        self.cache = PagedKVCache(mc, num_blocks, self.config.block_size)
+        self.cache = PagedKVCache(mc, num_blocks, self.config.block_size, dtype)
         self.pool = BlockPool(num_blocks)
         self.scheduler = Scheduler(
             SchedulerConfig(

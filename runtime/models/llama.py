@@ -108,9 +108,11 @@ class Linear:
 class LlamaModel:
     """Weights as plain tensors (no nn.Module dispatch on the hot path)."""
 
-    def __init__(self, config: ModelConfig, weights: dict[str, Tensor]):
+    def __init__(self, config: ModelConfig, weights: dict[str, Tensor], dtype: torch.dtype = torch.float32):
         self.config = config
+        self.dtype = dtype  # weights, activations and KV; norms, RoPE tables and logits in float32
         c = config
+        weights = {k: v.to(dtype) for k, v in weights.items()}
         self.embed = weights["model.embed_tokens.weight"]
         self.norm = weights["model.norm.weight"]
         self.lm_head = Linear(self.embed if c.tie_word_embeddings else weights["lm_head.weight"])
@@ -134,8 +136,19 @@ class LlamaModel:
         t = torch.arange(c.max_position, dtype=torch.int64).float()
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = emb.cos()
-        self.sin = emb.sin()
+        self.cos = emb.cos().to(dtype)  # as HF: the tables are cast to the activations' dtype
+        self.sin = emb.sin().to(dtype)
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor the model holds, once (the tied head is the embedding)."""
+        out = [self.embed, self.norm, self.cos, self.sin]
+        if self.lm_head.w is not self.embed:
+            out.append(self.lm_head.w)
+        for ly in self.layers:
+            out += [ly.in_norm, ly.post_norm]
+            for lin in (ly.qkv, ly.o, ly.gate_up, ly.down):
+                out += [lin.w] + ([lin.b] if lin.b is not None else [])
+        return out
 
     @property
     def num_params(self) -> int:
@@ -148,9 +161,10 @@ class LlamaModel:
         return n
 
     def _rms(self, x: Tensor, w: Tensor) -> Tensor:
-        # Same op order as HF's LlamaRMSNorm, so results match bit for bit.
-        var = x.pow(2).mean(-1, keepdim=True)
-        return w * (x * torch.rsqrt(var + self.config.rms_norm_eps))
+        # Same op order as HF's LlamaRMSNorm (in float32, cast back), so results match bit for bit.
+        h = x.float()
+        var = h.pow(2).mean(-1, keepdim=True)
+        return w * (h * torch.rsqrt(var + self.config.rms_norm_eps)).to(x.dtype)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> Tensor:
@@ -213,7 +227,7 @@ class LlamaModel:
             x = x + layer.down(F.silu(gu[:, :inter]) * gu[:, inter:])
         x = x[batch.logits_indices]
         x = self._rms(x, self.norm)
-        return self.lm_head(x)
+        return self.lm_head(x).float()
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from urllib.parse import parse_qs
 import torch
 from safetensors.torch import load_file
 
+from functions import Dtype
 from runtime.models.bundled import cache_root, convert_gguf, ensure_bundled
 from runtime.models.config import ModelConfig
 from runtime.models.llama import LlamaModel
@@ -138,17 +139,22 @@ def resolve_folder(ref: str) -> Path:
     )
 
 
-def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+def load_state_dict(folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors in ``dtype``, converted file by file (never all of it in two dtypes)."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{folder}: no *.safetensors files")
     weights: dict[str, torch.Tensor] = {}
     for f in files:
-        weights.update({k: v.float() for k, v in load_file(str(f)).items()})
+        weights.update({k: v.to(dtype) for k, v in load_file(str(f)).items()})
     return weights
 
 
-def load_model(ref: str) -> LoadedModel:
+TORCH_DTYPES = {Dtype.FLOAT32: torch.float32, Dtype.BFLOAT16: torch.bfloat16}
+
+
+def load_model(ref: str, dtype: Dtype = Dtype.FLOAT32) -> LoadedModel:
+    """The model ``ref`` names, computing in ``dtype`` (see ``functions.Dtype``)."""
     t0 = time.monotonic()
     if ref.startswith("random:"):
         preset, seed = parse_random_ref(ref)
@@ -163,7 +169,7 @@ def load_model(ref: str) -> LoadedModel:
         folder = resolve_folder(ref)
         hf_config = json.loads((folder / "config.json").read_text())
         config = ModelConfig.from_hf(hf_config)
-        weights = load_state_dict(folder)
+        weights = load_state_dict(folder, TORCH_DTYPES[dtype])
         tok = load_tokenizer(folder)
-    model = LlamaModel(config, weights)
+    model = LlamaModel(config, weights, TORCH_DTYPES[dtype])
     return LoadedModel(ref, config, hf_config, model, tok, folder, time.monotonic() - t0)
