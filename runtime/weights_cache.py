@@ -45,7 +45,7 @@ class HostWeightCache:
                 return e.loaded, True
             self.misses += 1
             loaded = load_model(ref, dtype)
-            self._entries[key] = _Entry(loaded, loaded.model.num_params * loaded.model.dtype.itemsize, pins=1)
+            self._entries[key] = _Entry(loaded, loaded.model.nbytes, pins=1)
             self._trim()
             return loaded, False
 

@@ -117,6 +117,20 @@ def test_bfloat16_smollm2_matches_hf_in_bfloat16_at_half_the_memory(smol):
     assert ours == ref[0, len(ids):].tolist()
 
 
+@pytest.mark.slow
+def test_int8_smollm2_still_answers_and_holds_under_two_fifths_of_float32s_weights(smol):
+    from functions import Dtype
+
+    small = load_model("bundled:smollm2-135m-instruct", Dtype.INT8)
+    assert small.model.nbytes < 0.4 * smol.model.nbytes
+    eng = LLMEngine(small)
+    ids = eng.encode_prompt(eng.render_chat([{"role": "user", "content": "What is the capital of France?"}]))
+    out = run_all(eng, {0: [("a", ids, GREEDY)]})["a"]
+    assert "Paris" in eng.tokenizer.decode(out)
+    # its first tokens are float32's: the rounding moves the logits, not the answer
+    assert out[:5] == run_all(LLMEngine(smol), {0: [("a", ids, GREEDY)]})["a"][:5]
+
+
 # -- random models: batching equals solo, KV never leaks ---------------------------------------
 
 @pytest.fixture(scope="module", params=["random:llama-tiny?seed=0", "random:qwen2-tiny?seed=3"])

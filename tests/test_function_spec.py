@@ -261,8 +261,8 @@ def test_accepted_values(overrides: dict[str, object], attribute: str, expected:
         ({"output_schema": "{not json"}, f"output_schema: {SCHEMA_RULE}, got '{{not json'"),
         ({"output_schema": "[1]"}, f"output_schema: {SCHEMA_RULE}, got '[1]'"),
         ({"output_schema": {"maximum": math.nan}}, f"output_schema: {SCHEMA_RULE}, got a dict"),
-        ({"dtype": "float16"}, "dtype: must be one of float32, bfloat16, got 'float16'"),
-        ({"dtype": 16}, "dtype: must be one of float32, bfloat16, got 16"),
+        ({"dtype": "float16"}, "dtype: must be one of float32, bfloat16, int8, got 'float16'"),
+        ({"dtype": 16}, "dtype: must be one of float32, bfloat16, int8, got 16"),
         # keys
         (
             {"max_instance": 2},

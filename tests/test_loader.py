@@ -61,3 +61,36 @@ def test_hf_folder_and_gguf_file_load_the_same_weights(tmp_path, monkeypatch):
     assert (tmp_path / "cache" / "gguf").is_dir()
     assert torch.equal(gguf.model.embed, bundled.model.embed)
     assert gguf.tokenizer.encode("Paris") == bundled.tokenizer.encode("Paris")
+
+
+# -- int8 weights ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [64, 576, 100, 24])  # 100 and 24: widths torch's int8 kernel cannot take
+def test_int8_linear_is_the_dequantized_product_for_any_width(k):
+    import torch
+
+    from runtime.models.llama import Int8Linear
+
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(48, k, generator=g)
+    lin = Int8Linear(w, None, torch.bfloat16)
+    assert lin.kernel == (k % 16 == 0)  # (an unsupported width would crash the process, not raise)
+    assert lin.wq.dtype is torch.int8 and int(lin.wq.abs().max()) == 127
+    for m in (1, 3, 40):  # decode rows through the kernel, prefill rows dequantized
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+        want = x.float() @ w.T  # the float32 product: int8 rounding costs < 1% of its scale
+        got = lin(x).float()
+        assert got.shape == (m, 48)
+        assert float((got - want).abs().max()) < 0.02 * float(want.abs().max())
+
+
+def test_int8_models_hold_a_quarter_of_the_linear_weights_bytes():
+    import torch
+
+    from functions import Dtype
+
+    full = load_model("random:llama-tiny?seed=0")
+    small = load_model("random:llama-tiny?seed=0", Dtype.INT8)
+    assert small.model.dtype is torch.bfloat16 and small.model.int8_weights
+    assert small.model.num_params == full.model.num_params
+    assert small.model.nbytes < 0.4 * full.model.nbytes

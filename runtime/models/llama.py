@@ -105,17 +105,65 @@ class Linear:
         return y if self.b is None else y + self.b
 
 
+_INT8_MM_MAX_M = 16  # rows up to which the int8 kernel beats dequantizing (decode steps)
+
+
+class Int8Linear:
+    """y = x W^T (+ b) with W stored as int8 and one scale per output row (weight-only, symmetric,
+    round to nearest), computed in x's dtype. Few rows (decode) go through torch's int8
+    weight-only kernel, which reads a quarter of float32's bytes; more rows (prefill)
+    dequantize W for a dense GEMM, where compute, not the weight read, is the cost."""
+
+    __slots__ = ("wq", "scale", "b", "out", "kernel")
+
+    def __init__(self, w: Tensor, b: Tensor | None, dtype: torch.dtype):
+        wf = w.float()
+        scale = (wf.abs().amax(1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        self.wq = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        self.scale = scale.to(dtype)
+        self.b = b
+        self.out = w.shape[0]
+        # The kernel reads K in groups of 16 (other widths crash or give wrong sums in torch 2.13),
+        # so it is used only there, and only where it agrees with the dequantized product.
+        self.kernel = w.shape[1] % 16 == 0 and self._kernel_agrees(dtype)
+
+    def _kernel_agrees(self, dtype: torch.dtype) -> bool:
+        x = torch.randn(2, self.wq.shape[1], generator=torch.Generator().manual_seed(0)).to(dtype)
+        try:
+            got = torch._weight_int8pack_mm(x, self.wq, self.scale).float()
+        except RuntimeError:
+            return False
+        want = (x @ self.dense(dtype).T).float()
+        return bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max())))
+
+    def dense(self, dtype: torch.dtype) -> Tensor:
+        return self.wq.to(dtype) * self.scale[:, None]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.kernel and x.shape[0] <= _INT8_MM_MAX_M:
+            y = torch._weight_int8pack_mm(x.contiguous(), self.wq, self.scale)
+        else:
+            y = F.linear(x, self.dense(x.dtype))
+        return y if self.b is None else y + self.b
+
+
 class LlamaModel:
     """Weights as plain tensors (no nn.Module dispatch on the hot path)."""
 
-    def __init__(self, config: ModelConfig, weights: dict[str, Tensor], dtype: torch.dtype = torch.float32):
+    def __init__(self, config: ModelConfig, weights: dict[str, Tensor], dtype: torch.dtype = torch.float32,
+                 int8_weights: bool = False):
         self.config = config
-        self.dtype = dtype  # weights, activations and KV; norms, RoPE tables and logits in float32
+        self.dtype = dtype  # activations and KV (and weights unless int8); norms, RoPE tables and logits in float32
+        self.int8_weights = int8_weights  # the linear layers' weights as int8 (Int8Linear); embeddings stay dtype
         c = config
         weights = {k: v.to(dtype) for k, v in weights.items()}
+
+        def linear(w: Tensor, b: Tensor | None = None) -> Linear | Int8Linear:
+            return Int8Linear(w, b, dtype) if int8_weights else Linear(w, b)
+
         self.embed = weights["model.embed_tokens.weight"]
         self.norm = weights["model.norm.weight"]
-        self.lm_head = Linear(self.embed if c.tie_word_embeddings else weights["lm_head.weight"])
+        self.lm_head = linear(self.embed if c.tie_word_embeddings else weights["lm_head.weight"])
         self.layers: list[_Layer] = []
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
@@ -126,11 +174,11 @@ class LlamaModel:
             gate_up = torch.cat([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]], 0)
             self.layers.append(_Layer(
                 in_norm=weights[p + "input_layernorm.weight"],
-                qkv=Linear(qkv, qkv_b),
-                o=Linear(weights[p + "self_attn.o_proj.weight"]),
+                qkv=linear(qkv, qkv_b),
+                o=linear(weights[p + "self_attn.o_proj.weight"]),
                 post_norm=weights[p + "post_attention_layernorm.weight"],
-                gate_up=Linear(gate_up),
-                down=Linear(weights[p + "mlp.down_proj.weight"]),
+                gate_up=linear(gate_up),
+                down=linear(weights[p + "mlp.down_proj.weight"]),
             ))
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.int64).float() / c.head_dim))
         t = torch.arange(c.max_position, dtype=torch.int64).float()
@@ -140,24 +188,32 @@ class LlamaModel:
         self.sin = emb.sin().to(dtype)
 
     def tensors(self) -> list[Tensor]:
-        """Every tensor the model holds, once (the tied head is the embedding)."""
+        """Every tensor the model holds, once (a float head tied to the embedding is the embedding)."""
         out = [self.embed, self.norm, self.cos, self.sin]
-        if self.lm_head.w is not self.embed:
-            out.append(self.lm_head.w)
-        for ly in self.layers:
-            out += [ly.in_norm, ly.post_norm]
-            for lin in (ly.qkv, ly.o, ly.gate_up, ly.down):
-                out += [lin.w] + ([lin.b] if lin.b is not None else [])
+        for lin in (self.lm_head, *(lin for ly in self.layers for lin in (ly.qkv, ly.o, ly.gate_up, ly.down))):
+            if isinstance(lin, Int8Linear):
+                out += [lin.wq, lin.scale]
+            elif lin.w is not self.embed:
+                out.append(lin.w)
+            if lin.b is not None:
+                out.append(lin.b)
+        out += [t for ly in self.layers for t in (ly.in_norm, ly.post_norm)]
         return out
 
     @property
+    def nbytes(self) -> int:
+        """What the model takes in memory (the host weight cache counts this)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    @property
     def num_params(self) -> int:
-        n = self.embed.numel() + self.norm.numel()
-        n += 0 if self.lm_head.w is self.embed else self.lm_head.w.numel()
+        def size(lin: Linear | Int8Linear) -> int:
+            w = lin.wq if isinstance(lin, Int8Linear) else lin.w
+            return w.numel() + (lin.b.numel() if lin.b is not None else 0)
+
+        n = self.embed.numel() + self.norm.numel() + (0 if self.config.tie_word_embeddings else size(self.lm_head))
         for ly in self.layers:
-            n += ly.in_norm.numel() + ly.post_norm.numel()
-            n += sum(lin.w.numel() + (lin.b.numel() if lin.b is not None else 0)
-                     for lin in (ly.qkv, ly.o, ly.gate_up, ly.down))
+            n += ly.in_norm.numel() + ly.post_norm.numel() + sum(map(size, (ly.qkv, ly.o, ly.gate_up, ly.down)))
         return n
 
     def _rms(self, x: Tensor, w: Tensor) -> Tensor:
@@ -233,11 +289,11 @@ class LlamaModel:
 @dataclass(frozen=True)
 class _Layer:
     in_norm: Tensor
-    qkv: Linear
-    o: Linear
+    qkv: Linear | Int8Linear
+    o: Linear | Int8Linear
     post_norm: Tensor
-    gate_up: Linear
-    down: Linear
+    gate_up: Linear | Int8Linear
+    down: Linear | Int8Linear
 
 
 def prefix_mask(prior: int, t: int) -> Tensor:

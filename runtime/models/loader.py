@@ -150,7 +150,8 @@ def load_state_dict(folder: Path, dtype: torch.dtype = torch.float32) -> dict[st
     return weights
 
 
-TORCH_DTYPES = {Dtype.FLOAT32: torch.float32, Dtype.BFLOAT16: torch.bfloat16}
+# activations and KV; int8 keeps the linear layers' weights in int8 (runtime.models.llama.Int8Linear)
+TORCH_DTYPES = {Dtype.FLOAT32: torch.float32, Dtype.BFLOAT16: torch.bfloat16, Dtype.INT8: torch.bfloat16}
 
 
 def load_model(ref: str, dtype: Dtype = Dtype.FLOAT32) -> LoadedModel:
@@ -171,5 +172,5 @@ def load_model(ref: str, dtype: Dtype = Dtype.FLOAT32) -> LoadedModel:
         config = ModelConfig.from_hf(hf_config)
         weights = load_state_dict(folder, TORCH_DTYPES[dtype])
         tok = load_tokenizer(folder)
-    model = LlamaModel(config, weights, TORCH_DTYPES[dtype])
+    model = LlamaModel(config, weights, TORCH_DTYPES[dtype], int8_weights=dtype is Dtype.INT8)
     return LoadedModel(ref, config, hf_config, model, tok, folder, time.monotonic() - t0)
