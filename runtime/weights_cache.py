@@ -45,6 +45,7 @@ class HostWeightCache:
                 return e.loaded, True
             self.misses += 1
             loaded = load_model(ref, dtype)
+            release_memory()  # the load's conversions (file dtype -> dtype, int8 quantization) freed copies
             self._entries[key] = _Entry(loaded, loaded.model.nbytes, pins=1)
             self._trim()
             return loaded, False
