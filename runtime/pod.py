@@ -178,9 +178,9 @@ class Pod:
                 await asyncio.sleep(0.02)
         evicted = await self.device.call_delivering(lambda dev: self._remove(dev, name))
         self._set(s, InstanceEvent.DRAINED if s.state is InstanceState.DRAINING and not evicted else InstanceEvent.EVICT)
-        self.weights.release(s.spec.checkpoint)
         s.engine = None
         s.loaded = None
+        self.weights.release(s.spec.checkpoint)  # last: it trims the heap, which must see the weights freed
         return {"name": name, "state": s.state.value, "evicted_requests": evicted, "rss_bytes": rss_bytes()}
 
     async def evict(self, name: str) -> dict[str, Any]:

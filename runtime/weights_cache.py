@@ -57,6 +57,7 @@ class HostWeightCache:
             if e is None or e.pins == 0:
                 raise ValueError(f"{key!r} is not pinned")
             e.pins -= 1
+            del e  # else this frame keeps a dropped entry's weights alive through the trim below
             self._trim()
         release_memory()
 
@@ -69,6 +70,7 @@ class HostWeightCache:
             if e.pins == 0:
                 total -= e.nbytes
                 del self._entries[ref]
+            del e
 
     def status(self) -> dict[str, object]:
         with self._lock:

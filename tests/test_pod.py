@@ -252,3 +252,4 @@ def test_unload_returns_weights_and_kv_to_the_os_when_the_cache_is_full():
         assert loaded - before > 400e6
         after = httpx.delete(f"{base}/admin/instances/big", headers=AUTH, timeout=60).json()["rss_bytes"]
         assert loaded - after > 400e6, (before, loaded, after)
+        assert after - before < 100e6, (before, loaded, after)  # all of it, not only the load's spare copies
