@@ -8,13 +8,16 @@ an instance admits (a dict lookup). Instance lifetimes follow runtime.core.lifec
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from functions import FunctionSpec
+from functions import Dtype, FunctionSpec
 from runtime.core.arbiter import MAX_PREFILL_STEP_S, DeviceKind
 from runtime.core.estimator import LatencyEstimator, LatencyProfile
 from runtime.core.lifecycle import TERMINAL, InstanceEvent, InstanceState, transition
@@ -26,6 +29,20 @@ from runtime.engine.profiler import profile_engine
 from runtime.engine.structured import Grammars
 from runtime.models.loader import LoadedModel
 from runtime.weights_cache import HostWeightCache
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def cpu_has_bf16() -> bool | None:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX), which bfloat16 and int8
+    functions need to be fast; None where /proc/cpuinfo cannot tell (not Linux)."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 class PodError(Exception):
@@ -108,6 +125,9 @@ class Pod:
             raise PodError(409, f"function '{spec.name}' is already {old.state.value} here", "already_loaded")
         s = Served(spec, InstanceState.LOADING)
         self.served[spec.name] = s
+        if spec.dtype is not Dtype.FLOAT32 and self.config.device is DeviceKind.CPU and cpu_has_bf16() is False:
+            log.warning("function '%s' computes in %s, but this CPU has no bfloat16 instructions (AVX512-BF16, "
+                        "AMX): it will use half the memory and run slower than float32", spec.name, spec.dtype.value)
         t0 = time.monotonic()
         try:
             loaded, cached = await asyncio.to_thread(self.weights.acquire, spec.model, spec.dtype)
@@ -245,7 +265,8 @@ def _device_status(dev: DeviceLoop) -> dict[str, Any]:
                         "prefill_factor": round(est.prefill_factor, 3), "decode_factor": round(est.decode_factor, 3)},
         })
     return {
-        "device": {"kind": dev.kind.value, "kv_budget_bytes": dev.actions.budget, "kv_bytes": dev.kv_bytes,
+        "device": {"kind": dev.kind.value, "cpu_bf16": cpu_has_bf16(), "kv_budget_bytes": dev.actions.budget,
+                   "kv_bytes": dev.kv_bytes,
                    "kv_free_bytes": dev.actions.free, "kv_peak_bytes": dev.peak_kv_bytes,
                    "arbiter_decisions": dev.stats.decisions, "arbiter_mean_us": round(dev.stats.mean_us, 2),
                    "admission_handed_back": dev.stats.displaced,

@@ -108,6 +108,17 @@ def test_a_bfloat16_function_has_its_own_weights_at_half_the_memory(pod_url):
     assert {m["ref"]: m["pins"] for m in st["weights_cache"]["models"]}[f"{TINY}#bfloat16"] == 0  # unpinned
 
 
+def test_a_bfloat16_function_on_a_cpu_without_bf16_instructions_is_loaded_with_a_warning(
+        pod_url, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    monkeypatch.setattr("runtime.pod.cpu_has_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="runtime.pod"):
+        r = httpx.post(f"{pod_url}/admin/instances", json=spec_body("slow-half", dtype="int8"), headers=AUTH, timeout=60)
+    assert r.status_code == 201, r.text
+    assert any("'slow-half' computes in int8" in m and "no bfloat16 instructions" in m for m in caplog.messages)
+    assert httpx.get(f"{pod_url}/admin/status", headers=AUTH).json()["device"]["cpu_bf16"] is False
+    assert httpx.delete(f"{pod_url}/admin/instances/slow-half", headers=AUTH, timeout=60).status_code == 200
+
+
 def test_evict_mid_stream_ends_with_a_continuation_that_resumes_exactly(pod_url, request: pytest.FixtureRequest):
     assert httpx.post(f"{pod_url}/admin/instances", json=spec_body("victim"), headers=AUTH, timeout=60).status_code == 201
     prompt, n = "hello", 230
