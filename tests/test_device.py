@@ -124,6 +124,8 @@ def test_profile_measures_real_steps_and_leaves_no_kv(tiny):
     assert all(ms > 0 for _, ms in prof.prefill_ms)
     assert [b for b, _ in prof.decode_ms[0][1]] == [1, 4]
     assert inst.engine.kv_blocks_used == 0 and not inst.engine.has_work
+    # nothing it timed came from the prefix cache, and the cache is on again for requests
+    assert inst.engine.scheduler.kv.hit_tokens == 0 and inst.engine.scheduler.kv.prefix_caching
 
 
 def test_kv_never_exceeds_the_device_budget_under_adversarial_lengths(tiny):

@@ -28,6 +28,16 @@ def profile_engine(engine: LLMEngine, prefill_lengths: Sequence[int] = (32, 128,
                    decode_steps: int = 3) -> LatencyProfile:
     if engine.has_work:
         raise RuntimeError("profile an instance before it takes requests")
+    kv = engine.scheduler.kv
+    caching, kv.prefix_caching = kv.prefix_caching, False  # every timed prompt is computed whole
+    try:
+        return _profile(engine, prefill_lengths, decode_points, decode_steps)
+    finally:
+        kv.prefix_caching = caching
+
+
+def _profile(engine: LLMEngine, prefill_lengths: Sequence[int],
+             decode_points: Sequence[tuple[int, Sequence[int]]], decode_steps: int) -> LatencyProfile:
     vocab = engine.loaded.config.vocab_size
     limit = engine.max_model_len - decode_steps - 2
     budget = engine.config.max_num_batched_tokens
