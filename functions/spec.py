@@ -335,18 +335,13 @@ def parse_function_spec(data: Mapping[str, object]) -> FunctionSpec:
             raw["slo"] = _parse_slo(raw["slo"])
         except SpecError as err:
             raise err.under("slo") from None
-    if "device" in raw:
-        device = raw["device"]
-        choices = {d.value: d for d in DevicePreference}
-        if not isinstance(device, str) or device not in choices:
-            raise _fail("device", f"must be one of {_DEVICE_CHOICES}", device)
-        raw["device"] = choices[device]
-    if "dtype" in raw:
-        dtype = raw["dtype"]
-        dtypes = {d.value: d for d in Dtype}
-        if not isinstance(dtype, str) or dtype not in dtypes:
-            raise _fail("dtype", f"must be one of {_DTYPE_CHOICES}", dtype)
-        raw["dtype"] = dtypes[dtype]
+    for key, kind, names in (("device", DevicePreference, _DEVICE_CHOICES), ("dtype", Dtype, _DTYPE_CHOICES)):
+        if key in raw:
+            value = raw[key]
+            choices = {member.value: member for member in kind}
+            if not isinstance(value, str) or value not in choices:
+                raise _fail(key, f"must be one of {names}", value)
+            raw[key] = choices[value]
     for key in _DURATION_KEYS:
         if key in raw:
             raw[key] = _seconds(key, raw[key])

@@ -79,6 +79,15 @@ def _tokens(seq):
     return lambda start, end: seq[start:end]
 
 
+def _compute(kv, rid, prompt):
+    """What the scheduler does for a request that runs its whole prompt: share its cached
+    prefix, hold blocks for the rest, and name the full ones once computed."""
+    matched = kv.match_prefix(rid, prompt)
+    kv.allocate(rid, len(prompt))
+    kv.commit(rid, _tokens(prompt), len(prompt))
+    return matched
+
+
 def test_a_named_block_freed_stays_cached_and_is_shared_by_the_next_request():
     kv = KVCacheManager(BlockPool(8), block_size=4)
     a, b = RequestId("a"), RequestId("b")
@@ -96,9 +105,7 @@ def test_a_named_block_freed_stays_cached_and_is_shared_by_the_next_request():
 def test_the_last_prompt_token_is_always_computed():
     kv = KVCacheManager(BlockPool(8), block_size=4)
     prompt = list(range(8))
-    kv.match_prefix(RequestId("a"), prompt)
-    kv.allocate(RequestId("a"), 8)
-    kv.commit(RequestId("a"), _tokens(prompt), 8)
+    _compute(kv, RequestId("a"), prompt)
     # the same 8 tokens again: block 2 of 2 would leave nothing to compute, so only block 1 is shared
     assert kv.match_prefix(RequestId("b"), prompt) == 4
 
@@ -106,9 +113,7 @@ def test_the_last_prompt_token_is_always_computed():
 def test_a_prefix_match_stops_at_the_first_difference_and_names_chain():
     kv = KVCacheManager(BlockPool(8), block_size=4)
     p = list(range(12))
-    kv.match_prefix(RequestId("a"), p)
-    kv.allocate(RequestId("a"), 12)
-    kv.commit(RequestId("a"), _tokens(p), 12)
+    _compute(kv, RequestId("a"), p)
     other_first = [99] + p[1:] + [5]  # differs in block 0: block 1's tokens alone must not match
     assert kv.match_prefix(RequestId("b"), other_first) == 0
     second_differs = p[:4] + [99] + p[5:] + [5]
@@ -120,9 +125,7 @@ def test_cached_blocks_are_evicted_only_when_no_free_block_is_left_oldest_first(
     kv = KVCacheManager(BlockPool(4), block_size=2)
     for name, base in (("a", 10), ("b", 20)):
         p = [base, base + 1, base + 2]
-        kv.match_prefix(RequestId(name), p)
-        kv.allocate(RequestId(name), 3)  # a: 0, 1; b: 2, 3
-        kv.commit(RequestId(name), _tokens(p), 3)
+        _compute(kv, RequestId(name), p)  # a: 0, 1; b: 2, 3
     kv.free(RequestId("a"))  # block 0 cached, 1 free
     kv.free(RequestId("b"))  # block 2 cached, 3 free
     assert kv.pool.allocate(2) == [1, 3]  # free ones first
@@ -136,15 +139,11 @@ def test_compaction_moves_a_shared_block_once_and_keeps_cached_blocks_while_room
     a, b, c, filler = RequestId("a"), RequestId("b"), RequestId("c"), RequestId("f")
     kv.allocate(filler, 10)  # 0..4
     p = [1, 2, 3, 4, 5]
-    kv.match_prefix(a, p)
-    kv.allocate(a, 5)  # 5, 6, 7
-    kv.commit(a, _tokens(p), 5)  # 5 and 6 named
+    _compute(kv, a, p)  # 5, 6, 7; 5 and 6 named
     assert kv.match_prefix(b, p) == 4 and kv.block_table(b) == [5, 6]
     kv.allocate(b, 5)  # 8
     q = [50, 51, 52]
-    kv.match_prefix(c, q)
-    kv.allocate(c, 3)  # 9, 10
-    kv.commit(c, _tokens(q), 3)
+    _compute(kv, c, q)  # 9, 10
     kv.free(c)  # 9 cached, 10 free
     kv.free(filler)
     assert kv.compact(5) == [(5, 0), (6, 1), (7, 2), (8, 3), (9, 4)]  # held ones, then the cached one
@@ -159,9 +158,7 @@ def test_compaction_moves_a_shared_block_once_and_keeps_cached_blocks_while_room
 def test_compaction_reuses_a_cached_block_below_the_limit_when_none_is_free():
     kv = KVCacheManager(BlockPool(4), block_size=2)
     q = [7, 8, 9]
-    kv.match_prefix(RequestId("c"), q)
-    kv.allocate(RequestId("c"), 3)  # 0, 1
-    kv.commit(RequestId("c"), _tokens(q), 3)
+    _compute(kv, RequestId("c"), q)  # 0, 1
     kv.allocate(RequestId("h"), 4)  # 2, 3
     kv.free(RequestId("c"))  # 0 cached, 1 free
     kv.pool.allocate(1)  # takes 1: below 2 only the cached block 0 is left
@@ -221,9 +218,7 @@ def test_random_operations_keep_the_books_consistent():
 def test_a_freed_request_s_tail_is_evicted_before_the_prefix_it_extends():
     kv = KVCacheManager(BlockPool(3), block_size=2)
     p = [1, 2, 3, 4, 5, 6, 7]
-    kv.match_prefix(RequestId("a"), p)
-    kv.allocate(RequestId("a"), 6)  # 0, 1, 2: all full
-    kv.commit(RequestId("a"), _tokens(p), 6)
+    _compute(kv, RequestId("a"), p[:6])  # 0, 1, 2: all full
     kv.free(RequestId("a"))
     assert kv.pool.allocate(1) == [2]  # the last block goes first
     assert kv.match_prefix(RequestId("b"), p) == 4  # blocks 0 and 1 still chain
