@@ -3,10 +3,12 @@ system prompt, with the cache on and off.
 
 One LLMEngine on the bundled SmolLM2-135M. A function's system prompt (--system-tokens long,
 rendered with the chat template) and short user questions. Two scenarios, each alternating
-cache on / off --reps times (fresh engines, one warm-up request each so both start with the
-prompt cached or not as they would in service):
+cache on / off --reps times (fresh engines; one warm-up request before the first two, so both
+start with the prompt cached or not as they would in service):
   sequential: one request at a time, as a rarely called function sees them;
-  burst: --burst requests arrive together (their first tokens all wait for the prefills).
+  burst: --burst requests arrive together (their first tokens all wait for the prefills);
+  cold burst: the same on a fresh engine, the system prompt cached nowhere yet (the first
+  request computes it while the others wait a step to share it).
 Medians of the mean time to first token (ms). The LAST line printed is one JSON object:
 {scenario: off / on ratio}.
 
@@ -64,10 +66,12 @@ def run(loaded, caching: bool, system: str, burst: int, tag: str) -> dict[str, f
     eng = LLMEngine(loaded, EngineConfig(prefix_caching=caching))
     prompts = [eng.encode_prompt(eng.render_chat([{"role": "user", "content": q}], system_prompt=system))
                for q in QUESTIONS]
+    cold = ttft_ms(eng, [prompts[i % len(prompts)] for i in range(burst)], tag + "c")  # nothing cached yet
+    eng = LLMEngine(loaded, EngineConfig(prefix_caching=caching))
     ttft_ms(eng, prompts[:1], tag + "w")  # warm-up: the function has served before
     seq = statistics.mean(ttft_ms(eng, [p], f"{tag}s{i}") for i, p in enumerate(prompts[1:4]))
     burst_ms = ttft_ms(eng, [prompts[i % len(prompts)] for i in range(burst)], tag + "b")
-    return {"sequential": seq, "burst": burst_ms}
+    return {"sequential": seq, "burst": burst_ms, "cold burst": cold}
 
 
 def main() -> None:
@@ -83,7 +87,7 @@ def main() -> None:
         for caching in (r % 2 == 0, r % 2 != 0):  # alternate which goes first
             res[caching].append(run(loaded, caching, system, a.burst, f"{r}{caching}"))
     ratios = {}
-    for scenario in ("sequential", "burst"):
+    for scenario in ("sequential", "burst", "cold burst"):
         on = statistics.median(x[scenario] for x in res[True])
         off = statistics.median(x[scenario] for x in res[False])
         ratios[scenario] = round(off / on, 2)

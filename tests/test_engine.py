@@ -496,6 +496,21 @@ def test_requests_sharing_a_prefix_compute_it_once_and_answer_as_without_caching
     assert cached.kv_blocks_used == 0 and cached.pool.num_cached > 0
 
 
+def test_a_cold_burst_computes_its_shared_prefix_once(tiny):
+    """Four requests with one 80-token system prompt arrive together, nothing cached: the first
+    computes the prefix, the others wait one step and share it."""
+    cfg = {"block_size": 16, "max_num_batched_tokens": 512}
+    system = [(11 * i) % 250 + 5 for i in range(80)]
+    arrivals = {0: [(f"r{i}", system + u[:10], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+                    for i, u in enumerate(prompts(4, seed=12))]}
+    cached = LLMEngine(tiny, EngineConfig(**cfg))
+    plain = LLMEngine(tiny, EngineConfig(**cfg, prefix_caching=False))
+    work_cached, work_plain = _count_computed(cached), _count_computed(plain)
+    assert run_all(cached, arrivals) == run_all(plain, arrivals)
+    assert cached.scheduler.kv.hit_tokens == 3 * 80
+    assert sum(work_plain) - sum(work_cached) == 3 * 80
+
+
 def test_prompt_logprobs_never_use_cached_blocks(tiny):
     """Scoring a prompt needs the logits at every position: nothing may be skipped."""
     cfg = {"block_size": 16}

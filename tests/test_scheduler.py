@@ -209,3 +209,27 @@ def test_a_request_shares_a_cached_prefix_and_a_blocked_one_is_counted_once():
     (seq,) = plan.seqs
     assert (seq.rid, seq.start_pos, len(seq.token_ids)) == ("b", 12, 8)  # its prefill starts after the prefix
     assert s.kv.hit_tokens == 12 and s.get(RequestId("b")).num_cached_tokens == 12
+
+
+def test_requests_that_share_a_first_block_wait_a_step_for_the_one_computing_it():
+    s = make_sched(blocks=32, block_size=4, budget=64, max_seqs=8)
+    shared = tuple(range(600, 612))  # 3 blocks
+    for rid, tail in (("a", (1, 2)), ("b", (3, 4)), ("c", (5, 6))):
+        s.add(make_req(rid, 0, max_tokens=2, prompt=shared + tail))
+    s.add(make_req("other", 6))  # nothing in common: not held back
+    plan, _ = run_step(s)
+    assert [(q.rid, q.start_pos) for q in plan.seqs] == [("a", 0), ("other", 0)]  # b and c wait
+    plan, _ = run_step(s)
+    got = {q.rid: (q.start_pos, len(q.token_ids)) for q in plan.seqs}
+    assert got["b"] == (12, 2) and got["c"] == (12, 2)  # the prefix a computed, shared
+    assert s.kv.hit_tokens == 24
+
+
+def test_a_request_due_sooner_does_not_wait_for_a_later_one_computing_its_prefix():
+    s = make_sched(blocks=32, block_size=4, budget=64, max_seqs=8)
+    shared = tuple(range(600, 612))
+    due = {"late": 5.0, "soon": 1.0}
+    s.add(make_req("late", 0, max_tokens=2, prompt=shared + (1,)))
+    s.add(make_req("soon", 0, max_tokens=2, prompt=shared + (2,)))
+    plan = s.schedule(prefill_key=lambda r: due[str(r.rid)])
+    assert [q.rid for q in plan.seqs] == ["soon"]  # by key it goes first, and late waits for its blocks

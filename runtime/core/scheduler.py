@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from runtime.core.block_pool import KVCacheManager
+from runtime.core.block_pool import BlockHash, KVCacheManager, block_names
 from runtime.core.ids import BlockId, RequestId
 from runtime.core.request import FinishReason, Request, RequestStatus
 
@@ -69,6 +69,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._requests: dict[RequestId, Request] = {}
+        # The name of each request's first KV block, when its prompt could share it (prefix
+        # caching): a request whose first block another is computing right now waits for it.
+        self._first_block: dict[RequestId, BlockHash] = {}
 
     # -- intake ---------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -80,6 +83,9 @@ class Scheduler:
             )
         self._requests[req.rid] = req
         self.waiting.append(req)
+        bs = self.kv.block_size
+        if self.kv.prefix_caching and req.params.prompt_logprobs is None and req.num_tokens > bs:
+            self._first_block[req.rid] = block_names(req.tokens(0, bs), bs)[0]
 
     def get(self, rid: RequestId) -> Request | None:
         return self._requests.get(rid)
@@ -89,6 +95,7 @@ class Scheduler:
         req = self._requests.pop(rid, None)
         if req is None:
             return False
+        self._first_block.pop(rid, None)
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
         elif req in self.waiting:
@@ -145,12 +152,21 @@ class Scheduler:
         else:  # started prompts and waiting ones compete for the chunk by key
             started = [r for r in self.running if r.rid not in scheduled]
             queue = sorted([*started, *self.waiting], key=prefill_key)
+        # First blocks this step computes: a waiting request that would share one waits a step for
+        # it rather than computing the same prompt prefix alongside (a burst, the n choices of one
+        # ask). Only blocks already under way in this step count, so nobody waits on a request
+        # that is itself not being served.
+        bs = self.kv.block_size
+        computing = {self._first_block[r.rid] for r in self.running
+                     if r.rid in scheduled and r.rid in self._first_block and r.num_computed_tokens < bs}
         for req in queue:
             if budget <= 0:
                 break
             if req.status is RequestStatus.RUNNING:  # a started prompt (keyed order only)
                 n = min(req.num_tokens - req.num_computed_tokens, budget, prefill_left)
                 if n > 0 and self._allocate_running(req, n, scheduled, preempted):
+                    if req.rid in self._first_block and req.num_computed_tokens < bs:
+                        computing.add(self._first_block[req.rid])
                     seqs.append(self._seq(req, n))
                     scheduled.add(req.rid)
                     budget -= n
@@ -162,6 +178,9 @@ class Scheduler:
                 continue
             if len(self.running) >= self.config.max_num_seqs:
                 break
+            first = self._first_block.get(req.rid)
+            if first in computing:
+                continue  # its prefix is being computed: shared from the next step
             cacheable = req.params.prompt_logprobs is None  # (scoring needs every prompt position computed)
             if cacheable:
                 req.num_computed_tokens = self.kv.match_prefix(req.rid, req.tokens(0, req.num_tokens))
@@ -180,6 +199,8 @@ class Scheduler:
             self.kv.allocate(req.rid, end)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+            if first is not None and req.num_computed_tokens < bs:
+                computing.add(first)
             seqs.append(self._seq(req, n))
             scheduled.add(req.rid)
             budget -= n
