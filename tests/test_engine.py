@@ -476,6 +476,16 @@ def _count_computed(eng: LLMEngine) -> list[int]:
     return seen
 
 
+def _cached_and_plain(loaded, cfg, arrivals) -> tuple[LLMEngine, int]:
+    """Run the arrivals with prefix caching and without: the answers must be the same. Returns
+    the caching engine and how many fewer tokens it computed."""
+    cached = LLMEngine(loaded, EngineConfig(**cfg))
+    plain = LLMEngine(loaded, EngineConfig(**cfg, prefix_caching=False))
+    work_cached, work_plain = _count_computed(cached), _count_computed(plain)
+    assert run_all(cached, arrivals) == run_all(plain, arrivals)
+    return cached, sum(work_plain) - sum(work_cached)
+
+
 def test_requests_sharing_a_prefix_compute_it_once_and_answer_as_without_caching(tiny):
     cfg = {"block_size": 16, "max_num_batched_tokens": 64}
     system = prompts(1, seed=7)[0][:80] + [5] * max(0, 80 - len(prompts(1, seed=7)[0]))  # 80 shared tokens
@@ -486,13 +496,9 @@ def test_requests_sharing_a_prefix_compute_it_once_and_answer_as_without_caching
     arrivals: dict[int, list] = {}
     for i, (u, sp, at) in enumerate(zip(users, params, steps, strict=True)):
         arrivals.setdefault(at, []).append((f"r{i}", system + u[:20], sp))
-    cached = LLMEngine(tiny, EngineConfig(**cfg))
-    plain = LLMEngine(tiny, EngineConfig(**cfg, prefix_caching=False))
-    work_cached, work_plain = _count_computed(cached), _count_computed(plain)
-    assert run_all(cached, arrivals) == run_all(plain, arrivals)
+    cached, saved = _cached_and_plain(tiny, cfg, arrivals)
     # four of the five find the 80-token prefix's 5 full blocks: 4 x 80 tokens not computed again
-    assert cached.scheduler.kv.hit_tokens == 4 * 80
-    assert sum(work_plain) - sum(work_cached) == 4 * 80
+    assert cached.scheduler.kv.hit_tokens == saved == 4 * 80
     assert cached.kv_blocks_used == 0 and cached.pool.num_cached > 0
 
 
@@ -503,12 +509,8 @@ def test_a_cold_burst_computes_its_shared_prefix_once(tiny):
     system = [(11 * i) % 250 + 5 for i in range(80)]
     arrivals = {0: [(f"r{i}", system + u[:10], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
                     for i, u in enumerate(prompts(4, seed=12))]}
-    cached = LLMEngine(tiny, EngineConfig(**cfg))
-    plain = LLMEngine(tiny, EngineConfig(**cfg, prefix_caching=False))
-    work_cached, work_plain = _count_computed(cached), _count_computed(plain)
-    assert run_all(cached, arrivals) == run_all(plain, arrivals)
-    assert cached.scheduler.kv.hit_tokens == 3 * 80
-    assert sum(work_plain) - sum(work_cached) == 3 * 80
+    cached, saved = _cached_and_plain(tiny, cfg, arrivals)
+    assert cached.scheduler.kv.hit_tokens == saved == 3 * 80
 
 
 def test_prompt_logprobs_never_use_cached_blocks(tiny):
