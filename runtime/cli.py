@@ -56,7 +56,8 @@ def parse_serve(argv: list[str], env: dict[str, str] | None = None) -> ServeSett
     ap.add_argument("--device", choices=[k.value for k in DeviceKind], default="cpu")
     ap.add_argument("--kv-budget-mb", type=int, default=1024, help="KV memory shared by all instances (MiB)")
     ap.add_argument("--weight-cache-mb", type=int, default=4096, help="host cache for unloaded weights (MiB)")
-    ap.add_argument("--block-size", type=int, default=32, help="tokens per KV block")
+    ap.add_argument("--block-size", type=int, default=PodConfig.block_size,
+                    help="tokens per KV block (also the unit of prefix caching: a shared prefix is reused in whole blocks)")
     ap.add_argument("--max-num-seqs", type=int, default=32, help="requests per batch")
     ap.add_argument("--max-batched-tokens", type=int, default=512,
                     help="tokens per iteration; longer prompts are prefilled in chunks")

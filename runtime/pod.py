@@ -56,7 +56,7 @@ class PodConfig:
     device: DeviceKind = DeviceKind.CPU
     kv_budget_bytes: int = 1 << 30
     weight_cache_bytes: int = 4 << 30
-    block_size: int = 32
+    block_size: int = 16  # the prefix cache shares whole blocks: a short system prompt fills one
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
     max_prefill_step_s: float = MAX_PREFILL_STEP_S  # a step carrying a prefill chunk ends within this
