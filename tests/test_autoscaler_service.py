@@ -192,6 +192,25 @@ def test_a_pod_shutting_down_has_its_instances_replaced_while_it_drains() -> Non
     run(go())
 
 
+def test_a_load_the_pod_already_has_is_not_a_failure() -> None:
+    """A 409 already_loaded (the pod had the instance from an earlier load) means what the load
+    wanted holds: the function must not be published as unable to start."""
+    async def go() -> None:
+        h = Harness([fn("a")])
+        h.pods.refuse["a"] = httpx.Response(409, json={"error": {"message": "function 'a' is already ready here",
+                                                                  "code": "already_loaded"}})
+        h.ctl.report_demand({"a": 1}, [], seen_version=h.ctl.table.version)
+        assert await h.round() == ["Load a@pod-0"]
+        assert dict(h.ctl.table.unavailable) == {} and h.ctl.load_failures == {}
+        h.pods.refuse["a"] = httpx.Response(409, json={"error": {"message": "conflict", "code": "other"}})
+        h.ctl.report_demand({"a": 1}, [], seen_version=h.ctl.table.version)
+        h.now = 1.0
+        await h.round()
+        assert "a" in h.ctl.load_failures  # any other refusal still is one
+        await h.client.aclose()
+    run(go())
+
+
 def test_a_model_that_cannot_load_is_published_as_unavailable_until_redeployed() -> None:
     async def go() -> None:
         h = Harness([fn("a"), fn("b")])

@@ -15,16 +15,17 @@ class AdminError(Exception):
     def __init__(self, node: NodeSpec, status: int, message: str) -> None:
         super().__init__(f"{node.node_id}: {status} {message}")
         self.status = status
-        self.detail = _error_message(message)  # the pod's own words, for users
+        self.detail = _error_field(message, "message") or message  # the pod's own words, for users
+        self.code = _error_field(message, "code")  # e.g. "already_loaded"; None when the body has none
 
 
-def _error_message(text: str) -> str:
-    """The message of an OpenAI-shaped error body, else the text as it is."""
+def _error_field(text: str, field: str) -> str | None:
+    """A string field of an OpenAI-shaped error body, else None."""
     try:
-        message = json.loads(text)["error"]["message"]
+        value = json.loads(text)["error"][field]
     except (ValueError, KeyError, TypeError):
-        return text
-    return message if isinstance(message, str) else text
+        return None
+    return value if isinstance(value, str) else None
 
 
 class AdminClient:

@@ -300,7 +300,13 @@ class Controller:
                     if spec is None:
                         continue
                     log.info("load %s on %s", a.function, node.node_id)
-                    await self.admin.load(node, spec)
+                    try:
+                        await self.admin.load(node, spec)
+                    except AdminError as e:
+                        if e.code != "already_loaded":
+                            raise
+                        # (a load this pod had started for an earlier plan: the instance is there)
+                        log.info("%s is already on %s", a.function, node.node_id)
                     self.load_failures.pop(a.function, None)
                 elif isinstance(a, Unload):
                     log.info("unload %s (drain=%s)", a.instance_id, a.drain)
