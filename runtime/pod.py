@@ -80,6 +80,10 @@ class Served:
     load_s: float = 0.0
     weights_cached: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    # The unload under way, owned by the pod (a caller that goes away does not stop it halfway);
+    # a second unload or evict of the instance joins it rather than racing it.
+    removal: asyncio.Task[dict[str, Any]] | None = None
+    cut_drain: bool = False  # an evict arrived while it drained: what still runs leaves now
 
     @property
     def name(self) -> str:
@@ -188,16 +192,32 @@ class Pod:
 
     # -- unload / evict ----------------------------------------------------------------------
     async def unload(self, name: str, drain: bool = True) -> dict[str, Any]:
+        """Take the instance off the device: with ``drain``, its running requests finish first
+        (up to ``drain_timeout_s``); what is left leaves with continuations. An unload already
+        under way is joined (an evict cuts its drain short), so concurrent calls get one answer."""
         s = self._live(name)
-        if drain and s.state is InstanceState.READY:
-            self._set(s, InstanceEvent.DRAIN)
-            deadline = time.monotonic() + self.config.drain_timeout_s
-            while await self.device.call(lambda dev: dev.instances[name].engine.has_work):
-                if time.monotonic() > min(deadline, self._drain_until):
-                    break  # what is still running is evicted with continuations below
-                await asyncio.sleep(0.02)
-        evicted = await self.device.call_delivering(lambda dev: self._remove(dev, name))
-        self._set(s, InstanceEvent.DRAINED if s.state is InstanceState.DRAINING and not evicted else InstanceEvent.EVICT)
+        if s.removal is None:
+            s.removal = asyncio.ensure_future(self._unload(s, drain))
+        elif not drain:
+            s.cut_drain = True
+        return await asyncio.shield(s.removal)
+
+    async def _unload(self, s: Served, drain: bool) -> dict[str, Any]:
+        name = s.name
+        try:
+            if drain and s.state is InstanceState.READY:
+                self._set(s, InstanceEvent.DRAIN)
+                deadline = time.monotonic() + self.config.drain_timeout_s
+                while await self.device.call(lambda dev: dev.instances[name].engine.has_work):
+                    if s.cut_drain or time.monotonic() > min(deadline, self._drain_until):
+                        break  # what is still running is evicted with continuations below
+                    await asyncio.sleep(0.02)
+            evicted = await self.device.call_delivering(lambda dev: self._remove(dev, name))
+        except BaseException:
+            s.removal = None  # (not removed: a later unload tries again)
+            raise
+        drained = s.state is InstanceState.DRAINING and not evicted
+        self._set(s, InstanceEvent.DRAINED if drained else InstanceEvent.EVICT)
         s.engine = None
         s.loaded = None
         self.weights.release(s.spec.checkpoint)  # last: it trims the heap, which must see the weights freed

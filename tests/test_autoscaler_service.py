@@ -153,6 +153,42 @@ def test_keep_alive_unloads_idle_instances_and_activity_keeps_them() -> None:
     run(go())
 
 
+def test_an_unload_in_flight_is_not_sent_again_and_a_failed_one_is() -> None:
+    async def go() -> None:
+        h = Harness([fn("a", keep_alive_s=1.0)])
+        drain = asyncio.Event()
+        answer = httpx.Response(200, json={"name": "a"})
+
+        async def draining(request: httpx.Request) -> httpx.Response:
+            if request.method == "DELETE":  # the pod drains until told, keeping its status "ready"
+                h.pods.calls.append(("DELETE", request.url.host, request.url.path))
+                await drain.wait()
+                if answer.status_code == 200:
+                    h.pods.loaded["pod-0"].pop("a", None)
+                return answer
+            return h.pods.handler(request)
+
+        h.ctl.admin.client = client = httpx.AsyncClient(transport=httpx.MockTransport(draining))
+        h.pods.loaded["pod-0"]["a"] = "ready"
+        assert await h.round() == []
+        for t in (2.0, 3.0, 4.0):  # idle past its keep-alive each round; one unload is under way
+            h.now = t
+            await h.ctl.reconcile()
+            await asyncio.sleep(0)
+        assert h.pods.calls == [("DELETE", "pod-0", "/admin/instances/a")]
+        answer = httpx.Response(500, text="Internal Server Error")
+        drain.set()
+        await h.ctl.settle()
+        h.now = 5.0  # it failed and "a" is still there, idle: the next round tries again
+        answer = httpx.Response(200, json={"name": "a"})
+        assert await h.round() == ["Unload a@pod-0"]
+        assert len(h.pods.calls) == 2 and "a" not in h.pods.loaded["pod-0"]
+        assert h.ctl.status()["lost"] == []  # gone because asked: not re-placed
+        await client.aclose()
+        await h.client.aclose()
+    run(go())
+
+
 def test_lost_instances_are_replaced_without_demand() -> None:
     async def go() -> None:
         h = Harness([fn("a"), fn("b")])

@@ -214,6 +214,59 @@ def test_unload_drains_then_reload_hits_the_weight_cache(pod_url):
     assert again["weights_cached"] is True
 
 
+def test_unloads_of_an_instance_that_is_draining_join_the_drain(pod_url):
+    # An autoscaler that repeats itself (a retry, a second plan) while a drain runs: every call
+    # gets the one answer, none is a 500, and the running request still ends on its own.
+    body = spec_body("twice", "random:llama-tiny?seed=11")
+    assert httpx.post(f"{pod_url}/admin/instances", json=body, headers=AUTH, timeout=60).status_code == 201
+    result: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: result.update(r=complete(pod_url, "twice", "finish me", max_tokens=80)))
+    t.start()
+    for _ in range(200):
+        st = httpx.get(f"{pod_url}/admin/status", headers=AUTH).json()
+        if any(i["name"] == "twice" and i["batch"] for i in st["instances"]):
+            break
+    answers: list[httpx.Response] = []
+    calls = [threading.Thread(target=lambda: answers.append(
+        httpx.delete(f"{pod_url}/admin/instances/twice", headers=AUTH, timeout=60))) for _ in range(3)]
+    for c in calls:
+        c.start()
+    for c in calls:
+        c.join(60)
+    t.join(60)
+    assert [a.status_code for a in answers] == [200] * 3, [a.text for a in answers]
+    assert {a.json()["state"] for a in answers} == {"unloaded"}
+    assert result["r"].json()["usage"]["completion_tokens"] == 80  # drained, not cut by the repeats
+    gone = httpx.delete(f"{pod_url}/admin/instances/twice", headers=AUTH, timeout=60)
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "instance_not_found"
+
+
+def test_an_evict_during_a_drain_ends_it_now():
+    with serve_app(make_app([], PodConfig(drain_timeout_s=60))) as base:
+        body = spec_body("slow", "random:llama-tiny?seed=12")
+        assert httpx.post(f"{base}/admin/instances?profile=false", json=body, headers=AUTH, timeout=60).status_code == 201
+        req = {"model": "slow", "prompt": "go", "max_tokens": 240, "temperature": 0, "stream": True}
+        got: dict[str, Any] = {}
+        with httpx.stream("POST", f"{base}/v1/completions", json=req, timeout=60) as stream:
+            lines = stream.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))  # it runs
+            drain = threading.Thread(target=lambda: got.update(
+                drain=httpx.delete(f"{base}/admin/instances/slow", headers=AUTH, timeout=60)))
+            drain.start()
+            for _ in range(200):  # until the pod says it drains
+                state = httpx.get(f"{base}/admin/status", headers=AUTH).json()["functions"]["slow"]["state"]
+                if state == "draining":
+                    break
+            assert state == "draining"
+            ev = httpx.post(f"{base}/admin/instances/slow/evict", headers=AUTH, timeout=60)
+            drain.join(60)
+            rest = list(lines)
+        assert ev.status_code == 200 and ev.json()["evicted_requests"] == 1, ev.text
+        assert got["drain"].status_code == 200 and got["drain"].json() == ev.json()  # one removal, one answer
+        assert ev.json()["state"] == "evicted"
+        assert any("continuation" in line for line in rest), rest[-3:]  # it left to go on elsewhere
+
+
 def test_admission_refusals_are_429_with_reason_and_retry_after():
     # 12 blocks of 16 tokens in the whole pod: a request that may generate up to 240 tokens
     # reserves prompt + 512 look-ahead, capped at the 256-token context = 16 blocks: it cannot fit.

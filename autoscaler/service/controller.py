@@ -99,7 +99,10 @@ class Controller:
         self.activity: dict[str, float] = {}  # function -> last time the activator served it
         self.rates = ArrivalRates(settings.rate_window_s)  # requests per second per function, lately
         self.loading: set[tuple[str, NodeId]] = set()
-        self.removing: set[InstanceId] = set()
+        self.removing: set[InstanceId] = set()  # asked to go (not lost when gone); until gone
+        # unloads and evicts whose call has not returned: not acted on again meanwhile (a status
+        # may still show them ready, or be a slow pod's last answer), however many rounds pass
+        self.removals_in_flight: set[InstanceId] = set()
         self.ever_ready: dict[InstanceId, str] = {}
         self.lost: set[str] = set()
         self.grew: dict[str, int] = {}  # function -> route version that first listed its newest endpoint
@@ -220,7 +223,8 @@ class Controller:
         now = self.clock()
         self._track(now, pods)
         self._publish(pods)  # first: a new endpoint makes the demand that asked for it stale
-        snap = snapshot(now, pods, self.functions, self.idle_since, self.loading, rates=self.rates.rates(now))
+        snap = snapshot(now, pods, self.functions, self.idle_since, self.loading, rates=self.rates.rates(now),
+                        removing=self.removals_in_flight)
         pending = [PendingDemand(FunctionId(fn), n) for fn, (n, until) in sorted(self.demand.items())
                    if until >= now and fn in self.functions and self._may_load(fn, now)]
         waiting = {p.function for p in pending}
@@ -280,6 +284,7 @@ class Controller:
                 self.loading.add((a.function, a.node_id))
             else:
                 self.removing.add(a.instance_id)
+                self.removals_in_flight.add(a.instance_id)
         for node_id, actions in by_node.items():
             node = self._node(node_id)
             if node is None:
@@ -308,14 +313,21 @@ class Controller:
                         # (a load this pod had started for an earlier plan: the instance is there)
                         log.info("%s is already on %s", a.function, node.node_id)
                     self.load_failures.pop(a.function, None)
-                elif isinstance(a, Unload):
-                    log.info("unload %s (drain=%s)", a.instance_id, a.drain)
-                    await self.admin.unload(node, a.instance_id.split("@", 1)[0], a.drain)
-                elif isinstance(a, Evict):
-                    log.info("evict %s for %s", a.instance_id, a.reason.value)
-                    await self.admin.evict(node, a.instance_id.split("@", 1)[0])
+                else:
+                    name = a.instance_id.split("@", 1)[0]
+                    try:
+                        if isinstance(a, Unload):
+                            log.info("unload %s (drain=%s)", a.instance_id, a.drain)
+                            await self.admin.unload(node, name, a.drain)
+                        elif isinstance(a, Evict):
+                            log.info("evict %s for %s", a.instance_id, a.reason.value)
+                            await self.admin.evict(node, name)
+                    except AdminError as e:
+                        if e.code != "instance_not_found":
+                            raise
+                        log.info("%s is already gone from %s", a.instance_id, node.node_id)
             except (AdminError, httpx.HTTPError) as e:
-                log.warning("%s on %s failed: %s", type(a).__name__, node.node_id, e)
+                log.warning("%s on %s failed: %s", type(a).__name__, node.node_id, str(e) or type(e).__name__)
                 if (isinstance(a, Load) and isinstance(e, AdminError) and e.status < 500
                         and self.functions.get(a.function) is spec):  # (not redeployed meanwhile)
                     prev = self.load_failures.get(a.function)
@@ -327,6 +339,8 @@ class Controller:
             finally:
                 if isinstance(a, Load):
                     self.loading.discard((a.function, a.node_id))
+                else:
+                    self.removals_in_flight.discard(a.instance_id)
         self._poke.set()  # look again now: a load finished, routes change
 
     def _may_load(self, function: str, now: float) -> bool:

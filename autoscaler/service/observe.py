@@ -87,13 +87,16 @@ def known_weight_bytes(pods: Iterable[PodStatus]) -> dict[str, int]:
 def snapshot(now_s: float, pods: Iterable[PodStatus], functions: Mapping[str, FunctionSpec],
              idle_since: Mapping[InstanceId, float | None],
              loading: Iterable[tuple[str, NodeId]] = (),
-             rates: Mapping[FunctionId, float] | None = None) -> ClusterSnapshot:
+             rates: Mapping[FunctionId, float] | None = None,
+             removing: Iterable[InstanceId] = ()) -> ClusterSnapshot:
     """The cluster for ``decide``. ``loading`` names loads sent but not yet visible in a status;
-    instances draining count as loading (they are on their way out and must not be acted on).
+    instances draining count as loading (they are on their way out and must not be acted on), and
+    so do those in ``removing`` (an unload or evict sent, which a status may not show yet).
     ``rates``: requests per second per function lately (``autoscaler.core.ArrivalRates``)."""
     pods = list(pods)
     weights = known_weight_bytes(pods)
     pending = set(loading)
+    leaving = set(removing)
     nodes: list[NodeView] = []
     for p in pods:
         insts: list[InstanceView] = []
@@ -104,7 +107,7 @@ def snapshot(now_s: float, pods: Iterable[PodStatus], functions: Mapping[str, Fu
             insts.append(InstanceView(
                 iid, FunctionId(i.function), p.node.node_id, batch=i.batch, demand=i.demand,
                 weight_bytes=weights.get(i.model, 0), kv_bytes=i.kv_bytes, kv_reserved_bytes=i.kv_reserved_bytes,
-                idle_since_s=idle_since.get(iid), loading=i.state != "ready"))
+                idle_since_s=idle_since.get(iid), loading=i.state != "ready" or iid in leaving))
         for fn, node_id in sorted(pending):
             if node_id == p.node.node_id and fn not in seen:
                 model = functions[fn].checkpoint if fn in functions else ""
