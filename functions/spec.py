@@ -15,6 +15,7 @@ loaders read YAML files and nothing else.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -239,6 +240,15 @@ class FunctionSpec:
         """The loaded model this function's instances use (``checkpoint_key``)."""
         return checkpoint_key(self.model, self.dtype)
 
+    @property
+    def instance_digest(self) -> str:
+        """What an instance of this function serves, in 16 hex digits: the fields a runtime pod
+        uses (model, dtype, SLO, limits, system prompt, output schema). A redeploy that changes
+        one needs new instances; one that changes only scaling or event fields does not."""
+        d = self.to_dict()
+        served = {k: d.get(k) for k in _INSTANCE_KEYS}
+        return hashlib.sha256(json.dumps(served, sort_keys=True).encode()).hexdigest()[:16]
+
     def event_prompt(self, data: str) -> str:
         """The prompt for a CloudEvent whose data is ``data``: each ``{data}`` replaced verbatim."""
         return self.event_template.replace("{data}", data)
@@ -300,6 +310,9 @@ def _check_model(value: object) -> None:
 
 _SLO_KEYS = tuple(f.name for f in fields(SLO))
 _SPEC_KEYS = tuple(f.name for f in fields(FunctionSpec))
+# the fields a runtime pod reads from a spec (FunctionSpec.instance_digest)
+_INSTANCE_KEYS = ("model", "dtype", "slo", "max_context_tokens", "max_output_tokens", "system_prompt",
+                  "output_schema")
 _REQUIRED_KEYS = ("name", "model")
 _DURATION_KEYS = ("keep_alive_s", "timeout_s")
 _SLO_DURATION_KEYS = ("ttft_base_s", "tpot_s")  # prefill_rate_tok_s is a rate, not a duration

@@ -258,8 +258,9 @@ class Pod:
     # -- status ------------------------------------------------------------------------------
     async def status(self) -> dict[str, Any]:
         dev_status = await self.device.call(_device_status)
-        states = {n: {"state": s.state.value, "model": s.spec.checkpoint, "load_s": round(s.load_s, 3),
-                      "weights_cached": s.weights_cached} for n, s in self.served.items()}
+        states = {n: {"state": s.state.value, "model": s.spec.checkpoint, "digest": s.spec.instance_digest,
+                      "load_s": round(s.load_s, 3), "weights_cached": s.weights_cached}
+                  for n, s in self.served.items()}
         for inst in dev_status["instances"]:
             inst.update(states.get(inst["name"], {}))
         return {**dev_status, "functions": states, "weights_cache": self.weights.status(), "rss_bytes": rss_bytes(),

@@ -12,11 +12,12 @@ import httpx
 import pytest
 
 from activator.routes import RouteTable
-from autoscaler.core import DeviceKind, FunctionId, Load, NodeId
+from autoscaler.core import DeviceKind, FunctionId, InstanceId, Load, NodeId
 from autoscaler.service.controller import Controller, ControllerSettings, LoadFailure
 from autoscaler.service.nodes import NodeSpec, StaticNodes
-from autoscaler.service.observe import parse_status, routes, snapshot
-from functions import FunctionSpec
+from autoscaler.service.observe import PodInstance, PodStatus, parse_status, routes, snapshot
+from autoscaler.service.rollout import rollout
+from functions import FunctionSpec, parse_function_spec
 
 TOKEN = "t"
 NODES = StaticNodes((NodeSpec(NodeId("pod-0"), "http://pod-0", DeviceKind.CPU, 1 << 30),
@@ -24,8 +25,8 @@ NODES = StaticNodes((NodeSpec(NodeId("pod-0"), "http://pod-0", DeviceKind.CPU, 1
 
 
 def fn(name: str, **kw: Any) -> FunctionSpec:
-    return FunctionSpec(name=name, model="random:llama-tiny?seed=0", max_context_tokens=256,
-                        max_output_tokens=64, **kw)
+    return FunctionSpec(**{"name": name, "model": "random:llama-tiny?seed=0", "max_context_tokens": 256,
+                           "max_output_tokens": 64, **kw})
 
 
 class FakePods:
@@ -39,6 +40,7 @@ class FakePods:
         self.terminating: set[str] = set()  # shutting down (SIGTERM): draining, then gone
         self.calls: list[tuple[str, str, str]] = []
         self.refuse: dict[str, httpx.Response] = {}  # function -> the pod's answer to loading it
+        self.digest: dict[tuple[str, str], str] = {}  # (node, function) -> the loaded spec's digest
 
     def status(self, node: str) -> dict[str, Any]:
         fns = self.loaded[node]
@@ -47,7 +49,9 @@ class FakePods:
             "instances": [{"name": f, "batch": self.batch.get((node, f), 0), "waiting": 0, "demand": 0.01,
                            "kv_blocks_total": 4, "kv_blocks_used": 0, "kv_blocks_reserved": 0, "kv_bytes": 4096}
                           for f, st in fns.items() if st == "ready"],
-            "functions": {f: {"state": st, "model": "random:llama-tiny?seed=0"} for f, st in fns.items()},
+            "functions": {f: {"state": st, "model": "random:llama-tiny?seed=0",
+                              **({"digest": self.digest[node, f]} if (node, f) in self.digest else {})}
+                          for f, st in fns.items()},
             "weights_cache": {"models": [{"ref": "random:llama-tiny?seed=0", "bytes": 1 << 20, "pins": 1}]},
             "terminating": node in self.terminating,
         }
@@ -64,13 +68,16 @@ class FakePods:
             return httpx.Response(200, json=self.status(node))
         self.calls.append((request.method, node, path))
         if request.method == "POST" and path == "/admin/instances":
-            name = json.loads(request.content)["name"]
+            body = json.loads(request.content)
+            name = body["name"]
             if name in self.refuse:
                 return self.refuse[name]
             self.loaded[node][name] = "ready"
+            self.digest[node, name] = parse_function_spec(body).instance_digest
             return httpx.Response(201, json={"name": name, "state": "ready"})
         name = path.split("/")[3]
         self.loaded[node].pop(name, None)
+        self.digest.pop((node, name), None)
         return httpx.Response(200, json={"name": name})
 
 
@@ -284,6 +291,86 @@ def test_a_model_that_cannot_load_is_published_as_unavailable_until_redeployed()
         await h.round()
         assert [e.instance_id for e in h.ctl.table.endpoints_of("a")] == ["a@pod-0"]
         assert h.ctl.status()["load_errors"] == {}
+        await h.client.aclose()
+    run(go())
+
+
+OLD, NEW = fn("a"), fn("a", system_prompt="v2")
+
+
+@pytest.mark.parametrize("instances, loading, removing, unload, want", [
+    # (node, state, digest, batch) per instance of "a"; idle ones have been for 5 s, but "a@pod-1" for 1 s
+    ([("pod-0", "ready", OLD.instance_digest, 0)], [], [], ["a@pod-0"], []),  # idle: unloaded at once
+    ([("pod-1", "ready", OLD.instance_digest, 0)], [], [], [], ["a"]),  # a pause in a stream of requests
+    ([("pod-0", "ready", OLD.instance_digest, 2)], [], [], [], ["a"]),  # busy: a new one first
+    ([("pod-0", "ready", OLD.instance_digest, 2), ("pod-1", "ready", NEW.instance_digest, 0)], [], [],
+     ["a@pod-0"], []),  # the new one serves: the old one drains
+    ([("pod-0", "ready", OLD.instance_digest, 2)], [("a", "pod-1")], [], [], []),  # the new one is loading
+    ([("pod-0", "ready", OLD.instance_digest, 2), ("pod-1", "draining", OLD.instance_digest, 1)], [], [],
+     [], []),  # one at a time
+    ([("pod-0", "ready", OLD.instance_digest, 0), ("pod-1", "ready", OLD.instance_digest, 0)], [], ["a@pod-1"],
+     [], []),  # an unload under way
+    ([("pod-0", "ready", NEW.instance_digest, 2)], [], [], [], []),  # current
+    ([("pod-0", "ready", None, 0)], [], [], [], []),  # a pod that reports no digest
+])
+def test_rollout_steps(instances: list[tuple[str, str, str | None, int]], loading: list[tuple[str, str]],
+                       removing: list[str], unload: list[str], want: list[str]) -> None:
+    pods = []
+    for spec in NODES.specs:
+        mine = [PodInstance("a", state, "m", batch=batch, digest=digest)
+                for node, state, digest, batch in instances if node == spec.node_id]
+        pods.append(PodStatus(spec, 1 << 20, tuple(mine), {}))
+    idle = {InstanceId("a@pod-0"): 5.0, InstanceId("a@pod-1"): 1.0}
+    got = rollout(pods, {"a": NEW}, [(f, NodeId(n)) for f, n in loading], {InstanceId(i) for i in removing}, idle)
+    assert [u.instance_id for u in got.unload] == unload and all(u.drain for u in got.unload)
+    assert list(got.want) == want
+    assert [u.instance_id for u in got.fallback] == ([f"a@{instances[0][0]}"] if want else [])
+
+
+def test_a_redeployed_function_is_replaced_make_before_break() -> None:
+    async def go() -> None:
+        h = Harness([fn("a"), fn("b")])
+        h.ctl.report_demand({"a": 1, "b": 1}, [], seen_version=h.ctl.table.version)
+        assert await h.round() == ["Load a@pod-0", "Load b@pod-0"]
+        h.pods.batch[("pod-0", "a")] = 2  # a serves; b is idle
+        h.now = 0.5
+        assert await h.round() == []
+        h.ctl.deploy(fn("a", system_prompt="Answer in French."))
+        h.ctl.deploy(fn("b", keep_alive_s=30.0))  # scaling only: its instance serves on
+        h.now = 1.0
+        assert await h.round() == ["Load a@pod-1"]  # the new spec, beside the old one
+        assert [e.instance_id for e in h.ctl.table.endpoints_of("a")] == ["a@pod-0"]  # (not ready yet)
+        h.now = 1.5
+        assert await h.round() == ["Unload a@pod-0"]  # the new one is ready: the old one drains
+        assert [e.instance_id for e in h.ctl.table.endpoints_of("a")] == ["a@pod-1"]
+        h.now = 2.0
+        assert await h.round() == []
+        assert "b" in h.pods.loaded["pod-0"] and h.ctl.status()["lost"] == []
+        await h.client.aclose()
+    run(go())
+
+
+def test_a_redeploy_with_no_room_beside_drains_first_and_a_broken_one_keeps_the_old() -> None:
+    async def go() -> None:
+        h = Harness([fn("a", max_instances=1), fn("c")])
+        h.ctl.report_demand({"a": 1, "c": 1}, [], seen_version=h.ctl.table.version)
+        assert await h.round() == ["Load a@pod-0", "Load c@pod-0"]
+        h.pods.batch[("pod-0", "a")] = h.pods.batch[("pod-0", "c")] = 1
+        # c's new model does not load: its old instance goes on serving, and is left alone
+        h.pods.refuse["c"] = httpx.Response(400, json={"error": {"message": "no such model",
+                                                                  "code": "model_load_failed"}})
+        h.ctl.deploy(fn("c", model="random:llama-tiny?seed=1"))
+        h.ctl.deploy(fn("a", model="random:llama-tiny?seed=2", max_instances=1))
+        h.now = 1.0
+        assert await h.round() == ["Load c@pod-1", "Unload a@pod-0"]  # a cannot have two: break first
+        h.now = 2.0
+        assert await h.round() == []
+        assert [e.instance_id for e in h.ctl.table.endpoints_of("c")] == ["c@pod-0"]
+        assert h.ctl.status()["load_errors"] == {"c": "pod-1 could not load it: no such model"}
+        h.ctl.report_demand({"a": 1}, [], seen_version=h.ctl.table.version)  # a's requests wait
+        h.now = 3.0
+        assert await h.round() == ["Load a@pod-0"]
+        assert h.pods.digest["pod-0", "a"] == fn("a", model="random:llama-tiny?seed=2", max_instances=1).instance_digest
         await h.client.aclose()
     run(go())
 

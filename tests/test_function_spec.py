@@ -361,6 +361,27 @@ def test_dtype_names_the_checkpoint_and_is_left_out_of_the_dict_when_float32() -
     assert parse_function_spec(bf16.to_dict()) == bf16
 
 
+# What a runtime pod reads from a spec (a change needs new instances), and what only the
+# autoscaler and activator read. A new field must be put in one of the two.
+SERVED_FIELDS = {"model", "dtype", "slo", "max_context_tokens", "max_output_tokens", "system_prompt", "output_schema"}
+SCALING_FIELDS = {"name", "device", "keep_alive_s", "max_instances", "event_template", "event_type", "event_source",
+                  "timeout_s"}
+
+
+def test_instance_digest_changes_with_what_an_instance_serves_and_nothing_else() -> None:
+    assert {f.name for f in dataclasses.fields(FunctionSpec)} == SERVED_FIELDS | SCALING_FIELDS
+    base = parse_function_spec(make_data())
+    changed = []
+    for f in dataclasses.fields(FunctionSpec):
+        if f.name == "name":
+            continue
+        other = dataclasses.replace(base, **{f.name: getattr(EVERY_FIELD_CHANGED, f.name)})
+        if other.instance_digest != base.instance_digest:
+            changed.append(f.name)
+    assert set(changed) == SERVED_FIELDS
+    assert len(base.instance_digest) == 16 and base.instance_digest == parse_function_spec(make_data()).instance_digest
+
+
 def test_every_field_changed_differs_from_defaults_everywhere() -> None:
     # Guards the round-trip test below: a field left at its default would not be exercised.
     minimal = parse_function_spec(make_data()).to_dict()

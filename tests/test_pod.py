@@ -41,6 +41,8 @@ def test_admin_api_needs_the_token(pod_url):
     inst = {i["name"]: i for i in r.json()["instances"]}
     assert inst["base"]["state"] == "ready"
     assert [p[0] for p in inst["base"]["profile"]["prefill_ms"]] == [16, 64]  # measured on load
+    # what the autoscaler compares with the deployed spec to find instances a redeploy made stale
+    assert r.json()["functions"]["base"]["digest"] == tiny_spec("base", TINY).instance_digest
 
 
 def test_load_serve_and_refuse_duplicates_and_bad_specs(pod_url):

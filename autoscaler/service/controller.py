@@ -50,6 +50,7 @@ from autoscaler.core import (
 from autoscaler.service.admin import AdminClient, AdminError
 from autoscaler.service.nodes import NodeSource, NodeSpec
 from autoscaler.service.observe import PodStatus, instance_id, parse_status, routes, snapshot
+from autoscaler.service.rollout import rollout
 from functions import FunctionSpec, load_function_dir
 
 log = logging.getLogger("slinfer.autoscaler")
@@ -235,7 +236,19 @@ class Controller:
         pending += [PendingDemand(FunctionId(fn), 1) for fn in sorted(self.load_failures)
                     if fn not in asked and fn in self.functions and self._may_load(fn, now)]
         self.demand = {fn: d for fn, d in self.demand.items() if d[1] >= now}
+        # Redeployed functions: their stale instances are replaced (rollout's doc). A new spec
+        # that failed to load asks for nothing more: the old instances go on serving meanwhile.
+        idle_s = {iid: now - since for iid, since in self.idle_since.items() if since is not None}
+        roll = rollout(pods, self.functions, self.loading, self.removals_in_flight, idle_s)
+        pending_fns = {str(p.function) for p in pending}
+        wanted = [fn for fn in roll.want if self._may_load(fn, now)]
+        pending += [PendingDemand(FunctionId(fn), 1) for fn in wanted if fn not in pending_fns]
         plan = decide(snap, pending)
+        fallbacks = [u for u in roll.fallbacks(plan) if u.instance_id.split("@", 1)[0] in wanted]
+        acted = {a.instance_id for a in plan.actions if not isinstance(a, Load)}
+        extra = tuple(u for u in (*roll.unload, *fallbacks) if u.instance_id not in acted)
+        if extra:
+            plan = Plan(plan.actions + extra, plan.waiting)
         self.last_plan = plan
         self._execute(plan)
         self.rounds += 1

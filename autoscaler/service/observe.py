@@ -38,10 +38,17 @@ class PodInstance:
     demand: float = 0.0
     kv_bytes: int = 0
     kv_reserved_bytes: int = 0
+    digest: str | None = None  # FunctionSpec.instance_digest of the spec it was loaded with
 
     @property
     def busy(self) -> bool:
         return self.batch + self.waiting > 0
+
+    def stale(self, functions: Mapping[str, FunctionSpec]) -> bool:
+        """Loaded from a spec that has since been redeployed with a change that needs a new
+        instance (a pod that reports no digest is taken to be current)."""
+        spec = functions.get(self.function)
+        return spec is not None and self.digest is not None and self.digest != spec.instance_digest
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,7 @@ def parse_status(node: NodeSpec, data: Mapping[str, Any]) -> PodStatus:
             # KV lent to cached prefixes is the pod's to take back: not held, to a placement
             kv_bytes=int(d.get("kv_bytes", 0)) - int(d.get("kv_lent_bytes", 0)),
             kv_reserved_bytes=int(d.get("kv_blocks_reserved", 0)) * per_block,
+            digest=str(f["digest"]) if f.get("digest") is not None else None,
         ))
     cache = data.get("weights_cache", {}).get("models", [])
     weights = {str(m["ref"]): int(m["bytes"]) for m in cache}
@@ -125,13 +133,21 @@ def snapshot(now_s: float, pods: Iterable[PodStatus], functions: Mapping[str, Fu
 def routes(version: int, pods: Iterable[PodStatus], functions: Mapping[str, FunctionSpec],
            load_errors: Mapping[str, str] | None = None) -> RouteTable:
     """Deployed functions and their READY instances (by instance id); a function with none whose
-    model failed to load is ``unavailable``, with why."""
+    model failed to load is ``unavailable``, with why. Once a redeployed function has a ready
+    instance of its new spec, only those are listed (the stale ones drain); until then the stale
+    ones serve."""
     eps: dict[str, list[Endpoint]] = {}
+    current: set[str] = set()
     for p in pods:
         for i in p.instances:
             if i.state == "ready" and i.function in functions:
                 eps.setdefault(i.function, []).append(
                     Endpoint(instance_id(i.function, p.node.node_id), p.node.node_id, p.node.url))
+                if not i.stale(functions):
+                    current.add(i.function)
+    stale = {instance_id(i.function, p.node.node_id) for p in pods for i in p.instances if i.stale(functions)}
+    for fn in current:
+        eps[fn] = [e for e in eps[fn] if e.instance_id not in stale]
     endpoints = {fn: tuple(sorted(lst, key=lambda e: e.instance_id)) for fn, lst in sorted(eps.items())}
     unavailable = {fn: why for fn, why in sorted((load_errors or {}).items()) if fn in functions and fn not in endpoints}
     return RouteTable(version, dict(functions), endpoints, unavailable)
