@@ -43,7 +43,7 @@ from activator.dispatch import (
 from activator.metrics import ActivatorMetrics
 from activator.relay import EventStreamResponse, StreamRelay, complete_moving, until_disconnect
 from activator.routes import HTTPRouteSource, RouteSource, RouteView
-from activator.upstream import UpstreamClient
+from activator.upstream import UpstreamClient, UpstreamError
 from activator.waiting import DemandReporter, QueueFull, WaitingRoom
 from functions import TOKEN_IDS_HEADER, FunctionSpec
 from functions.http import MAX_REQUEST_BYTES, READ_TIMEOUT_S, BodyLimit
@@ -194,15 +194,20 @@ class Activator:
 
         status = up.response.status_code
         self.metrics.requests.labels(spec.name, str(status)).inc()
-        if status != 200:  # about the request itself (400, 422): the runtime's answer as it is
-            raw = await up.response.aread()
+        try:
+            if status != 200:  # about the request itself (400, 422): the runtime's answer as it is
+                raw = await up.response.aread()
+                await up.close()
+                self.metrics.errors.labels(spec.name, _error_code(raw, status)).inc()
+                return Response(raw, status_code=status, media_type="application/json")
+            if body.get("stream"):
+                relay = StreamRelay(up, reopen, body, chat, self.metrics, spec.name, t0)
+                return EventStreamResponse(relay.__aiter__(), {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            code, payload = await complete_moving(up, reopen, body, chat, spec.name, self.metrics, path)
+        except UpstreamError as e:  # its pods died while answering, one after another
             await up.close()
-            self.metrics.errors.labels(spec.name, _error_code(raw, status)).inc()
-            return Response(raw, status_code=status, media_type="application/json")
-        if body.get("stream"):
-            relay = StreamRelay(up, reopen, body, chat, self.metrics, spec.name, t0)
-            return EventStreamResponse(relay.__aiter__(), {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        code, payload = await complete_moving(up, reopen, body, chat, spec.name, self.metrics)
+            raise APIError(502, f"function '{spec.name}' failed while answering: {e}", "upstream_failed",
+                           "server_error") from e
         self.metrics.ttft.labels(spec.name).observe(time.monotonic() - t0)
         if isinstance(payload, bytes):
             return Response(payload, status_code=code, media_type="application/json")

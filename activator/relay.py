@@ -354,16 +354,34 @@ def _error_event(message: str) -> bytes:
 
 
 async def complete_moving(first: Upstream, reopen: Reopen, original: dict[str, Any], chat: bool,
-                          function: str, metrics: ActivatorMetrics) -> tuple[int, dict[str, Any] | bytes]:
-    """A non-streaming answer, continued across preemptions: (status, JSON body or raw bytes)."""
+                          function: str, metrics: ActivatorMetrics,
+                          path: str | None = None) -> tuple[int, dict[str, Any] | bytes]:
+    """A non-streaming answer, continued across preemptions: (status, JSON body or raw bytes).
+    When the pod dies while its answer is being read (the status line came, the body did not),
+    the try is sent again elsewhere: the original request (to ``path``, by default the chat or
+    completions path), or the continuation it was (nothing of it has reached the client), at most
+    ``MAX_FAILOVERS`` times."""
     up = first
     moved: Moved | None = None
     head: dict[str, Any] | None = None
     texts: list[str] = []
     logprobs: dict[str, Any] | None = None
+    failovers = 0
     try:
         while True:
-            raw = await up.response.aread()
+            try:
+                raw = await up.response.aread()
+            except UpstreamError:
+                if failovers >= MAX_FAILOVERS:
+                    raise
+                failovers += 1
+                metrics.failovers.labels(function).inc()
+                await up.close()
+                if moved is None:
+                    up = await reopen(path or ("/v1/chat/completions" if chat else "/v1/completions"), original, None)
+                else:
+                    up = await reopen("/v1/completions", moved.body(function, original, False), moved.first_token_at)
+                continue
             status = up.response.status_code
             await up.close()
             if moved is None and b'"continuation"' not in raw:

@@ -1019,3 +1019,25 @@ def test_a_stream_that_kills_every_pod_it_reaches_stops_after_two_failovers(setu
     errors = [c["error"] for c in chunks if "error" in c]
     assert done == 1 and len(errors) == 1 and errors[0]["code"] == "continuation_failed"
     assert len(text) > 0
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_non_streaming_answer_cut_after_its_head_is_asked_again_elsewhere(setup: Setup, chat: bool) -> None:
+    # The pod died between its status line and its body: nothing reached the client, so the
+    # request is sent again (it was a 500 "internal error in the activator" in a chaos soak).
+    body = long_body(chat) | {"max_tokens": 20}
+    want = httpx.post(f"{setup.pods[1]}/v1/{'chat/' if chat else ''}completions", json=body, timeout=60).json()
+    with CutProxy(setup.pods[0], after_events=0, linger_s=0.3) as proxy, activator_over(setup, proxy, setup.pods[1]) as url:
+        r = httpx.post(f"{url}/v1/{'chat/' if chat else ''}completions", json=body, timeout=60)
+        assert metric(url, "slinfer_activator_failovers_total", function="tiny") == 1
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"] == want["choices"] and counts(r.json()["usage"]) == counts(want["usage"])
+
+
+def test_a_non_streaming_request_that_kills_every_pod_it_reaches_is_a_502_after_two_failovers(setup: Setup) -> None:
+    with CutProxy(setup.pods[0], after_events=0, dead_after_cut=False) as a, \
+            CutProxy(setup.pods[1], after_events=0, dead_after_cut=False) as b, activator_over(setup, a, b) as url:
+        r = complete(url, "tiny", "hello")
+        assert metric(url, "slinfer_activator_failovers_total", function="tiny") == 2
+    assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_failed", r.text
+    still_serving(setup.url)
