@@ -37,6 +37,7 @@ from activator.dispatch import (
     Dispatcher,
     DispatchTimeout,
     Elapsed,
+    FunctionDeleted,
     FunctionUnavailable,
     Upstream,
 )
@@ -175,6 +176,8 @@ class Activator:
             raise APIError(503, str(e), "queue_full", "server_error", {"Retry-After": retry}) from e
         except FunctionUnavailable as e:
             raise APIError(503, str(e), "function_unavailable", "server_error") from e
+        except FunctionDeleted as e:
+            raise APIError(404, str(e), "function_not_found") from e
         except DispatchTimeout as e:
             raise APIError(504, str(e), "timeout", "server_error") from e
 

@@ -67,6 +67,12 @@ class FunctionUnavailable(Exception):
         self.function = function
 
 
+class FunctionDeleted(Exception):
+    def __init__(self, function: str) -> None:
+        super().__init__(f"function '{function}' was deleted while this request waited")
+        self.function = function
+
+
 class RetryGate:
     """How the held requests of one function retry. Without it every held request tries every
     instance on every change, and under a burst a pod spends more of its time refusing than
@@ -233,6 +239,8 @@ class Dispatcher:
             waiting = False
             while True:
                 version = self.routes.table.version
+                if name not in self.routes.table.functions:
+                    raise FunctionDeleted(name)  # nothing will ever serve it: no wait until timeout_s
                 endpoints = self.order(name)
                 if not endpoints and (why := self.routes.table.unavailable.get(name)) is not None:
                     raise FunctionUnavailable(name, why)

@@ -3,6 +3,7 @@ models) and an activator given a fixed route table (no autoscaler: its seam is t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import threading
@@ -321,6 +322,36 @@ def test_a_function_whose_model_cannot_load_is_503_at_once_with_why(setup: Setup
     assert r.json()["error"] == {"message": f"function 'broken' cannot start: {BROKEN_WHY}", "type": "server_error",
                                  "param": None, "code": "function_unavailable"}
     still_serving(setup.url)
+
+
+class _Republishing(StaticRouteSource):
+    """A route source whose table a test may replace (the activator sees it within 20 ms)."""
+
+    async def next_table(self, after_version: int) -> RouteTable:
+        while self.table.version <= after_version:
+            await asyncio.sleep(0.02)
+        return self.table
+
+
+def test_a_request_held_for_a_function_deleted_meanwhile_is_404_at_once() -> None:
+    waiting = spec("waiting", timeout_s=60.0)
+    source = _Republishing(RouteTable(1, {"waiting": waiting}, {}))
+    with serve_app(create_app(ActivatorSettings(first_routes_timeout_s=1.0), source)) as url:
+        got: dict[str, httpx.Response] = {}
+        t = threading.Thread(target=lambda: got.update(r=complete(url, "waiting", "hello", max_tokens=2)))
+        t.start()
+        deadline = time.monotonic() + 5
+        while metric(url, "slinfer_activator_queue_depth", 0.0, function="waiting") < 1:
+            assert time.monotonic() < deadline, "the request never started waiting"
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        source.table = RouteTable(2, {}, {})  # `slinfer delete waiting`
+        t.join(10)
+        assert time.monotonic() - t0 < 2  # not its 60 s timeout
+        r = got["r"]
+        assert r.status_code == 404 and r.json()["error"]["code"] == "function_not_found", r.text
+        assert "deleted" in r.json()["error"]["message"]
+        assert metric(url, "slinfer_activator_queue_depth", function="waiting") == 0
 
 
 def test_requests_arriving_are_reported_per_function_for_arrival_rates(setup: Setup) -> None:
