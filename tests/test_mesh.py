@@ -258,6 +258,37 @@ def test_a_model_that_cannot_load_is_answered_at_once_with_why(mesh: MeshHandle)
     assert "epsilon" not in status(mesh)["load_errors"]
 
 
+def test_a_redeployed_function_serves_its_new_model_with_no_failed_request(mesh: MeshHandle) -> None:
+    api = f"{mesh.autoscaler_url}/functions"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    new_model = "random:llama-tiny?seed=5"
+    for spec in (fn("zeta"), fn("zeta-ref", new_model)):
+        assert httpx.post(api, json=spec.to_dict(), headers=auth, timeout=10).status_code == 201
+    wait_until(lambda: chat(mesh, "zeta", max_tokens=1).status_code == 200, "zeta is served")
+    old = chat(mesh, "zeta", max_tokens=8).json()["choices"][0]["message"]["content"]
+    new = chat(mesh, "zeta-ref", max_tokens=8).json()["choices"][0]["message"]["content"]
+    assert old != new  # the two models answer differently
+    statuses: list[int] = []
+    done = threading.Event()
+
+    def callers() -> None:  # a steady caller through the redeploy
+        while not done.is_set():
+            statuses.append(chat(mesh, "zeta", max_tokens=4).status_code)
+
+    t = threading.Thread(target=callers)
+    t.start()
+    try:
+        assert httpx.post(api, json=fn("zeta", new_model).to_dict(), headers=auth, timeout=10).status_code == 201
+        wait_until(lambda: chat(mesh, "zeta", max_tokens=8).json()["choices"][0]["message"]["content"] == new,
+                   "zeta answers with its new model")
+    finally:
+        done.set()
+        t.join(60)
+    assert statuses and set(statuses) == {200}, statuses
+    (node,) = wait_until(lambda: placed(mesh, "zeta"), "one instance of zeta")
+    assert pod_admin(mesh, node)["functions"]["zeta"]["digest"] == fn("zeta", new_model).instance_digest
+
+
 @pytest.mark.slow
 def test_smollm2_example_function_from_zero_through_the_openai_client() -> None:
     """The shipped example `chat` (bundled SmolLM2) in a mesh of one pod: the first request
