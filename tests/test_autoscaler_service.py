@@ -16,8 +16,8 @@ from autoscaler.core import DeviceKind, FunctionId, InstanceId, Load, NodeId
 from autoscaler.service.controller import Controller, ControllerSettings, LoadFailure
 from autoscaler.service.nodes import NodeSpec, StaticNodes
 from autoscaler.service.observe import PodInstance, PodStatus, parse_status, routes, snapshot
-from autoscaler.service.rollout import rollout
-from functions import FunctionSpec, parse_function_spec
+from autoscaler.service.rollout import Rollout, rollout
+from functions import DevicePreference, FunctionSpec, parse_function_spec
 
 TOKEN = "t"
 NODES = StaticNodes((NodeSpec(NodeId("pod-0"), "http://pod-0", DeviceKind.CPU, 1 << 30),
@@ -325,6 +325,15 @@ def test_rollout_steps(instances: list[tuple[str, str, str | None, int]], loadin
     assert [u.instance_id for u in got.unload] == unload and all(u.drain for u in got.unload)
     assert list(got.want) == want
     assert [u.instance_id for u in got.fallback] == ([f"a@{instances[0][0]}"] if want else [])
+
+
+def test_an_instance_on_a_device_its_function_no_longer_allows_is_moved() -> None:
+    gpu_only = fn("a", device=DevicePreference.GPU)  # same digest: only where it may run changed
+    pods = [PodStatus(NODES.specs[0], 1 << 20, (PodInstance("a", "ready", "m", batch=1,
+                                                           digest=gpu_only.instance_digest),), {})]
+    got = rollout(pods, {"a": gpu_only}, [], set(), {})
+    assert list(got.want) == ["a"] and [u.instance_id for u in got.fallback] == ["a@pod-0"]
+    assert rollout(pods, {"a": fn("a", device=DevicePreference.CPU)}, [], set(), {}) == Rollout()
 
 
 def test_a_redeployed_function_is_replaced_make_before_break() -> None:

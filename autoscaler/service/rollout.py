@@ -2,7 +2,8 @@
 
 A redeploy that changes what an instance serves (``FunctionSpec.instance_digest``: the model, its
 dtype, the SLO, limits, system prompt or output schema) leaves the pods running instances of the
-old spec: "stale" ones. They are replaced one at a time per function:
+old spec: "stale" ones; so does one whose ``device`` no longer allows the node an instance is on
+(it moves). They are replaced one at a time per function:
   - an idle stale instance (nothing running, nothing served for ``quiet_s``) is unloaded at once
     (nobody waits on it; the next request loads the new spec, as after a scale to zero);
   - a busy one keeps serving until an instance of the new spec is ready (``routes`` then lists only
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from autoscaler.core import InstanceId, Load, NodeId, Plan, Unload
 from autoscaler.service.observe import PodStatus, instance_id
-from functions import FunctionSpec
+from functions import DevicePreference, FunctionSpec
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,9 @@ def rollout(pods: Sequence[PodStatus], functions: Mapping[str, FunctionSpec],
                 going.add(i.function)  # loading, or on its way out: one step at a time
                 continue
             quiet = not i.busy and idle_s.get(iid, 0.0) >= quiet_s
-            by_fn.setdefault(i.function, []).append((p.node.node_id, i.stale(functions), not quiet))
+            pref = functions[i.function].device
+            misplaced = pref is not DevicePreference.ANY and pref.value != p.node.kind.value
+            by_fn.setdefault(i.function, []).append((p.node.node_id, i.stale(functions) or misplaced, not quiet))
     unload: list[Unload] = []
     want: list[str] = []
     fallback: list[Unload] = []
