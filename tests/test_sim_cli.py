@@ -59,6 +59,17 @@ def test_slinfer_simulate_dispatches_and_reports_bad_input(tmp_path, profile, ca
     with pytest.raises(SystemExit) as e:
         cli.main(["--profile", str(profile), "--model", "toy", "--loads", "nvme"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    assert cli.main(["--profile", str(profile), "--model", "toy", "--busiest", "4", "--sweep"]) == 2
+    assert "leave out --sweep and --functions" in capsys.readouterr().err
+    assert cli.main(["--profile", str(profile), "--model", "toy", "--busiest", "999"]) == 2
+    assert "busiest(999)" in capsys.readouterr().err
+
+
+def test_simulate_busiest_runs_only_the_busiest_functions(tmp_path, profile, capsys):
+    rc = cli.main(["--profile", str(profile), "--model", "toy", "--duration", "10", "--busiest", "3",
+                   "--systems", "slinfer", "--out", str(tmp_path / "o")])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["slo_met"]["slinfer"].keys() == {"3"}
 
 
 @pytest.mark.parametrize("loads, from_disk", [("tiered", True), ("host-pool", False), ("instant", False)])

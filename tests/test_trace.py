@@ -270,6 +270,19 @@ def test_first_functions_and_select_groups_keep_functions_and_hashes() -> None:
     assert [a.function for a in trace.select_groups(1).arrivals] == ["fn-000", "fn-008", "fn-016"]
 
 
+def test_busiest_keeps_the_functions_with_most_requests_in_trace_order() -> None:
+    names = ("a", "b", "c", "d")
+    rows = [(float(i), name, 1, 1) for i, name in enumerate(["c", "b", "c", "d", "b", "c", "a", "d"])]
+    trace = make_trace(sorted(rows), functions=names, duration_s=30.0)
+    assert trace.busiest(1).functions == ("c",)
+    assert trace.busiest(2).functions == ("b", "c")  # b and d tie at 2: b comes first in the trace
+    assert trace.busiest(3).hashes == ("h-b", "h-c", "h-d")
+    assert [a.function for a in trace.busiest(2).arrivals] == ["c", "b", "c", "b", "c"]
+    assert trace.busiest(0).arrivals == ()
+    with pytest.raises(ValueError, match="the trace has 4 functions"):
+        trace.busiest(5)
+
+
 @pytest.mark.parametrize(("factor", "min_prompt", "min_output", "max_total", "before", "after"), [
     (2.0, 1, 1, None, (100, 50), (200, 100)),
     (0.001, 1, 1, None, (100, 50), (1, 1)),

@@ -43,6 +43,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                     help="comma-separated: sllm, sllm+c, sllm+c+s, slinfer, slinfer-<ablation>[-<ablation>]")
     ap.add_argument("--sweep", action="store_true", help="run g = 1..8 functions of each group of 8")
     ap.add_argument("--functions", type=int, default=None, help="one load level (default: all functions)")
+    ap.add_argument("--busiest", type=int, default=None, metavar="K",
+                    help="analysis: only the K functions with the most requests, alone on the cluster "
+                         "(what they meet there bounds what they meet beside the others)")
     ap.add_argument("--host-cache-gib", type=float, default=None, help="per-node DRAM checkpoint cache")
     ap.add_argument("--loads", choices=[s.value for s in LoadSource], default=LoadSource.TIERED.value,
                     help="where checkpoints load from: tiered = host cache, else disk (default); host-pool = "
@@ -96,6 +99,16 @@ def main(argv: list[str]) -> int:
     cluster = ClusterSpec(cpus=a.cpus, gpus=a.gpus)
     if a.host_cache_gib is not None:
         cluster = ClusterSpec(cpus=a.cpus, gpus=a.gpus, host_cache_bytes=int(a.host_cache_gib * (1 << 30)))
+    if a.busiest is not None:
+        if a.sweep or a.functions is not None:
+            print("slinfer simulate: --busiest takes the whole trace's K busiest functions; "
+                  "leave out --sweep and --functions", file=sys.stderr)
+            return 2
+        try:
+            trace = trace.busiest(a.busiest)
+        except ValueError as e:
+            print(f"slinfer simulate: {e}", file=sys.stderr)
+            return 2
     lv = levels(trace) if a.sweep else _one_level(trace, a.functions)
     runs: dict[str, dict[int, tuple[Score, RunResult]]] = {}
     wall: dict[tuple[str, int], float] = {}

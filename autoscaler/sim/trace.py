@@ -148,6 +148,16 @@ class Trace:
             raise ValueError(f"first_functions({k}): the trace has {len(self.functions)} functions")
         return self._keep(range(k))
 
+    def busiest(self, k: int) -> Trace:
+        """Keep the k functions with the most arrivals (ties: trace order), in trace order. For
+        analysis: what the busiest functions alone can meet on a cluster bounds what they meet
+        beside the others."""
+        if not 0 <= k <= len(self.functions):
+            raise ValueError(f"busiest({k}): the trace has {len(self.functions)} functions")
+        counts = Counter(a.function for a in self.arrivals)
+        ranked = sorted(range(len(self.functions)), key=lambda i: (-counts[self.functions[i]], i))
+        return self._keep(sorted(ranked[:k]))
+
     def window(self, start_s: float, end_s: float) -> Trace:
         """Arrivals with start_s <= time_s < end_s, shifted so that start_s becomes 0."""
         if not 0.0 <= start_s < end_s <= self.duration_s:
