@@ -196,6 +196,41 @@ def test_an_unload_in_flight_is_not_sent_again_and_a_failed_one_is() -> None:
     run(go())
 
 
+def test_a_load_that_returns_while_a_status_is_on_its_way_is_not_sent_again() -> None:
+    # The pod answered the status before it took the load; the load returned before the round
+    # decided: that status cannot show it, and the function must not be loaded a second time.
+    async def go() -> None:
+        h = Harness([fn("a")])
+        loaded = asyncio.Event()
+        race = {"on": False}
+
+        async def pods(request: httpx.Request) -> httpx.Response:
+            if request.method == "POST":
+                await loaded.wait()
+            if request.url.path == "/admin/status" and race["on"]:
+                before = h.pods.handler(request)  # taken before the load lands
+                h.now += 0.1
+                loaded.set()
+                await asyncio.sleep(0.05)  # the load returns meanwhile
+                return before
+            return h.pods.handler(request)
+
+        h.ctl.admin.client = client = httpx.AsyncClient(transport=httpx.MockTransport(pods))
+        h.ctl.report_demand({"a": 1}, [], seen_version=h.ctl.table.version)
+        assert (await h.ctl.reconcile()).loads == [Load(FunctionId("a"), NodeId("pod-0"))]
+        race["on"] = True
+        h.now = 0.5
+        assert (await h.ctl.reconcile()).actions == ()  # demand is still there: 2 s
+        race["on"] = False
+        await h.ctl.settle()
+        assert [c for c in h.pods.calls if c[0] == "POST"] == [("POST", "pod-0", "/admin/instances")]
+        h.now = 1.0
+        assert await h.round() == []  # a fresh status shows it
+        await client.aclose()
+        await h.client.aclose()
+    run(go())
+
+
 def test_lost_instances_are_replaced_without_demand() -> None:
     async def go() -> None:
         h = Harness([fn("a"), fn("b")])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -100,6 +101,10 @@ class Controller:
         self.activity: dict[str, float] = {}  # function -> last time the activator served it
         self.rates = ArrivalRates(settings.rate_window_s)  # requests per second per function, lately
         self.loading: set[tuple[str, NodeId]] = set()
+        # when each load of the last moments returned, and when the status in use of each pod was
+        # asked for: a status asked for before a load returned may not show it yet
+        self.loaded_at: dict[tuple[str, NodeId], float] = {}
+        self.status_asked: dict[NodeId, float] = {}
         self.removing: set[InstanceId] = set()  # asked to go (not lost when gone); until gone
         # unloads and evicts whose call has not returned: not acted on again meanwhile (a status
         # may still show them ready, or be a slow pod's last answer), however many rounds pass
@@ -190,6 +195,7 @@ class Controller:
 
     async def observe(self) -> list[PodStatus]:
         nodes = self.node_source.nodes()
+        asked = self.clock()
         answers = await asyncio.gather(*(self.admin.status(n) for n in nodes), return_exceptions=True)
         pods: list[PodStatus] = []
         down: set[NodeId] = set()
@@ -214,6 +220,7 @@ class Controller:
                 terminating.add(node.node_id)
                 continue
             pods.append(parse_status(node, a))
+            self.status_asked[node.node_id] = asked
         self.down = down
         self.terminating = terminating
         self.pods = {p.node.node_id: p for p in pods}
@@ -222,9 +229,12 @@ class Controller:
     async def reconcile(self) -> Plan:
         pods = await self.observe()
         now = self.clock()
+        # loads that returned after their pod's status was asked for count as under way still
+        self.loaded_at = {k: t for k, t in self.loaded_at.items() if t > self.status_asked.get(k[1], -math.inf)}
+        loading = self.loading | set(self.loaded_at)
         self._track(now, pods)
         self._publish(pods)  # first: a new endpoint makes the demand that asked for it stale
-        snap = snapshot(now, pods, self.functions, self.idle_since, self.loading, rates=self.rates.rates(now),
+        snap = snapshot(now, pods, self.functions, self.idle_since, loading, rates=self.rates.rates(now),
                         removing=self.removals_in_flight)
         pending = [PendingDemand(FunctionId(fn), n) for fn, (n, until) in sorted(self.demand.items())
                    if until >= now and fn in self.functions and self._may_load(fn, now)]
@@ -239,7 +249,7 @@ class Controller:
         # Redeployed functions: their stale instances are replaced (rollout's doc). A new spec
         # that failed to load asks for nothing more: the old instances go on serving meanwhile.
         idle_s = {iid: now - since for iid, since in self.idle_since.items() if since is not None}
-        roll = rollout(pods, self.functions, self.loading, self.removals_in_flight, idle_s)
+        roll = rollout(pods, self.functions, loading, self.removals_in_flight, idle_s)
         pending_fns = {str(p.function) for p in pending}
         wanted = [fn for fn in roll.want if self._may_load(fn, now)]
         pending += [PendingDemand(FunctionId(fn), 1) for fn in wanted if fn not in pending_fns]
@@ -326,6 +336,7 @@ class Controller:
                         # (a load this pod had started for an earlier plan: the instance is there)
                         log.info("%s is already on %s", a.function, node.node_id)
                     self.load_failures.pop(a.function, None)
+                    self.loaded_at[(a.function, a.node_id)] = self.clock()
                 else:
                     name = a.instance_id.split("@", 1)[0]
                     try:
