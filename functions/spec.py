@@ -29,6 +29,7 @@ import yaml
 
 __all__ = [
     "SLO",
+    "SloOutcome",
     "DevicePreference",
     "Dtype",
     "FunctionSpec",
@@ -157,6 +158,14 @@ def _seconds(path: str, value: object) -> object:
         raise _fail(path, f"must be {_DURATION_HINT}", value) from None
 
 
+class SloOutcome(Enum):
+    """How a finished request did against its function's SLO (``SLO.judge``)."""
+
+    MET = "met"
+    TTFT_MISSED = "ttft_missed"
+    TPOT_MISSED = "tpot_missed"
+
+
 @dataclass(frozen=True, kw_only=True)
 class SLO:
     """Latency targets: time to first token scales with the prompt, then a bound per output token."""
@@ -173,6 +182,16 @@ class SLO:
     def ttft_s(self, prompt_tokens: int) -> float:
         """The time-to-first-token target for a prompt of ``prompt_tokens`` tokens."""
         return max(self.ttft_base_s, prompt_tokens / self.prefill_rate_tok_s)
+
+    def judge(self, prompt_tokens: int, ttft_s: float, output_tokens: int, decode_s: float) -> SloOutcome:
+        """Whether a finished request met this SLO, as the paper scores it: its first token within
+        ``ttft_s(prompt_tokens)``, then a mean time per output token (``decode_s`` from the
+        first token to the last, over the ``output_tokens - 1`` after it) within ``tpot_s``."""
+        if ttft_s > self.ttft_s(prompt_tokens):
+            return SloOutcome.TTFT_MISSED
+        if output_tokens > 1 and decode_s / (output_tokens - 1) > self.tpot_s:
+            return SloOutcome.TPOT_MISSED
+        return SloOutcome.MET
 
     def to_dict(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -13,6 +13,7 @@ import yaml
 from functions import (
     EXAMPLES_DIR,
     SLO,
+    SloOutcome,
     DevicePreference,
     Dtype,
     FunctionSpec,
@@ -359,6 +360,20 @@ def test_dtype_names_the_checkpoint_and_is_left_out_of_the_dict_when_float32() -
     bf16 = parse_function_spec(make_data(dtype="bfloat16"))
     assert bf16.checkpoint == f"{bf16.model}#bfloat16" and bf16.to_dict()["dtype"] == "bfloat16"
     assert parse_function_spec(bf16.to_dict()) == bf16
+
+
+@pytest.mark.parametrize("prompt_tokens, ttft_s, output_tokens, decode_s, outcome", [
+    (100, 0.5, 11, 2.5, SloOutcome.MET),  # TTFT max(0.5, 100/512); 10 gaps of 0.25 s
+    (100, 0.51, 11, 0.0, SloOutcome.TTFT_MISSED),
+    (1024, 1.9, 1, 0.0, SloOutcome.MET),  # a long prompt earns 2 s
+    (1024, 2.1, 1, 0.0, SloOutcome.TTFT_MISSED),
+    (100, 0.1, 11, 2.6, SloOutcome.TPOT_MISSED),  # the mean, not each gap
+    (100, 0.9, 11, 9.0, SloOutcome.TTFT_MISSED),  # the first miss is the one counted
+    (100, 0.1, 1, 5.0, SloOutcome.MET),  # one token: no time per output token
+])
+def test_slo_judges_a_finished_request_as_the_paper_scores(prompt_tokens: int, ttft_s: float, output_tokens: int,
+                                                         decode_s: float, outcome: SloOutcome) -> None:
+    assert SLO().judge(prompt_tokens, ttft_s, output_tokens, decode_s) is outcome
 
 
 # What a runtime pod reads from a spec (a change needs new instances), and what only the

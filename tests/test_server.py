@@ -1083,3 +1083,32 @@ def test_a_stream_not_asked_for_notes_has_none(http: httpx.Client) -> None:
     lines = stream_lines(http, "/v1/completions", completion_body(stream=True))
     assert not any(line.startswith(":") for line in lines)
     assert sse_payloads(lines)[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_finished_requests_are_counted_by_how_they_did_against_the_slo() -> None:
+    from functions import ELAPSED_HEADER, FIRST_TOKEN_AGE_HEADER, SLO
+
+    tiny = "random:llama-tiny?seed=0"
+    specs = [tiny_spec("easy", tiny), tiny_spec("instant", tiny, slo=SLO(ttft_base_s=1e-6, prefill_rate_tok_s=1e9)),
+             tiny_spec("rushed", tiny, slo=SLO(tpot_s=1e-6))]
+    with serve_app(make_app(specs)) as base:
+        def ask(model: str, headers: dict[str, str] | None = None, **kw: Any) -> None:
+            body = {"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, **kw}
+            r = httpx.post(f"{base}/v1/completions", json=body, headers=headers or {}, timeout=60)
+            assert r.status_code == 200, r.text
+
+        def counted() -> dict[tuple[str, str], float]:
+            rows = re.findall(r'^slinfer_slo_requests_total\{model="([^"]+)",outcome="([^"]+)"\} (\S+)$',
+                              httpx.get(f"{base}/metrics").text, re.M)
+            return {(m, o): float(v) for m, o, v in rows}
+
+        ask("easy")
+        ask("easy", stream=True)
+        ask("instant")  # alone on the device it is admitted, and late
+        ask("rushed")
+        ask("easy", {ELAPSED_HEADER: "30"})  # it waited 30 s before it came here
+        # a continuation whose first token came 60 s ago and has 3 tokens out: 60 s over 10 gaps
+        ids = list(PROMPT.encode()) + [65, 66, 67]
+        ask("easy", {ELAPSED_HEADER: "60.5", FIRST_TOKEN_AGE_HEADER: "60"}, prompt=ids, resumed_tokens=3)
+        assert counted() == {("easy", "met"): 2, ("easy", "ttft_missed"): 1, ("easy", "tpot_missed"): 1,
+                             ("instant", "ttft_missed"): 1, ("rushed", "tpot_missed"): 1}

@@ -18,7 +18,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from functions import ELAPSED_HEADER, FIRST_TOKEN_AGE_HEADER, STREAM_NOTE, TOKEN_IDS_HEADER, FunctionSpec
+from functions import (
+    ELAPSED_HEADER,
+    FIRST_TOKEN_AGE_HEADER,
+    SLO,
+    STREAM_NOTE,
+    TOKEN_IDS_HEADER,
+    FunctionSpec,
+    SloOutcome,
+)
 from functions.http import MAX_REQUEST_BYTES, READ_TIMEOUT_S, BodyLimit
 from runtime.core.lifecycle import InstanceState
 from runtime.core.request import FinishReason, SamplingParams
@@ -299,7 +307,14 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
         met.prompt_tokens.labels(m.name).inc(len(ids))
         age = seconds_header(request, FIRST_TOKEN_AGE_HEADER)
         elapsed = seconds_header(request, ELAPSED_HEADER) or 0.0
-        gen = timed(m.name, pod.device.generate(m.name, rid, ids, params, elapsed_s=elapsed, first_token_age_s=age))
+
+        def watch() -> SloWatch | None:  # each choice is judged on its own; a prompt scored only is not
+            if echo is not None and echo.score_only:
+                return None
+            return SloWatch.of(m.spec.slo, len(ids), params.resumed_tokens, elapsed, age)
+
+        gen = timed(m.name, pod.device.generate(m.name, rid, ids, params, elapsed_s=elapsed, first_token_age_s=age),
+                    watch())
         if stream:
             first = await first_output(m.name, gen)  # admission decides before any byte is sent
             if echo is not None and unscored(first):
@@ -315,7 +330,7 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
         gens = [gen] + [timed(m.name, pod.device.generate(
             m.name, pod.device.new_id(m.name), ids,
             replace(params, seed=None if params.seed is None else (params.seed + i) % 2**64),
-            elapsed_s=elapsed, first_token_age_s=age)) for i in range(1, n)]
+            elapsed_s=elapsed, first_token_age_s=age), watch()) for i in range(1, n)]
         tasks = [asyncio.ensure_future(collect(g, request)) for g in gens] if n > 1 else []
         try:
             got = await asyncio.gather(*tasks) if tasks else [await collect(gen, request)]
@@ -374,7 +389,8 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
         return APIError(503, f"function '{name}' was preempted here {why}; send it again",
                         type_="server_error", code="instance_unavailable")
 
-    async def timed(name: str, gen: AsyncGenerator[RequestOutput, None]) -> AsyncGenerator[RequestOutput, None]:
+    async def timed(name: str, gen: AsyncGenerator[RequestOutput, None],
+                    watch: SloWatch | None = None) -> AsyncGenerator[RequestOutput, None]:
         t0 = time.monotonic()
         prev: float | None = None
         try:
@@ -386,8 +402,12 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
                     met.itl.labels(name).observe(now - prev)
                 prev = now
                 met.output_tokens.labels(name).inc(len(out.new_token_ids))
+                if watch is not None and watch.first_token_s is None and out.new_token_ids:
+                    watch.first_token_s = now
                 if out.finish_reason is not None:
                     met.requests.labels(name, out.finish_reason.value).inc()
+                    if watch is not None and out.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
+                        met.slo.labels(name, watch.outcome(now, out.completion_tokens).value).inc()
                 yield out
         finally:
             await gen.aclose()
@@ -533,6 +553,30 @@ def api_error(e: BaseException) -> APIError:
 
 
 MAX_ELAPSED_S = 86400.0
+
+
+@dataclass
+class SloWatch:
+    """One request's clock against its function's SLO, on this pod's monotonic clock: from its
+    arrival (less what it spent before it came here: ``ELAPSED_HEADER``, which leaves out waits
+    for a model load) to its first token (a continuation's came earlier: ``FIRST_TOKEN_AGE_HEADER``)
+    and its last."""
+
+    slo: SLO
+    arrival_s: float
+    prompt_tokens: int  # the client's prompt: a continuation's resumed output left out
+    resumed: int  # output tokens it had before it came here
+    first_token_s: float | None = None
+
+    @classmethod
+    def of(cls, slo: SLO, prompt_ids: int, resumed: int, elapsed_s: float, age_s: float | None) -> SloWatch:
+        now = time.monotonic()
+        first = now - age_s if resumed and age_s is not None else None
+        return cls(slo, now - elapsed_s, prompt_ids - resumed, resumed, first)
+
+    def outcome(self, now: float, generated: int) -> SloOutcome:
+        first = self.first_token_s if self.first_token_s is not None else now
+        return self.slo.judge(self.prompt_tokens, first - self.arrival_s, self.resumed + generated, now - first)
 
 
 def seconds_header(request: Request, name: str) -> float | None:

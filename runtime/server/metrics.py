@@ -41,6 +41,9 @@ class ServerMetrics:
                                  registry=r)
         self.refusals = Counter("slinfer_admission_refusals", "Requests refused by admission",
                                 ["model", "reason"], registry=r)
+        # the paper's score, live: judged where a request finishes (a preempted one where it goes on)
+        self.slo = Counter("slinfer_slo_requests", "Finished requests by how they did against the function's SLO "
+                           "(waits for a model load excused)", ["model", "outcome"], registry=r)
 
     def observe_device(self, dev: DeviceLoop, grant: Grant | None, seconds: float) -> None:
         """Called from the device thread after each grant (prometheus-client is thread-safe)."""
