@@ -13,10 +13,10 @@ import yaml
 from functions import (
     EXAMPLES_DIR,
     SLO,
-    SloOutcome,
     DevicePreference,
     Dtype,
     FunctionSpec,
+    SloOutcome,
     SpecError,
     load_function_dir,
     load_function_spec,
