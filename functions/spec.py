@@ -263,9 +263,11 @@ class FunctionSpec:
     def instance_digest(self) -> str:
         """What an instance of this function serves, in 16 hex digits: the fields a runtime pod
         uses (model, dtype, SLO, limits, system prompt, output schema). A redeploy that changes
-        one needs new instances; one that changes only scaling or event fields does not."""
+        one needs new instances; one that changes only scaling or event fields does not. Fields
+        at a default ``to_dict`` leaves out (or None) are left out here too, so a field added later
+        with such a default does not change every deployed function's digest (and roll them all)."""
         d = self.to_dict()
-        served = {k: d.get(k) for k in _INSTANCE_KEYS}
+        served = {k: d[k] for k in _INSTANCE_KEYS if d.get(k) is not None}
         return hashlib.sha256(json.dumps(served, sort_keys=True).encode()).hexdigest()[:16]
 
     def event_prompt(self, data: str) -> str:

@@ -397,6 +397,16 @@ def test_instance_digest_changes_with_what_an_instance_serves_and_nothing_else()
     assert len(base.instance_digest) == 16 and base.instance_digest == parse_function_spec(make_data()).instance_digest
 
 
+def test_a_served_field_added_later_at_an_omitted_default_keeps_every_digest(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Else an upgraded autoscaler would find every deployed instance stale and roll them all.
+    import functions.spec as spec_module
+
+    specs = [parse_function_spec(make_data()), EVERY_FIELD_CHANGED]
+    before = [s.instance_digest for s in specs]
+    monkeypatch.setattr(spec_module, "_INSTANCE_KEYS", (*spec_module._INSTANCE_KEYS, "a_future_field"))
+    assert [s.instance_digest for s in specs] == before
+
+
 def test_every_field_changed_differs_from_defaults_everywhere() -> None:
     # Guards the round-trip test below: a field left at its default would not be exercised.
     minimal = parse_function_spec(make_data()).to_dict()
