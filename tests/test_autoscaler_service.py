@@ -41,6 +41,7 @@ class FakePods:
         self.calls: list[tuple[str, str, str]] = []
         self.refuse: dict[str, httpx.Response] = {}  # function -> the pod's answer to loading it
         self.digest: dict[tuple[str, str], str] = {}  # (node, function) -> the loaded spec's digest
+        self.crash: set[str] = set()  # functions whose load takes the pod down
 
     def status(self, node: str) -> dict[str, Any]:
         fns = self.loaded[node]
@@ -72,6 +73,8 @@ class FakePods:
             name = body["name"]
             if name in self.refuse:
                 return self.refuse[name]
+            if name in self.crash:  # the pod dies mid-load (OOM-killed) and comes back empty
+                raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
             self.loaded[node][name] = "ready"
             self.digest[node, name] = parse_function_spec(body).instance_digest
             return httpx.Response(201, json={"name": name, "state": "ready"})
@@ -415,6 +418,30 @@ def test_a_redeploy_with_no_room_beside_drains_first_and_a_broken_one_keeps_the_
         h.now = 3.0
         assert await h.round() == ["Load a@pod-0"]
         assert h.pods.digest["pod-0", "a"] == fn("a", model="random:llama-tiny?seed=2", max_instances=1).instance_digest
+        await h.client.aclose()
+    run(go())
+
+
+def test_a_model_whose_loads_take_pods_down_is_published_as_unavailable_after_two() -> None:
+    # An OOM-killed pod drops the load's connection; re-placing the model would kill the next pod.
+    async def go() -> None:
+        h = Harness([fn("huge"), fn("a")])
+        h.pods.crash.add("huge")
+        h.ctl.report_demand({"huge": 1}, [], seen_version=h.ctl.table.version)
+        assert await h.round() == ["Load huge@pod-0"]
+        assert h.ctl.load_failures == {}  # one may be a pod killed by chance
+        h.now = 0.5
+        assert await h.round() == ["Load huge@pod-0"]
+        why = h.ctl.status()["load_errors"]["huge"]
+        assert "went away while loading it 2 times in a row" in why and "memory" in why
+        h.now = 1.0
+        h.ctl.report_demand({"huge": 1, "a": 1}, [], seen_version=h.ctl.table.version)
+        assert await h.round() == ["Load a@pod-0"]  # huge waits out its backoff; the others go on
+        assert dict(h.ctl.table.unavailable) == {"huge": why}
+        h.pods.crash.clear()
+        h.now = 6.0  # retried after 5 s; it loads now and the error is gone
+        assert await h.round() == ["Load huge@pod-0"]
+        assert h.ctl.load_failures == {} and h.ctl.load_crashes == {}
         await h.client.aclose()
     run(go())
 

@@ -56,6 +56,10 @@ from functions import FunctionSpec, load_function_dir
 
 log = logging.getLogger("slinfer.autoscaler")
 
+# Loads of one function in a row during which the pod went away before the failure is published
+# (the function answered 503 with why, and retried with backoff): one may be a pod killed by chance.
+MAX_LOAD_CRASHES = 2
+
 
 @dataclass(frozen=True)
 class ControllerSettings:
@@ -115,6 +119,9 @@ class Controller:
         # function -> its model's failed loads (a pod refused them: 4xx), until a load succeeds or
         # it is redeployed; why is published with the routes so the activator answers at once
         self.load_failures: dict[str, LoadFailure] = {}
+        # function -> loads in a row whose pod went away mid-load (the connection dropped): a
+        # model too big for a pod gets it OOM-killed, and re-placing it would take down the next
+        self.load_crashes: dict[str, int] = {}
         self.last_plan = Plan()
         # Versions grow across restarts (wall-clock ms): an activator that followed the old
         # autoscaler sees the new one's first table as newer.
@@ -147,6 +154,7 @@ class Controller:
     def deploy(self, spec: FunctionSpec) -> None:
         self.functions[spec.name] = spec
         self.load_failures.pop(spec.name, None)  # a new spec may fix what failed: try it at once
+        self.load_crashes.pop(spec.name, None)
         self._publish(list(self.pods.values()))  # the activator sees the new spec without a round's wait
         if self.store_dir is not None:
             self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -336,6 +344,7 @@ class Controller:
                         # (a load this pod had started for an earlier plan: the instance is there)
                         log.info("%s is already on %s", a.function, node.node_id)
                     self.load_failures.pop(a.function, None)
+                    self.load_crashes.pop(a.function, None)
                     self.loaded_at[(a.function, a.node_id)] = self.clock()
                 else:
                     name = a.instance_id.split("@", 1)[0]
@@ -352,14 +361,21 @@ class Controller:
                         log.info("%s is already gone from %s", a.instance_id, node.node_id)
             except (AdminError, httpx.HTTPError) as e:
                 log.warning("%s on %s failed: %s", type(a).__name__, node.node_id, str(e) or type(e).__name__)
-                if (isinstance(a, Load) and isinstance(e, AdminError) and e.status < 500
-                        and self.functions.get(a.function) is spec):  # (not redeployed meanwhile)
+                why = None
+                if isinstance(a, Load) and isinstance(e, AdminError) and e.status < 500:
+                    why = f"{node.node_id} could not load it: {e.detail}"
+                elif isinstance(a, Load) and isinstance(e, (httpx.RemoteProtocolError, httpx.ReadError)):
+                    crashes = self.load_crashes[a.function] = self.load_crashes.get(a.function, 0) + 1
+                    if crashes >= MAX_LOAD_CRASHES:
+                        why = (f"its pods went away while loading it {crashes} times in a row (the last: "
+                               f"{node.node_id}); is the model larger than a pod's memory?")
+                if why is not None and isinstance(a, Load) and self.functions.get(a.function) is spec:
+                    # (not redeployed meanwhile)
                     prev = self.load_failures.get(a.function)
                     n = 1 if prev is None else prev.count + 1
                     s = self.settings
                     backoff = min(s.max_load_failure_backoff_s, s.load_failure_backoff_s * 2 ** min(n - 1, 30))
-                    self.load_failures[a.function] = LoadFailure(
-                        f"{node.node_id} could not load it: {e.detail}", n, self.clock() + backoff)
+                    self.load_failures[a.function] = LoadFailure(why, n, self.clock() + backoff)
             finally:
                 if isinstance(a, Load):
                     self.loading.discard((a.function, a.node_id))
