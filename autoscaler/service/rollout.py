@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from autoscaler.core import InstanceId, Load, NodeId, Plan, Unload
 from autoscaler.service.observe import PodStatus, instance_id
@@ -41,13 +42,19 @@ class Rollout:
 QUIET_S = 2.0  # a stale instance this long without work is idle (requests in a steady stream are closer)
 
 
+class _Ready(NamedTuple):
+    node: NodeId
+    stale: bool  # loaded from an older spec, or on a device the function no longer allows
+    quiet: bool  # no work for quiet_s
+
+
 def rollout(pods: Sequence[PodStatus], functions: Mapping[str, FunctionSpec],
             loading: Collection[tuple[str, NodeId]], removing: Collection[InstanceId],
             idle_s: Mapping[InstanceId, float], quiet_s: float = QUIET_S) -> Rollout:
     """This round's step of every redeployed function's replacement (see the module doc).
     ``loading``: loads sent and not yet seen; ``removing``: unloads and evicts under way;
     ``idle_s``: how long each idle instance has had no work (absent: busy lately)."""
-    by_fn: dict[str, list[tuple[NodeId, bool, bool]]] = {}  # fn -> its ready instances' (node, stale, busy)
+    ready: dict[str, list[_Ready]] = {}
     going: set[str] = {fn for fn, _ in loading}  # a new instance is on its way
     for p in sorted(pods, key=lambda p: p.node.node_id):
         for i in p.instances:
@@ -57,23 +64,23 @@ def rollout(pods: Sequence[PodStatus], functions: Mapping[str, FunctionSpec],
             if i.state != "ready" or iid in removing:
                 going.add(i.function)  # loading, or on its way out: one step at a time
                 continue
-            quiet = not i.busy and idle_s.get(iid, 0.0) >= quiet_s
             pref = functions[i.function].device
             misplaced = pref is not DevicePreference.ANY and pref.value != p.node.kind.value
-            by_fn.setdefault(i.function, []).append((p.node.node_id, i.stale(functions) or misplaced, not quiet))
+            quiet = not i.busy and idle_s.get(iid, 0.0) >= quiet_s
+            ready.setdefault(i.function, []).append(_Ready(p.node.node_id, i.stale(functions) or misplaced, quiet))
     unload: list[Unload] = []
     want: list[str] = []
     fallback: list[Unload] = []
-    for fn, insts in sorted(by_fn.items()):
-        stale = [(node, busy) for node, is_stale, busy in insts if is_stale]
+    for fn, insts in sorted(ready.items()):
+        stale = [r for r in insts if r.stale]
         if not stale or fn in going:
             continue
-        idle = [node for node, busy in stale if not busy]
+        idle = [r for r in stale if r.quiet]
         if idle:
-            unload.append(Unload(instance_id(fn, idle[0]), idle[0], drain=True))
-        elif any(not is_stale for _, is_stale, _ in insts):  # the new spec serves: retire one
-            unload.append(Unload(instance_id(fn, stale[0][0]), stale[0][0], drain=True))
+            unload.append(Unload(instance_id(fn, idle[0].node), idle[0].node, drain=True))
+        elif any(not r.stale for r in insts):  # the new spec serves: retire one
+            unload.append(Unload(instance_id(fn, stale[0].node), stale[0].node, drain=True))
         else:
             want.append(fn)
-            fallback.append(Unload(instance_id(fn, stale[0][0]), stale[0][0], drain=True))
+            fallback.append(Unload(instance_id(fn, stale[0].node), stale[0].node, drain=True))
     return Rollout(tuple(unload), tuple(want), tuple(fallback))
