@@ -29,6 +29,7 @@ from collections import Counter
 from typing import Any
 
 import httpx
+from soak import mesh_is_up
 
 FUNCTIONS = (("chat", 24), ("tiny-echo", 20))  # functions/examples, and the tokens asked of each
 QUESTIONS = tuple(f"Question {i}: what is {i} plus {i * 3}?" for i in range(12))
@@ -113,10 +114,7 @@ def main() -> int:
                     help="stop a random runtime pod of this host every S seconds (SIGKILL, SIGTERM in turn)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    try:
-        httpx.get(a.url + "/healthz", timeout=5).raise_for_status()
-    except httpx.HTTPError as e:
-        print(f"consistency: no mesh at {a.url} ({e}); start one with `make run`", file=sys.stderr)
+    if not mesh_is_up(a.url, "consistency"):
         return 2
     result = asyncio.run(run(a.url, a.rounds, a.per_round, a.kill_every, a.seed))
     for what, n in result["differ"].items():

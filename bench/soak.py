@@ -140,6 +140,16 @@ async def soak(url: str, rounds: int, per_round: int, abandon_s: float) -> dict[
             "rss_mb_first": rss[0] if rss else {}, "rss_mb_last": rss[-1] if rss else {}}
 
 
+def mesh_is_up(url: str, who: str) -> bool:
+    """Whether a mesh answers at ``url``; if not, says how to start one (``who``: the script)."""
+    try:
+        httpx.get(url + "/healthz", timeout=5).raise_for_status()
+    except httpx.HTTPError as e:
+        print(f"{who}: no mesh at {url} ({e}); start one with `make run`", file=sys.stderr)
+        return False
+    return True
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", default="http://127.0.0.1:8080", help="the activator (make run's PORT)")
@@ -147,10 +157,7 @@ def main() -> int:
     ap.add_argument("--per-round", type=int, default=60)
     ap.add_argument("--abandon-s", type=float, default=0.3, help="when abandoning clients give up")
     a = ap.parse_args()
-    try:
-        httpx.get(a.url + "/healthz", timeout=5).raise_for_status()
-    except httpx.HTTPError as e:
-        print(f"soak: no mesh at {a.url} ({e}); start one with `make run`", file=sys.stderr)
+    if not mesh_is_up(a.url, "soak"):
         return 2
     result = asyncio.run(soak(a.url, a.rounds, a.per_round, a.abandon_s))
     for what, n in result["unexpected"].items():
