@@ -15,6 +15,7 @@ loaders read YAML files and nothing else.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -259,7 +260,7 @@ class FunctionSpec:
         """The loaded model this function's instances use (``checkpoint_key``)."""
         return checkpoint_key(self.model, self.dtype)
 
-    @property
+    @functools.cached_property  # (a frozen spec: read on every status, route and rollout round)
     def instance_digest(self) -> str:
         """What an instance of this function serves, in 16 hex digits: the fields a runtime pod
         uses (model, dtype, SLO, limits, system prompt, output schema). A redeploy that changes

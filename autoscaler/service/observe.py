@@ -136,18 +136,13 @@ def routes(version: int, pods: Iterable[PodStatus], functions: Mapping[str, Func
     model failed to load is ``unavailable``, with why. Once a redeployed function has a ready
     instance of its new spec, only those are listed (the stale ones drain); until then the stale
     ones serve."""
-    eps: dict[str, list[Endpoint]] = {}
-    current: set[str] = set()
+    eps: dict[str, list[tuple[Endpoint, bool]]] = {}  # function -> (endpoint, stale)
     for p in pods:
         for i in p.instances:
             if i.state == "ready" and i.function in functions:
                 eps.setdefault(i.function, []).append(
-                    Endpoint(instance_id(i.function, p.node.node_id), p.node.node_id, p.node.url))
-                if not i.stale(functions):
-                    current.add(i.function)
-    stale = {instance_id(i.function, p.node.node_id) for p in pods for i in p.instances if i.stale(functions)}
-    for fn in current:
-        eps[fn] = [e for e in eps[fn] if e.instance_id not in stale]
-    endpoints = {fn: tuple(sorted(lst, key=lambda e: e.instance_id)) for fn, lst in sorted(eps.items())}
+                    (Endpoint(instance_id(i.function, p.node.node_id), p.node.node_id, p.node.url), i.stale(functions)))
+    served = {fn: [e for e, stale in lst if not stale] or [e for e, _ in lst] for fn, lst in eps.items()}
+    endpoints = {fn: tuple(sorted(lst, key=lambda e: e.instance_id)) for fn, lst in sorted(served.items())}
     unavailable = {fn: why for fn, why in sorted((load_errors or {}).items()) if fn in functions and fn not in endpoints}
     return RouteTable(version, dict(functions), endpoints, unavailable)
