@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,9 @@ from runtime.device_thread import AsyncDevice, TickObserver
 from runtime.engine.engine import EngineConfig, LLMEngine, RequestOutput, rss_bytes
 from runtime.engine.profiler import profile_engine
 from runtime.engine.structured import Grammars
+from runtime.host_memory import MemoryReading, read_memory
 from runtime.models.loader import LoadedModel
-from runtime.weights_cache import HostWeightCache
+from runtime.weights_cache import HostWeightCache, InsufficientMemoryError
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +48,10 @@ def cpu_has_bf16() -> bool | None:
 
 
 class PodError(Exception):
-    def __init__(self, status: int, message: str, code: str):
+    def __init__(self, status: int, message: str, code: str, extra: dict[str, Any] | None = None):
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
+        self.extra = extra or {}  # more fields of the error object (what a caller can act on)
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class PodConfig:
     # SIGTERM: running requests get this long to finish before the rest leave with continuations
     # (Kubernetes allows 30 s by default before it kills the pod)
     shutdown_drain_s: float = 10.0
+    # what the pod may use in all, where its cgroup or the host do not say (None: read them)
+    memory_limit_bytes: int | None = None
 
 
 @dataclass
@@ -91,8 +96,10 @@ class Served:
 
 
 class Pod:
-    def __init__(self, config: PodConfig, on_tick: TickObserver | None = None):
+    def __init__(self, config: PodConfig, on_tick: TickObserver | None = None,
+                 memory: Callable[[], MemoryReading] | None = None):
         self.config = config
+        self.memory = memory or functools.partial(read_memory, config.memory_limit_bytes)
         self.weights = HostWeightCache(config.weight_cache_bytes)
         self.device = AsyncDevice(DeviceLoop(config.device, config.kv_budget_bytes,
                                              max_prefill_step_s=config.max_prefill_step_s,
@@ -133,8 +140,18 @@ class Pod:
             log.warning("function '%s' computes in %s, but this CPU has no bfloat16 instructions (AVX512-BF16, "
                         "AMX): it will use half the memory and run slower than float32", spec.name, spec.dtype.value)
         t0 = time.monotonic()
+        # KV grows ahead of need up to the budget, so a load may not take what is not yet allocated
+        kv_promised = await self.device.call(lambda dev: max(0, dev.actions.budget - dev.kv_bytes))
         try:
-            loaded, cached = await asyncio.to_thread(self.weights.acquire, spec.model, spec.dtype)
+            loaded, cached = await asyncio.to_thread(self.weights.acquire, spec.model, spec.dtype,
+                                                     lambda: self.memory().available_bytes - kv_promised)
+        except InsufficientMemoryError as e:
+            self._set(s, InstanceEvent.FAILED)
+            raise PodError(507, f"cannot load model {spec.model!r} for '{spec.name}' here: {e}, with "
+                                f"{kv_promised / (1 << 30):.2f} GiB of KV budget kept free",
+                           "insufficient_memory",
+                           {"weight_bytes": e.estimate.weight_bytes, "needed_bytes": e.estimate.peak_bytes,
+                            "spare_bytes": max(0, e.room_bytes)}) from e
         except Exception as e:
             self._set(s, InstanceEvent.FAILED)
             raise PodError(400, f"cannot load model {spec.model!r}: {e}", "model_load_failed") from e
@@ -263,7 +280,10 @@ class Pod:
                   for n, s in self.served.items()}
         for inst in dev_status["instances"]:
             inst.update(states.get(inst["name"], {}))
+        mem = self.memory()
         return {**dev_status, "functions": states, "weights_cache": self.weights.status(), "rss_bytes": rss_bytes(),
+                "memory": {"limit_bytes": mem.limit_bytes, "available_bytes": mem.available_bytes,
+                           "source": mem.source},
                 "terminating": self.terminating}
 
 

@@ -10,11 +10,24 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from functions import Dtype, checkpoint_key
 from runtime.engine.engine import release_memory
-from runtime.models.loader import LoadedModel, load_model
+from runtime.models.loader import LoadedModel, LoadEstimate, estimate_load, load_model
+
+
+class InsufficientMemoryError(Exception):
+    """A load refused before it started: its estimate does not fit in the room there is."""
+
+    def __init__(self, estimate: LoadEstimate, room_bytes: int):
+        gib = 1 << 30
+        super().__init__(f"loading it takes up to {estimate.peak_bytes / gib:.2f} GiB of host memory "
+                         f"({estimate.weight_bytes / gib:.2f} GiB once loaded); this pod has "
+                         f"{max(0, room_bytes) / gib:.2f} GiB to spare")
+        self.estimate = estimate
+        self.room_bytes = room_bytes
 
 
 @dataclass
@@ -28,13 +41,17 @@ class HostWeightCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
-        self._lock = threading.Lock()  # loads happen in worker threads
+        self._lock = threading.RLock()  # loads happen in worker threads; room() may read status()
         self.hits = 0
         self.misses = 0
 
-    def acquire(self, ref: str, dtype: Dtype = Dtype.FLOAT32) -> tuple[LoadedModel, bool]:
+    def acquire(self, ref: str, dtype: Dtype = Dtype.FLOAT32,
+                room: Callable[[], int] | None = None) -> tuple[LoadedModel, bool]:
         """Pin the model for ref in dtype, loading it if needed. Returns (model, was_cached).
-        Entries are named by ``functions.checkpoint_key``."""
+        Entries are named by ``functions.checkpoint_key``. Before a load from disk, its estimate
+        (``estimate_load``) must fit in ``room()`` (bytes it may take now): unpinned entries are
+        dropped, least recently used first, until it does; where even dropping them all would not
+        do, nothing is dropped and ``InsufficientMemoryError`` is raised."""
         key = checkpoint_key(ref, dtype)
         with self._lock:
             e = self._entries.get(key)
@@ -44,6 +61,8 @@ class HostWeightCache:
                 self.hits += 1
                 return e.loaded, True
             self.misses += 1
+            if room is not None:
+                self._make_room(estimate_load(ref, dtype), room)
             loaded = load_model(ref, dtype)
             release_memory()  # the load's conversions (file dtype -> dtype, int8 quantization) freed copies
             self._entries[key] = _Entry(loaded, loaded.model.nbytes, pins=1)
@@ -60,6 +79,21 @@ class HostWeightCache:
             del e  # else this frame keeps a dropped entry's weights alive through the trim below
             self._trim()
         release_memory()
+
+    def _make_room(self, estimate: LoadEstimate, room: Callable[[], int]) -> None:
+        have = room()
+        if estimate.peak_bytes <= have:
+            return
+        idle = [k for k, e in self._entries.items() if e.pins == 0]  # least recently used first
+        if estimate.peak_bytes > have + sum(self._entries[k].nbytes for k in idle):
+            raise InsufficientMemoryError(estimate, have)
+        for key in idle:
+            del self._entries[key]
+            release_memory()
+            have = room()
+            if estimate.peak_bytes <= have:
+                return
+        raise InsufficientMemoryError(estimate, have)
 
     def _trim(self) -> None:
         total = sum(e.nbytes for e in self._entries.values())

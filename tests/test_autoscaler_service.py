@@ -39,7 +39,8 @@ class FakePods:
         self.slow: set[str] = set()  # status times out (a long load holds the device thread)
         self.terminating: set[str] = set()  # shutting down (SIGTERM): draining, then gone
         self.calls: list[tuple[str, str, str]] = []
-        self.refuse: dict[str, httpx.Response] = {}  # function -> the pod's answer to loading it
+        # function, or (node, function) -> the pod's answer to loading it
+        self.refuse: dict[str | tuple[str, str], httpx.Response] = {}
         self.digest: dict[tuple[str, str], str] = {}  # (node, function) -> the loaded spec's digest
         self.crash: set[str] = set()  # functions whose load takes the pod down
 
@@ -71,8 +72,9 @@ class FakePods:
         if request.method == "POST" and path == "/admin/instances":
             body = json.loads(request.content)
             name = body["name"]
-            if name in self.refuse:
-                return self.refuse[name]
+            refusal = self.refuse.get((node, name)) or self.refuse.get(name)
+            if refusal is not None:
+                return refusal
             if name in self.crash:  # the pod dies mid-load (OOM-killed) and comes back empty
                 raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
             self.loaded[node][name] = "ready"
@@ -442,6 +444,54 @@ def test_a_model_whose_loads_take_pods_down_is_published_as_unavailable_after_tw
         h.now = 6.0  # retried after 5 s; it loads now and the error is gone
         assert await h.round() == ["Load huge@pod-0"]
         assert h.ctl.load_failures == {} and h.ctl.load_crashes == {}
+        await h.client.aclose()
+    run(go())
+
+
+def refused_for_memory(weight_bytes: int) -> httpx.Response:
+    return httpx.Response(507, json={"error": {"message": "cannot load model ...: loading it takes up to ...",
+                                               "code": "insufficient_memory", "weight_bytes": weight_bytes}})
+
+
+def test_a_load_refused_for_memory_teaches_the_models_size_and_the_next_goes_where_it_fits() -> None:
+    async def go() -> None:
+        h = Harness([fn("m", model="random:smollm2-shape?seed=1"), fn("huge", model="random:smollm2-shape?seed=2")])
+        h.ctl.node_source = StaticNodes((NodeSpec(NodeId("pod-0"), "http://pod-0", DeviceKind.CPU, 1 << 30),
+                                         NodeSpec(NodeId("pod-1"), "http://pod-1", DeviceKind.CPU, 4 << 30)))
+        h.pods.refuse["pod-0", "m"] = refused_for_memory(2 << 30)
+        h.ctl.report_demand({"m": 1}, [], seen_version=h.ctl.table.version)
+        assert await h.round() == ["Load m@pod-0"]  # no pod holds the model: its size is unknown
+        assert h.ctl.load_failures == {} and h.ctl.weight_hints == {"random:smollm2-shape?seed=1": 2 << 30}
+        h.now = 0.1
+        assert await h.round() == ["Load m@pod-1"]  # 2 GiB fits the 4 GiB pod only
+        h.now = 0.2
+        await h.round()
+        assert [e.instance_id for e in h.ctl.table.endpoints_of("m")] == ["m@pod-1"]
+        assert h.ctl.memory_refusals == {}
+        # A model larger than any pod declares cannot start: said at once, not waited on
+        h.pods.refuse["huge"] = refused_for_memory(8 << 30)
+        h.ctl.report_demand({"huge": 1}, [], seen_version=h.ctl.table.version)
+        assert await h.round() == ["Load huge@pod-1"]  # (the busier pod first)
+        assert "more than any pod declares (the largest: 4.00 GiB)" in h.ctl.status()["load_errors"]["huge"]
+        h.now = 0.3
+        h.ctl.report_demand({"huge": 1}, [], seen_version=h.ctl.table.version)
+        assert await h.round() == []  # not tried on the other pod: it waits out its backoff
+        await h.client.aclose()
+    run(go())
+
+
+def test_loads_refused_for_memory_again_and_again_are_published_after_three() -> None:
+    # pods that declare more memory than they have keep refusing a model that fits on paper
+    async def go() -> None:
+        h = Harness([fn("m", model="random:smollm2-shape?seed=1")])
+        h.pods.refuse["m"] = refused_for_memory(1 << 20)
+        for i in range(3):
+            h.now = i * 0.1
+            h.ctl.report_demand({"m": 1}, [], seen_version=h.ctl.table.version)
+            assert await h.round() == ["Load m@pod-0"]
+            assert ("m" in h.ctl.load_failures) == (i == 2)
+        why = h.ctl.status()["load_errors"]["m"]
+        assert "refused it for lack of memory 3 times in a row" in why and "declare more memory" in why
         await h.client.aclose()
     run(go())
 

@@ -94,3 +94,87 @@ def test_int8_models_hold_a_quarter_of_the_linear_weights_bytes():
     assert small.model.dtype is torch.bfloat16 and small.model.int8_weights
     assert small.model.num_params == full.model.num_params
     assert small.model.nbytes < 0.4 * full.model.nbytes
+
+
+def test_int8_quantizes_in_row_blocks_as_it_would_whole():
+    from runtime.models import llama
+    from runtime.models.llama import Int8Linear
+
+    w = torch.randn(llama._QUANT_ROWS * 2 + 37, 32, generator=torch.Generator().manual_seed(3))
+    lin = Int8Linear(w, None, torch.bfloat16)
+    scale = (w.abs().amax(1) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # the whole matrix at once
+    assert torch.equal(lin.wq, torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+    assert torch.equal(lin.scale, scale.to(torch.bfloat16))
+
+
+# -- what a load takes in memory ---------------------------------------------------------------
+
+@pytest.mark.parametrize("ref", ["random:llama-tiny?seed=0", "random:qwen2-tiny?seed=1", "random:smollm2-shape"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_the_load_estimate_is_the_loaded_models_size(ref, dtype):
+    from functions import Dtype
+    from runtime.models.loader import estimate_load
+
+    est = estimate_load(ref, Dtype(dtype))
+    assert est.weight_bytes == load_model(ref, Dtype(dtype)).model.nbytes  # from the shapes alone, exactly
+    assert est.weight_bytes < est.peak_bytes < 3 * est.weight_bytes + (64 << 20)
+
+
+def test_a_folder_is_estimated_from_its_headers_and_read_one_tensor_at_a_time(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from functions import Dtype
+    from runtime.models.loader import RANDOM_PRESETS, estimate_load, load_state_dict, random_weights
+
+    config = RANDOM_PRESETS["qwen2-tiny"]
+    weights = random_weights(config, seed=5)
+    names = sorted(weights)
+    half = len(names) // 2  # two files, stored in bfloat16
+    save_file({k: weights[k].to(torch.bfloat16) for k in names[:half]}, str(tmp_path / "a.safetensors"))
+    save_file({k: weights[k].to(torch.bfloat16) for k in names[half:]}, str(tmp_path / "b.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    got = load_state_dict(tmp_path, torch.float32)
+    assert sorted(got) == names and all(got[k].dtype is torch.float32 for k in names)
+    assert all(torch.equal(got[k], weights[k].to(torch.bfloat16).float()) for k in names)
+    for dtype in Dtype:
+        est = estimate_load(str(tmp_path), dtype)
+        assert est.weight_bytes == load_model(str(tmp_path), dtype).model.nbytes
+
+
+def test_a_model_takes_its_state_dict_apart_as_it_is_built():
+    from runtime.models.config import ModelConfig
+    from runtime.models.llama import LlamaModel
+    from runtime.models.loader import RANDOM_PRESETS, random_weights
+
+    config = RANDOM_PRESETS["llama-tiny"]
+    weights = random_weights(config, seed=0)
+    LlamaModel(ModelConfig.from_hf(config), weights)
+    assert weights == {}  # every tensor left the dict when it was used: a fused one's parts are freed
+
+
+@pytest.mark.parametrize("spare,kept", [("all", ["a", "b", "c"]), ("b", ["b", "c"]), ("none", ["a", "b"])])
+def test_the_weight_cache_drops_idle_weights_for_a_load_only_where_that_makes_it_fit(spare, kept):
+    from runtime.models.loader import estimate_load
+    from runtime.weights_cache import HostWeightCache, InsufficientMemoryError
+
+    refs = {"a": "random:llama-tiny?seed=0", "b": "random:llama-tiny?seed=1", "c": "random:qwen2-tiny?seed=2"}
+    cache = HostWeightCache(1 << 30)
+    for name in ("a", "b"):  # both idle (unpinned), a the least recently used
+        loaded, _ = cache.acquire(refs[name])
+        cache.release(refs[name])
+    held = {m["ref"]: m["bytes"] for m in cache.status()["models"]}  # type: ignore[union-attr]
+    need = estimate_load(refs["c"]).peak_bytes
+    # the room a load may take: a fixed pool less what the cache holds (dropping an entry frees it)
+    pool = {"all": need + sum(held.values()), "b": need + held[refs["b"]], "none": need - 1}[spare]
+
+    def room() -> int:
+        return pool - int(cache.status()["bytes"])  # type: ignore[call-overload]
+
+    if spare == "none":  # even dropping both would not do: nothing is dropped for nothing
+        with pytest.raises(InsufficientMemoryError, match="GiB of host memory"):
+            cache.acquire(refs["c"], room=room)
+    else:
+        cache.acquire(refs["c"], room=room)
+    assert sorted(n for n, r in refs.items() if r in {m["ref"] for m in cache.status()["models"]}) == kept  # type: ignore[union-attr]

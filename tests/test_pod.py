@@ -319,3 +319,37 @@ def test_unload_returns_weights_and_kv_to_the_os_when_the_cache_is_full():
         after = httpx.delete(f"{base}/admin/instances/big", headers=AUTH, timeout=60).json()["rss_bytes"]
         assert loaded - after > 400e6, (before, loaded, after)
         assert after - before < 100e6, (before, loaded, after)  # all of it, not only the load's spare copies
+
+
+def test_a_load_that_would_not_fit_in_memory_is_refused_before_it_starts():
+    # The pod's memory as a test sets it: a model too big for what is left is refused with 507
+    # and its size (what the autoscaler learns), the function already there serves on, and the
+    # same load goes through once there is room.
+    from conftest import ADMIN_TOKEN as token
+
+    from runtime.host_memory import MemoryReading
+    from runtime.pod import Pod
+    from runtime.server.app import create_app
+
+    free = [300 << 20]
+    pod = Pod(TINY_POD, memory=lambda: MemoryReading(1 << 30, free[0], "configured"))
+    with serve_app(create_app(pod, admin_token=token, functions=[tiny_spec("base", TINY)])) as base:
+        big = spec_body("big", "random:smollm2-shape?seed=0")
+        r = httpx.post(f"{base}/admin/instances?profile=false", json=big, headers=AUTH, timeout=120)
+        assert r.status_code == 507, r.text
+        err = r.json()["error"]
+        assert err["code"] == "insufficient_memory" and err["weight_bytes"] == 542254336  # float32 SmolLM2 shape
+        assert err["needed_bytes"] > err["weight_bytes"] and err["spare_bytes"] <= 300 << 20
+        assert "GiB of host memory" in err["message"] and "KV budget kept free" in err["message"]
+        st = httpx.get(f"{base}/admin/status", headers=AUTH).json()
+        assert [m["ref"] for m in st["weights_cache"]["models"]] == [TINY]  # nothing was read
+        assert st["functions"]["big"]["state"] == "failed"
+        assert st["memory"] == {"limit_bytes": 1 << 30, "available_bytes": 300 << 20, "source": "configured"}
+        assert complete(base, "base", "still serving").status_code == 200
+        small = httpx.post(f"{base}/admin/instances?profile=false", json=spec_body("small", "random:qwen2-tiny?seed=3"),
+                           headers=AUTH, timeout=60)
+        assert small.status_code == 201, small.text  # a model that fits loads beside it
+        free[0] = 2 << 30
+        r = httpx.post(f"{base}/admin/instances?profile=false", json=big, headers=AUTH, timeout=120)
+        assert r.status_code == 201, r.text
+        assert complete(base, "big", "hi", max_tokens=2).status_code == 200

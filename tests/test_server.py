@@ -1112,3 +1112,12 @@ def test_finished_requests_are_counted_by_how_they_did_against_the_slo() -> None
         ask("easy", {ELAPSED_HEADER: "60.5", FIRST_TOKEN_AGE_HEADER: "60"}, prompt=ids, resumed_tokens=3)
         assert counted() == {("easy", "met"): 2, ("easy", "ttft_missed"): 1, ("easy", "tpot_missed"): 1,
                              ("instant", "ttft_missed"): 1, ("rushed", "tpot_missed"): 1}
+
+
+def test_the_memory_limit_is_a_serve_option() -> None:
+    from runtime.cli import parse_serve
+
+    assert parse_serve(["--no-functions"], env={}).pod.memory_limit_bytes is None  # the cgroup's and the host's
+    assert parse_serve(["--no-functions", "--memory-limit-mb", "2048"], env={}).pod.memory_limit_bytes == 2 << 30
+    with pytest.raises(SystemExit):
+        parse_serve(["--no-functions", "--memory-limit-mb", "-1"], env={})

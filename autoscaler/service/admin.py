@@ -15,17 +15,19 @@ class AdminError(Exception):
     def __init__(self, node: NodeSpec, status: int, message: str) -> None:
         super().__init__(f"{node.node_id}: {status} {message}")
         self.status = status
-        self.detail = _error_field(message, "message") or message  # the pod's own words, for users
-        self.code = _error_field(message, "code")  # e.g. "already_loaded"; None when the body has none
+        self.fields = _error_object(message)  # the OpenAI-shaped error object; {} when there is none
+        detail, code = self.fields.get("message"), self.fields.get("code")
+        self.detail = detail if isinstance(detail, str) else message  # the pod's own words, for users
+        self.code = code if isinstance(code, str) else None  # e.g. "already_loaded"
 
 
-def _error_field(text: str, field: str) -> str | None:
-    """A string field of an OpenAI-shaped error body, else None."""
+def _error_object(text: str) -> dict[str, Any]:
+    """The ``error`` object of an OpenAI-shaped error body, else {}."""
     try:
-        value = json.loads(text)["error"][field]
+        value = json.loads(text)["error"]
     except (ValueError, KeyError, TypeError):
-        return None
-    return value if isinstance(value, str) else None
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 class AdminClient:

@@ -59,6 +59,10 @@ log = logging.getLogger("slinfer.autoscaler")
 # Loads of one function in a row during which the pod went away before the failure is published
 # (the function answered 503 with why, and retried with backoff): one may be a pod killed by chance.
 MAX_LOAD_CRASHES = 2
+# Loads of one function in a row that pods refused for memory (507 insufficient_memory) before the
+# failure is published: the placements after the first know the model's size, so refusals that go
+# on mean pods declare more memory than they have.
+MAX_MEMORY_REFUSALS = 3
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,10 @@ class Controller:
         # function -> loads in a row whose pod went away mid-load (the connection dropped): a
         # model too big for a pod gets it OOM-killed, and re-placing it would take down the next
         self.load_crashes: dict[str, int] = {}
+        # function -> its loads in a row that pods refused for memory; checkpoint -> the weight size
+        # a refusing pod estimated (so placement counts a model no pod holds yet)
+        self.memory_refusals: dict[str, int] = {}
+        self.weight_hints: dict[str, int] = {}
         self.last_plan = Plan()
         # Versions grow across restarts (wall-clock ms): an activator that followed the old
         # autoscaler sees the new one's first table as newer.
@@ -155,6 +163,7 @@ class Controller:
         self.functions[spec.name] = spec
         self.load_failures.pop(spec.name, None)  # a new spec may fix what failed: try it at once
         self.load_crashes.pop(spec.name, None)
+        self.memory_refusals.pop(spec.name, None)
         self._publish(list(self.pods.values()))  # the activator sees the new spec without a round's wait
         if self.store_dir is not None:
             self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -243,7 +252,7 @@ class Controller:
         self._track(now, pods)
         self._publish(pods)  # first: a new endpoint makes the demand that asked for it stale
         snap = snapshot(now, pods, self.functions, self.idle_since, loading, rates=self.rates.rates(now),
-                        removing=self.removals_in_flight)
+                        removing=self.removals_in_flight, weight_hints=self.weight_hints)
         pending = [PendingDemand(FunctionId(fn), n) for fn, (n, until) in sorted(self.demand.items())
                    if until >= now and fn in self.functions and self._may_load(fn, now)]
         waiting = {p.function for p in pending}
@@ -345,6 +354,7 @@ class Controller:
                         log.info("%s is already on %s", a.function, node.node_id)
                     self.load_failures.pop(a.function, None)
                     self.load_crashes.pop(a.function, None)
+                    self.memory_refusals.pop(a.function, None)
                     self.loaded_at[(a.function, a.node_id)] = self.clock()
                 else:
                     name = a.instance_id.split("@", 1)[0]
@@ -362,7 +372,9 @@ class Controller:
             except (AdminError, httpx.HTTPError) as e:
                 log.warning("%s on %s failed: %s", type(a).__name__, node.node_id, str(e) or type(e).__name__)
                 why = None
-                if isinstance(a, Load) and isinstance(e, AdminError) and e.status < 500:
+                if isinstance(a, Load) and isinstance(e, AdminError) and e.code == "insufficient_memory":
+                    why = self._refused_for_memory(a.function, spec, node, e)
+                elif isinstance(a, Load) and isinstance(e, AdminError) and e.status < 500:
                     why = f"{node.node_id} could not load it: {e.detail}"
                 elif isinstance(a, Load) and isinstance(e, (httpx.RemoteProtocolError, httpx.ReadError)):
                     crashes = self.load_crashes[a.function] = self.load_crashes.get(a.function, 0) + 1
@@ -382,6 +394,25 @@ class Controller:
                 else:
                     self.removals_in_flight.discard(a.instance_id)
         self._poke.set()  # look again now: a load finished, routes change
+
+    def _refused_for_memory(self, function: str, spec: FunctionSpec | None, node: NodeSpec,
+                            e: AdminError) -> str | None:
+        """Learn the model's size from a pod that refused it for memory (the next plan places it
+        where it fits, or makes room); why it cannot start, once no pod could hold it or refusals
+        go on."""
+        weight = e.fields.get("weight_bytes")
+        if spec is not None and isinstance(weight, int) and weight > 0:
+            self.weight_hints[spec.checkpoint] = weight
+        n = self.memory_refusals[function] = self.memory_refusals.get(function, 0) + 1
+        largest = max((p.node.memory_bytes for p in self.pods.values()), default=node.memory_bytes)
+        gib = 1 << 30
+        if isinstance(weight, int) and weight > largest:
+            return (f"its model takes {weight / gib:.2f} GiB, more than any pod declares "
+                    f"(the largest: {largest / gib:.2f} GiB)")
+        if n >= MAX_MEMORY_REFUSALS:
+            return (f"pods refused it for lack of memory {n} times in a row (the last: {node.node_id}: "
+                    f"{e.detail}); do pods declare more memory than they have?")
+        return None
 
     def _may_load(self, function: str, now: float) -> bool:
         failure = self.load_failures.get(function)

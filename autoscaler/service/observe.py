@@ -96,13 +96,16 @@ def snapshot(now_s: float, pods: Iterable[PodStatus], functions: Mapping[str, Fu
              idle_since: Mapping[InstanceId, float | None],
              loading: Iterable[tuple[str, NodeId]] = (),
              rates: Mapping[FunctionId, float] | None = None,
-             removing: Iterable[InstanceId] = ()) -> ClusterSnapshot:
+             removing: Iterable[InstanceId] = (),
+             weight_hints: Mapping[str, int] | None = None) -> ClusterSnapshot:
     """The cluster for ``decide``. ``loading`` names loads sent but not yet visible in a status;
     instances draining count as loading (they are on their way out and must not be acted on), and
     so do those in ``removing`` (an unload or evict sent, which a status may not show yet).
-    ``rates``: requests per second per function lately (``autoscaler.core.ArrivalRates``)."""
+    ``rates``: requests per second per function lately (``autoscaler.core.ArrivalRates``).
+    ``weight_hints``: weight sizes by checkpoint for models no pod holds yet (a pod that refused
+    a load for memory says what it estimated); what a pod's weight cache holds comes first."""
     pods = list(pods)
-    weights = known_weight_bytes(pods)
+    weights = {**(weight_hints or {}), **known_weight_bytes(pods)}
     pending = set(loading)
     leaving = set(removing)
     nodes: list[NodeView] = []

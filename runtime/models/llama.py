@@ -106,6 +106,7 @@ class Linear:
 
 
 _INT8_MM_MAX_M = 16  # rows up to which the int8 kernel beats dequantizing (decode steps)
+_QUANT_ROWS = 1024  # rows quantized at a time
 
 
 class Int8Linear:
@@ -117,9 +118,14 @@ class Int8Linear:
     __slots__ = ("wq", "scale", "b", "out", "kernel")
 
     def __init__(self, w: Tensor, b: Tensor | None, dtype: torch.dtype):
-        wf = w.float()
-        scale = (wf.abs().amax(1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-        self.wq = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        self.wq = torch.empty(w.shape, dtype=torch.int8)
+        scale = torch.empty(w.shape[0], dtype=torch.float32)
+        # row blocks: the float32 temporaries stay small (a whole tied 49k-row head took ~4 copies)
+        for r in range(0, w.shape[0], _QUANT_ROWS):
+            wf = w[r:r + _QUANT_ROWS].float()
+            s = (wf.abs().amax(1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+            self.wq[r:r + _QUANT_ROWS] = torch.round(wf / s[:, None]).clamp(-127, 127)
+            scale[r:r + _QUANT_ROWS] = s
         self.scale = scale.to(dtype)
         self.b = b
         self.out = w.shape[0]
@@ -152,33 +158,36 @@ class LlamaModel:
 
     def __init__(self, config: ModelConfig, weights: dict[str, Tensor], dtype: torch.dtype = torch.float32,
                  int8_weights: bool = False):
+        """Builds the model from an HF-named state dict, which it consumes: each entry is taken out
+        as it is used, so a tensor fused into a new one (q/k/v, gate/up) or quantized is freed
+        there, and a load peaks near the model's own size instead of twice it."""
         self.config = config
         self.dtype = dtype  # activations and KV (and weights unless int8); norms, RoPE tables and logits in float32
         self.int8_weights = int8_weights  # the linear layers' weights as int8 (Int8Linear); embeddings stay dtype
         c = config
-        weights = {k: v.to(dtype) for k, v in weights.items()}
+
+        def take(name: str) -> Tensor:
+            return weights.pop(name).to(dtype)
 
         def linear(w: Tensor, b: Tensor | None = None) -> Linear | Int8Linear:
             return Int8Linear(w, b, dtype) if int8_weights else Linear(w, b)
 
-        self.embed = weights["model.embed_tokens.weight"]
-        self.norm = weights["model.norm.weight"]
-        self.lm_head = linear(self.embed if c.tie_word_embeddings else weights["lm_head.weight"])
+        self.embed = take("model.embed_tokens.weight")
+        self.norm = take("model.norm.weight")
+        self.lm_head = linear(self.embed if c.tie_word_embeddings else take("lm_head.weight"))
         self.layers: list[_Layer] = []
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
-            qkv = torch.cat([weights[p + f"self_attn.{n}_proj.weight"] for n in ("q", "k", "v")], 0)
             qkv_b = None
             if c.attention_bias:
-                qkv_b = torch.cat([weights[p + f"self_attn.{n}_proj.bias"] for n in ("q", "k", "v")], 0)
-            gate_up = torch.cat([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]], 0)
+                qkv_b = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in ("q", "k", "v")], 0)
             self.layers.append(_Layer(
-                in_norm=weights[p + "input_layernorm.weight"],
-                qkv=linear(qkv, qkv_b),
-                o=linear(weights[p + "self_attn.o_proj.weight"]),
-                post_norm=weights[p + "post_attention_layernorm.weight"],
-                gate_up=linear(gate_up),
-                down=linear(weights[p + "mlp.down_proj.weight"]),
+                in_norm=take(p + "input_layernorm.weight"),
+                qkv=linear(torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")], 0), qkv_b),
+                o=linear(take(p + "self_attn.o_proj.weight")),
+                post_norm=take(p + "post_attention_layernorm.weight"),
+                gate_up=linear(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")], 0)),
+                down=linear(take(p + "mlp.down_proj.weight")),
             ))
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.int64).float() / c.head_dim))
         t = torch.arange(c.max_position, dtype=torch.int64).float()

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from functions import Dtype
 from runtime.models.bundled import cache_root, convert_gguf, ensure_bundled
@@ -69,35 +69,48 @@ class LoadedModel:
     load_s: float
 
 
-def random_weights(hf_config: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
-    """Seeded weights with HF Llama/Qwen2 names. Std 0.1 (not HF's 0.02) so logits are peaked
-    enough that greedy decoding is not decided by float noise."""
+def weight_shapes(hf_config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an HF Llama/Qwen2 checkpoint of this shape, by name, in the order
+    ``random_weights`` draws them."""
     c = ModelConfig.from_hf(hf_config)
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape: int, std: float = 0.1) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * std
-
-    w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": rnd(c.vocab_size, c.hidden_size, std=1.0)}
-    qd, kvd = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    for i in range(c.num_layers):
-        p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"] = torch.ones(c.hidden_size)
-        w[p + "post_attention_layernorm.weight"] = torch.ones(c.hidden_size)
-        w[p + "self_attn.q_proj.weight"] = rnd(qd, c.hidden_size)
-        w[p + "self_attn.k_proj.weight"] = rnd(kvd, c.hidden_size)
-        w[p + "self_attn.v_proj.weight"] = rnd(kvd, c.hidden_size)
-        w[p + "self_attn.o_proj.weight"] = rnd(c.hidden_size, qd)
+    qd, kvd, h, i = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.hidden_size, c.intermediate_size
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, h)}
+    for li in range(c.num_layers):
+        p = f"model.layers.{li}."
+        out[p + "input_layernorm.weight"] = (h,)
+        out[p + "post_attention_layernorm.weight"] = (h,)
+        out[p + "self_attn.q_proj.weight"] = (qd, h)
+        out[p + "self_attn.k_proj.weight"] = (kvd, h)
+        out[p + "self_attn.v_proj.weight"] = (kvd, h)
+        out[p + "self_attn.o_proj.weight"] = (h, qd)
         if c.attention_bias:
             for n, d in (("q", qd), ("k", kvd), ("v", kvd)):
-                w[p + f"self_attn.{n}_proj.bias"] = rnd(d, std=0.02)
-        w[p + "mlp.gate_proj.weight"] = rnd(c.intermediate_size, c.hidden_size)
-        w[p + "mlp.up_proj.weight"] = rnd(c.intermediate_size, c.hidden_size)
-        w[p + "mlp.down_proj.weight"] = rnd(c.hidden_size, c.intermediate_size)
-    w["model.norm.weight"] = torch.ones(c.hidden_size)
+                out[p + f"self_attn.{n}_proj.bias"] = (d,)
+        out[p + "mlp.gate_proj.weight"] = (i, h)
+        out[p + "mlp.up_proj.weight"] = (i, h)
+        out[p + "mlp.down_proj.weight"] = (h, i)
+    out["model.norm.weight"] = (h,)
     if not c.tie_word_embeddings:
-        w["lm_head.weight"] = rnd(c.vocab_size, c.hidden_size, std=0.5)
-    return w
+        out["lm_head.weight"] = (c.vocab_size, h)
+    return out
+
+
+def random_weights(hf_config: dict[str, Any], seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Seeded weights with HF Llama/Qwen2 names, drawn in float32 and cast one by one to ``dtype``
+    (the same values as casting the whole float32 set, without holding it). Std 0.1 (not HF's
+    0.02) so logits are peaked enough that greedy decoding is not decided by float noise; the
+    embedding's std is 1, the head's 0.5, norms are ones and biases have std 0.02."""
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in weight_shapes(hf_config).items():
+        if name.endswith("layernorm.weight") or name == "model.norm.weight":
+            w = torch.ones(*shape)
+        else:
+            std = 1.0 if name == "model.embed_tokens.weight" else 0.5 if name == "lm_head.weight" else \
+                0.02 if name.endswith(".bias") else 0.1
+            w = torch.randn(*shape, generator=g) * std
+        out[name] = w.to(dtype)
+    return out
 
 
 def parse_random_ref(ref: str) -> tuple[str, int]:
@@ -140,18 +153,88 @@ def resolve_folder(ref: str) -> Path:
 
 
 def load_state_dict(folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors in ``dtype``, converted file by file (never all of it in two dtypes)."""
+    """The checkpoint's tensors in ``dtype``, read and converted one tensor at a time: a load
+    holds the converted model plus one tensor as stored, never a whole file in two dtypes."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{folder}: no *.safetensors files")
     weights: dict[str, torch.Tensor] = {}
     for f in files:
-        weights.update({k: v.to(dtype) for k, v in load_file(str(f)).items()})
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():  # noqa: SIM118 (safe_open is not iterable)
+                weights[k] = h.get_tensor(k).to(dtype)
     return weights
 
 
 # activations and KV; int8 keeps the linear layers' weights in int8 (runtime.models.llama.Int8Linear)
 TORCH_DTYPES = {Dtype.FLOAT32: torch.float32, Dtype.BFLOAT16: torch.bfloat16, Dtype.INT8: torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class LoadEstimate:
+    """What loading a model takes in host memory: ``weight_bytes`` stays (the model, as the
+    weight cache counts it); ``peak_bytes`` is the most the load holds at once, with a margin."""
+
+    weight_bytes: int
+    peak_bytes: int
+
+
+_LINEARS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+            "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+# The load's transient copies beyond the state dict are estimated, not traced; measured on
+# SmolLM2-135M (float32 / bfloat16 / int8, from its float32 file and from random weights), this
+# margin keeps the estimate above the measured peak of anonymous memory.
+_PEAK_FACTOR, _PEAK_SLACK_BYTES = 1.2, 64 << 20
+
+
+def estimate_load(ref: str, dtype: Dtype = Dtype.FLOAT32) -> LoadEstimate:
+    """The memory ``load_model(ref, dtype)`` will take, from the checkpoint's config and its
+    safetensors headers, without reading a weight (a bundled model is fetched, a GGUF converted,
+    first, as the load would)."""
+    if ref.startswith("random:"):
+        hf_config = RANDOM_PRESETS[parse_random_ref(ref)[0]]
+        stored = {k: (shape, torch.float32) for k, shape in weight_shapes(hf_config).items()}  # drawn in float32
+    else:
+        folder = resolve_folder(ref)
+        hf_config = json.loads((folder / "config.json").read_text())
+        stored = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():  # noqa: SIM118 (safe_open is not iterable)  # noqa: SIM118 (safe_open is not iterable)
+                    sl = h.get_slice(k)
+                    stored[k] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32))
+    c = ModelConfig.from_hf(hf_config)
+    compute = TORCH_DTYPES[dtype]
+    size = torch.empty((), dtype=compute).element_size()
+
+    def numel(shape: tuple[int, ...]) -> int:
+        n = 1
+        for d in shape:
+            n *= d
+        return n
+
+    taken = weight_shapes(hf_config)  # what the model keeps, fused or not
+    rope = 2 * c.max_position * c.head_dim * size
+    if dtype is Dtype.INT8:  # linear weights 1 byte + a scale per output row; the rest in compute
+        linears = [s for k, s in taken.items() if k.endswith(_LINEARS) or k == "lm_head.weight"]
+        if c.tie_word_embeddings:  # the head is an int8 copy of the embedding, which stays
+            linears.append(taken["model.embed_tokens.weight"])
+        weight = (sum(numel(s) for k, s in taken.items() if not (k.endswith(_LINEARS) or k == "lm_head.weight"))
+                  * size + sum(numel(s) + s[0] * size for s in linears))
+    else:
+        weight = sum(numel(s) for s in taken.values()) * size
+    weight += rope
+    state_dict = sum(numel(s) for s, _ in stored.values()) * size + rope
+    p = "model.layers.0."
+    fused = max(numel(taken[p + n]) for n in ("mlp.gate_proj.weight", "self_attn.q_proj.weight")) * 2 * size \
+        if c.num_layers else 0  # a cat copy (q/k/v or gate/up) held beside its parts
+    raw = max((numel(s) * torch.empty((), dtype=d).element_size() for s, d in stored.values()), default=0)
+    peak = int((max(weight, state_dict) + fused + raw) * _PEAK_FACTOR) + _PEAK_SLACK_BYTES
+    return LoadEstimate(weight, peak)
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                       "I8": torch.int8, "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
 
 
 def load_model(ref: str, dtype: Dtype = Dtype.FLOAT32) -> LoadedModel:
@@ -161,7 +244,7 @@ def load_model(ref: str, dtype: Dtype = Dtype.FLOAT32) -> LoadedModel:
         preset, seed = parse_random_ref(ref)
         hf_config = dict(RANDOM_PRESETS[preset])
         config = ModelConfig.from_hf(hf_config)
-        weights = random_weights(hf_config, seed)
+        weights = random_weights(hf_config, seed, TORCH_DTYPES[dtype])
         tok = byte_tokenizer()
         if config.vocab_size < BYTE_VOCAB_SIZE:
             raise ModelLoadError(f"preset {preset} vocab is smaller than the byte tokenizer's")
@@ -172,5 +255,5 @@ def load_model(ref: str, dtype: Dtype = Dtype.FLOAT32) -> LoadedModel:
         config = ModelConfig.from_hf(hf_config)
         weights = load_state_dict(folder, TORCH_DTYPES[dtype])
         tok = load_tokenizer(folder)
-    model = LlamaModel(config, weights, TORCH_DTYPES[dtype], int8_weights=dtype is Dtype.INT8)
+    model = LlamaModel(config, weights, TORCH_DTYPES[dtype], int8_weights=dtype is Dtype.INT8)  # consumes weights
     return LoadedModel(ref, config, hf_config, model, tok, folder, time.monotonic() - t0)

@@ -90,7 +90,7 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
     async def _pod_error(_: Request, e: PodError) -> JSONResponse:
         met.errors.labels(str(e.status)).inc()
         return JSONResponse(error_body(e.message, "invalid_request_error" if e.status < 500 else "server_error",
-                                       e.code), status_code=e.status)
+                                       e.code, extra=e.extra), status_code=e.status)
 
     # -- errors in OpenAI's shape -----------------------------------------------------------
     @app.exception_handler(APIError)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -215,5 +216,7 @@ class ChatCompletionRequest(_SamplingFields):
         return v
 
 
-def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, object]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None,
+               extra: Mapping[str, object] | None = None) -> dict[str, object]:
+    """OpenAI's error shape; ``extra`` adds fields a caller can act on (they never replace these)."""
+    return {"error": {**(extra or {}), "message": message, "type": type_, "param": param, "code": code}}
