@@ -56,9 +56,16 @@ def _meminfo(root: Path) -> dict[str, int]:
     return out
 
 
+def _candidates(mount: Path, rel: str) -> list[Path]:
+    """Where this process's cgroup ``rel`` may be under ``mount``: the whole path, then shorter
+    tails of it (the mount's root may be an ancestor of our cgroup, as in a container that sees
+    part of the host's hierarchy), then the mount itself (a cgroup namespace puts ours there)."""
+    parts = [p for p in rel.split("/") if p]
+    return [mount.joinpath(*parts[i:]) for i in range(len(parts))] + [mount]
+
+
 def _own_cgroup_dirs(root: Path) -> list[tuple[str, Path]]:
-    """This process's memory cgroup directories, v2 then v1, that exist here (a container with
-    its own cgroup namespace sees its cgroup at the mount's root)."""
+    """This process's memory cgroup directories, v2 then v1, that exist here."""
     try:
         lines = (root / "proc/self/cgroup").read_text().splitlines()
     except OSError:
@@ -66,13 +73,12 @@ def _own_cgroup_dirs(root: Path) -> list[tuple[str, Path]]:
     out: list[tuple[str, Path]] = []
     for ln in lines:
         _, controllers, rel = ln.split(":", 2) if ln.count(":") >= 2 else ("", "", "")
-        rel = rel.lstrip("/")
         if controllers == "":
-            candidates = [root / "sys/fs/cgroup" / rel, root / "sys/fs/cgroup"]
-            out += [("cgroup v2", d) for d in candidates if (d / "memory.max").exists()][:1]
+            out += [("cgroup v2", d) for d in _candidates(root / "sys/fs/cgroup", rel)
+                    if (d / "memory.max").exists()][:1]
         elif "memory" in controllers.split(","):
-            candidates = [root / "sys/fs/cgroup/memory" / rel, root / "sys/fs/cgroup/memory"]
-            out += [("cgroup v1", d) for d in candidates if (d / "memory.limit_in_bytes").exists()][:1]
+            out += [("cgroup v1", d) for d in _candidates(root / "sys/fs/cgroup/memory", rel)
+                    if (d / "memory.limit_in_bytes").exists()][:1]
     return out
 
 

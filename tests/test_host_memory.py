@@ -43,6 +43,12 @@ MEMINFO = f"MemTotal:       {64 * 1024 * 1024} kB\nMemFree: 1 kB\nMemAvailable: 
       "sys/fs/cgroup/memory/memory.usage_in_bytes": str(1536 * MiB),
       "sys/fs/cgroup/memory/memory.stat": f"cache 1\ntotal_inactive_file {512 * MiB}\n"},
      2 << 30, 1 << 30, "cgroup v1"),
+    # cgroup v1 where the mount's root is an ancestor of ours (part of the host's hierarchy)
+    ({"proc/meminfo": MEMINFO, "proc/self/cgroup": "4:memory:/runner/abc/pod7\n",
+      "sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712",
+      "sys/fs/cgroup/memory/pod7/memory.limit_in_bytes": str(1 << 30),
+      "sys/fs/cgroup/memory/pod7/memory.usage_in_bytes": str(256 * MiB)},
+     1 << 30, 768 * MiB, "cgroup v1"),
     # cgroup v1 without a limit (a huge number): the host's
     ({"proc/meminfo": MEMINFO, "proc/self/cgroup": "4:memory:/\n",
       "sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712",
