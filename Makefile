@@ -10,16 +10,21 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 MODEL ?= bundled:smollm2-135m-instruct
 
-.PHONY: venv run serve test lint bench-engine bench-capacity bench-activator bench-retries bench-features bench-prefix-cache bench-dtype fetch-model clean simulate
+.PHONY: venv constraints run serve test lint bench-engine bench-capacity bench-activator bench-retries bench-features bench-prefix-cache bench-dtype fetch-model clean simulate
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)" || $(PY) -m pip install -q "torch>=2.4"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
+
+# After upgrading packages in .venv (and `make test` passing): record their versions.
+constraints: $(STAMP)
+	{ sed -n '/^#/p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -vi '^torch=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 fetch-model: $(STAMP)
 	$(PY) -m runtime.models.bundled

@@ -13,7 +13,7 @@ import binascii
 import json
 import uuid
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum
 
 from cloudevents.core.base import BaseCloudEvent
@@ -97,7 +97,7 @@ def reply_event(spec: FunctionSpec, text: str, request: BaseCloudEvent) -> Cloud
         "id": uuid.uuid4().hex,
         "source": spec.event_source,
         "type": spec.event_type,
-        "time": datetime.now(timezone.utc),
+        "time": datetime.now(UTC),
         "subject": request.get_id(),  # which event this answers
         "datacontenttype": "text/plain; charset=utf-8",
     }
