@@ -15,6 +15,7 @@ from typing import Any
 from functions import Dtype, FunctionSpec, SpecError, load_function_dir, load_function_spec
 from functions.http import MAX_REQUEST_BYTES, READ_TIMEOUT_S, http_protocol
 from runtime.core.arbiter import MAX_PREFILL_STEP_S, DeviceKind
+from runtime.host_memory import MemoryReading, read_memory
 from runtime.pod import PodConfig
 
 
@@ -126,6 +127,16 @@ def parse_serve(argv: list[str], env: dict[str, str] | None = None) -> ServeSett
                          a.read_timeout_s)
 
 
+def kv_budget_refusal(kv_budget_bytes: int, memory: MemoryReading) -> str | None:
+    """Why a pod must not start with this KV budget, or None: KV grows up to the budget while the
+    pod serves, so a budget past the memory it has would end in an OOM kill under load."""
+    if kv_budget_bytes <= memory.available_bytes:
+        return None
+    mib = 1 << 20
+    return (f"--kv-budget-mb {kv_budget_bytes // mib} is more than the {memory.available_bytes // mib} MiB "
+            f"this pod has free ({memory.source}); lower it, or give the pod more memory")
+
+
 def serve(settings: ServeSettings) -> None:
     import torch
     import uvicorn
@@ -135,6 +146,8 @@ def serve(settings: ServeSettings) -> None:
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    if (why := kv_budget_refusal(settings.pod.kv_budget_bytes, read_memory(settings.pod.memory_limit_bytes))):
+        sys.exit(f"slinfer serve: {why}")
     pod = Pod(settings.pod)
     app = create_app(pod, admin_token=settings.admin_token, functions=list(settings.functions),
                      max_request_bytes=settings.max_request_bytes, read_timeout_s=settings.read_timeout_s)

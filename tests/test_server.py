@@ -1121,3 +1121,19 @@ def test_the_memory_limit_is_a_serve_option() -> None:
     assert parse_serve(["--no-functions", "--memory-limit-mb", "2048"], env={}).pod.memory_limit_bytes == 2 << 30
     with pytest.raises(SystemExit):
         parse_serve(["--no-functions", "--memory-limit-mb", "-1"], env={})
+
+
+def test_a_pod_does_not_start_with_a_kv_budget_past_its_memory() -> None:
+    import subprocess
+    import sys
+
+    from runtime.cli import kv_budget_refusal
+    from runtime.host_memory import MemoryReading
+
+    assert kv_budget_refusal(1 << 30, MemoryReading(4 << 30, 2 << 30, "cgroup v2")) is None
+    why = kv_budget_refusal(3 << 30, MemoryReading(4 << 30, 2 << 30, "cgroup v2"))
+    assert why == "--kv-budget-mb 3072 is more than the 2048 MiB this pod has free (cgroup v2); lower it, " \
+                  "or give the pod more memory"
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "serve", "--no-functions", "--memory-limit-mb", "100",
+                        "--kv-budget-mb", "1024", "--port", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "--kv-budget-mb 1024 is more than the" in r.stderr, r.stderr[-2000:]
