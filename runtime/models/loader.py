@@ -137,9 +137,7 @@ def resolve_folder(ref: str) -> Path:
         return ensure_bundled(ref[len("bundled:"):])
     path = Path(ref).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        st = path.stat()
-        key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-        out = cache_root() / "gguf" / f"{path.stem}-{key}"
+        out = gguf_folder(path)
         if not (out / "config.json").exists():
             convert_gguf(path, out)
         return out
@@ -150,6 +148,13 @@ def resolve_folder(ref: str) -> Path:
     raise ModelLoadError(
         f"model {ref!r} not found: expected bundled:<name>, random:<preset>, an HF folder or a .gguf file"
     )
+
+
+def gguf_folder(path: Path) -> Path:
+    """Where the HF copy of a GGUF file is cached (named by the file's path, size and mtime)."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{path.stem}-{key}"
 
 
 def load_state_dict(folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -189,11 +194,14 @@ _PEAK_FACTOR, _PEAK_SLACK_BYTES = 1.2, 64 << 20
 
 def estimate_load(ref: str, dtype: Dtype = Dtype.FLOAT32) -> LoadEstimate:
     """The memory ``load_model(ref, dtype)`` will take, from the checkpoint's config and its
-    safetensors headers, without reading a weight (a bundled model is fetched, a GGUF converted,
-    first, as the load would)."""
+    safetensors headers, without reading a weight (a bundled model is fetched first, as the load
+    would; a GGUF file not yet converted is estimated from its header, conversion included)."""
+    path = Path(ref).expanduser()
     if ref.startswith("random:"):
         hf_config = RANDOM_PRESETS[parse_random_ref(ref)[0]]
         stored = {k: (shape, torch.float32) for k, shape in weight_shapes(hf_config).items()}  # drawn in float32
+    elif path.is_file() and path.suffix == ".gguf" and not (gguf_folder(path) / "config.json").exists():
+        return _unconverted_gguf_estimate(path, dtype)
     else:
         folder = resolve_folder(ref)
         hf_config = json.loads((folder / "config.json").read_text())
@@ -231,6 +239,24 @@ def estimate_load(ref: str, dtype: Dtype = Dtype.FLOAT32) -> LoadEstimate:
     raw = max((numel(s) * torch.empty((), dtype=d).element_size() for s, d in stored.values()), default=0)
     peak = int((max(weight, state_dict) + fused + raw) * _PEAK_FACTOR) + _PEAK_SLACK_BYTES
     return LoadEstimate(weight, peak)
+
+
+# Converting a GGUF file dequantizes the whole model to float32 in transformers, then copies it
+# out: measured 1.55x the float32 size at its peak (SmolLM2-135M, Q4_1).
+_GGUF_CONVERSION_FACTOR = 2.0
+
+
+def _unconverted_gguf_estimate(path: Path, dtype: Dtype) -> LoadEstimate:
+    """From the GGUF header alone (its tensors' element counts): the conversion's peak, or the
+    load's if larger; the loaded size is approximate (every weight at the compute dtype's size,
+    an upper bound for int8), exact once the converted copy exists."""
+    from gguf import GGUFReader
+
+    params = sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
+    weight = params * torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
+    conversion = int(params * 4 * _GGUF_CONVERSION_FACTOR)
+    load = int((weight + params * 4) * _PEAK_FACTOR)  # the float32 copy read while converting
+    return LoadEstimate(weight, max(conversion, load) + _PEAK_SLACK_BYTES)
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
