@@ -1009,6 +1009,10 @@ def test_the_body_limits_are_serve_options_and_reach_the_mesh_s_pods() -> None:
     settings = parse_serve(cmd[cmd.index("serve") + 1:], env={})
     assert settings.max_request_bytes == 2 << 20 and settings.read_timeout_s == 5.0
     assert parse_serve(["--no-functions"], env={}).read_timeout_s == 60.0
+    assert "--memory-limit-mb" not in cmd  # the pods read their own cgroup and host
+    limited = LocalPods(1, "t", PodResources(memory_limit_mb=1500))
+    limit_cmd = limited._command(limited.children[0])
+    assert parse_serve(limit_cmd[limit_cmd.index("serve") + 1:], env={}).pod.memory_limit_bytes == 1500 << 20
     with pytest.raises(SystemExit):
         parse_serve(["--no-functions", "--read-timeout-s", "-1"], env={})
 

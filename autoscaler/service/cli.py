@@ -65,6 +65,9 @@ def up(argv: list[str]) -> None:
     ap.add_argument("--kv-budget-mb", type=int, default=512, help="KV budget per pod (MiB)")
     ap.add_argument("--weight-cache-mb", type=int, default=2048, help="host weight cache per pod (MiB)")
     ap.add_argument("--pod-memory-mb", type=int, default=4096, help="memory each pod declares for weights + KV")
+    ap.add_argument("--pod-memory-limit-mb", type=int, default=None,
+                    help="memory each pod may use in all (MiB): loads that would not fit are refused "
+                         "(default: the pod's cgroup limit and the host's free memory)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per pod (default: cores / pods)")
     ap.add_argument("--no-profile", action="store_true", help="skip latency profiling on first load")
     ap.add_argument("--max-request-mb", type=float, default=MAX_REQUEST_BYTES / (1 << 20),
@@ -96,9 +99,11 @@ def up(argv: list[str]) -> None:
         ap.error(f"--read-timeout-s must be >= 0, got {a.read_timeout_s}")
     if a.shutdown_drain_s is not None and not a.shutdown_drain_s >= 0:
         ap.error(f"--shutdown-drain-s must be >= 0, got {a.shutdown_drain_s}")
+    if a.pod_memory_limit_mb is not None and a.pod_memory_limit_mb <= 0:
+        ap.error(f"--pod-memory-limit-mb must be > 0, got {a.pod_memory_limit_mb}")
     resources = PodResources(DeviceKind(a.device), a.kv_budget_mb, a.weight_cache_mb, a.pod_memory_mb, threads,
                              max_request_mb=a.max_request_mb, shutdown_drain_s=a.shutdown_drain_s,
-                             read_timeout_s=a.read_timeout_s)
+                             read_timeout_s=a.read_timeout_s, memory_limit_mb=a.pod_memory_limit_mb)
     settings = MeshSettings(specs, token, a.pods, a.host, a.port, a.autoscaler_port, resources, state,
                             ControllerSettings(token, profile=not a.no_profile),
                             ActivatorSettings(max_request_bytes=int(a.max_request_mb * (1 << 20)),

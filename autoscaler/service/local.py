@@ -44,6 +44,7 @@ class PodResources:
     max_request_mb: float | None = None  # the pods' body limit (None: their default)
     shutdown_drain_s: float | None = None  # on SIGTERM (None: their default)
     read_timeout_s: float | None = None  # the pods' limit on slow headers and bodies (None: their default)
+    memory_limit_mb: int | None = None  # what each pod may use in all (None: its cgroup's and the host's)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -104,6 +105,8 @@ class LocalPods:
             cmd += ["--read-timeout-s", str(r.read_timeout_s)]
         if r.shutdown_drain_s is not None:
             cmd += ["--shutdown-drain-s", str(r.shutdown_drain_s)]
+        if r.memory_limit_mb is not None:
+            cmd += ["--memory-limit-mb", str(r.memory_limit_mb)]
         return cmd
 
     def _spawn(self, c: _Child) -> None:
