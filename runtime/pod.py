@@ -280,11 +280,21 @@ class Pod:
                   for n, s in self.served.items()}
         for inst in dev_status["instances"]:
             inst.update(states.get(inst["name"], {}))
+        cache = self.weights.status()
+        return {**dev_status, "functions": states, "weights_cache": cache, "rss_bytes": rss_bytes(),
+                "memory": self._memory_status(dev_status["device"], cache), "terminating": self.terminating}
+
+    def _memory_status(self, device: dict[str, Any], cache: dict[str, Any]) -> dict[str, Any]:
+        """The host memory, and what a load could take (the autoscaler places by it): now (idle
+        cached weights dropped, the KV budget not yet allocated kept free), and at most (every
+        instance unloaded too; the whole KV budget kept free)."""
         mem = self.memory()
-        return {**dev_status, "functions": states, "weights_cache": self.weights.status(), "rss_bytes": rss_bytes(),
-                "memory": {"limit_bytes": mem.limit_bytes, "available_bytes": mem.available_bytes,
-                           "source": mem.source},
-                "terminating": self.terminating}
+        models = cache["models"]
+        idle = sum(m["bytes"] for m in models if m["pins"] == 0)
+        kv_budget, kv_held = device["kv_budget_bytes"], device["kv_bytes"]
+        return {"limit_bytes": mem.limit_bytes, "available_bytes": mem.available_bytes, "source": mem.source,
+                "load_room_bytes": max(0, mem.available_bytes - max(0, kv_budget - kv_held) + idle),
+                "most_room_bytes": max(0, mem.available_bytes + sum(m["bytes"] for m in models) + kv_held - kv_budget)}
 
 
 def _device_status(dev: DeviceLoop) -> dict[str, Any]:

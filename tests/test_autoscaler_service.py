@@ -43,6 +43,7 @@ class FakePods:
         self.refuse: dict[str | tuple[str, str], httpx.Response] = {}
         self.digest: dict[tuple[str, str], str] = {}  # (node, function) -> the loaded spec's digest
         self.crash: set[str] = set()  # functions whose load takes the pod down
+        self.memory: dict[str, dict[str, int]] = {}  # node -> the memory its status reports
 
     def status(self, node: str) -> dict[str, Any]:
         fns = self.loaded[node]
@@ -56,6 +57,7 @@ class FakePods:
                           for f, st in fns.items()},
             "weights_cache": {"models": [{"ref": "random:llama-tiny?seed=0", "bytes": 1 << 20, "pins": 1}]},
             "terminating": node in self.terminating,
+            **({"memory": self.memory[node]} if node in self.memory else {}),
         }
 
     def handler(self, request: httpx.Request) -> httpx.Response:
@@ -448,9 +450,10 @@ def test_a_model_whose_loads_take_pods_down_is_published_as_unavailable_after_tw
     run(go())
 
 
-def refused_for_memory(weight_bytes: int) -> httpx.Response:
+def refused_for_memory(needed_bytes: int) -> httpx.Response:
     return httpx.Response(507, json={"error": {"message": "cannot load model ...: loading it takes up to ...",
-                                               "code": "insufficient_memory", "weight_bytes": weight_bytes}})
+                                               "code": "insufficient_memory", "weight_bytes": needed_bytes // 2,
+                                               "needed_bytes": needed_bytes}})
 
 
 def test_a_load_refused_for_memory_teaches_the_models_size_and_the_next_goes_where_it_fits() -> None:
@@ -461,6 +464,7 @@ def test_a_load_refused_for_memory_teaches_the_models_size_and_the_next_goes_whe
         h.pods.refuse["pod-0", "m"] = refused_for_memory(2 << 30)
         h.ctl.report_demand({"m": 1}, [], seen_version=h.ctl.table.version)
         assert await h.round() == ["Load m@pod-0"]  # no pod holds the model: its size is unknown
+        # what its first load on a pod needs: the load's peak
         assert h.ctl.load_failures == {} and h.ctl.weight_hints == {"random:smollm2-shape?seed=1": 2 << 30}
         h.now = 0.1
         assert await h.round() == ["Load m@pod-1"]  # 2 GiB fits the 4 GiB pod only
@@ -472,10 +476,33 @@ def test_a_load_refused_for_memory_teaches_the_models_size_and_the_next_goes_whe
         h.pods.refuse["huge"] = refused_for_memory(8 << 30)
         h.ctl.report_demand({"huge": 1}, [], seen_version=h.ctl.table.version)
         assert await h.round() == ["Load huge@pod-1"]  # (the busier pod first)
-        assert "more than any pod declares (the largest: 4.00 GiB)" in h.ctl.status()["load_errors"]["huge"]
+        assert h.ctl.status()["load_errors"]["huge"] == (
+            "no pod could make room for it: loading it takes up to 8.00 GiB; the most any pod could hold is 4.00 GiB")
         h.now = 0.3
         h.ctl.report_demand({"huge": 1}, [], seen_version=h.ctl.table.version)
         assert await h.round() == []  # not tried on the other pod: it waits out its backoff
+        await h.client.aclose()
+    run(go())
+
+
+def test_placement_counts_the_memory_pods_report_not_only_what_they_declare() -> None:
+    async def go() -> None:
+        h = Harness([fn("m", model="random:smollm2-shape?seed=1"), fn("huge", model="random:smollm2-shape?seed=2")])
+        h.ctl.weight_hints["random:smollm2-shape?seed=1"] = 900 << 20  # learned from an earlier refusal
+        # both declare 1 GiB; pod-0 could take only 500 MiB now, pod-1 950 MiB
+        h.pods.memory["pod-0"] = {"load_room_bytes": 500 << 20, "most_room_bytes": 800 << 20}
+        h.pods.memory["pod-1"] = {"load_room_bytes": 950 << 20, "most_room_bytes": 1000 << 20}
+        h.ctl.report_demand({"m": 1}, [], seen_version=h.ctl.table.version)
+        assert await h.round() == ["Load m@pod-1"]
+        snap = snapshot(0.0, list(h.ctl.pods.values()), h.ctl.functions, {}, weight_hints=h.ctl.weight_hints)
+        assert {n.node_id: n.free_memory_bytes for n in snap.nodes} == {"pod-0": 500 << 20, "pod-1": 950 << 20}
+        # a refusal for more than any pod could hold with everything unloaded: it cannot start
+        h.pods.refuse["huge"] = refused_for_memory(1050 << 20)
+        h.ctl.report_demand({"huge": 1}, [], seen_version=h.ctl.table.version)
+        h.now = 0.1
+        assert await h.round() == ["Load huge@pod-1"]
+        # (1000 MiB: less than the 1 GiB both declare)
+        assert h.ctl.status()["load_errors"]["huge"].endswith("the most any pod could hold is 0.98 GiB")
         await h.client.aclose()
     run(go())
 

@@ -344,7 +344,13 @@ def test_a_load_that_would_not_fit_in_memory_is_refused_before_it_starts():
         st = httpx.get(f"{base}/admin/status", headers=AUTH).json()
         assert [m["ref"] for m in st["weights_cache"]["models"]] == [TINY]  # nothing was read
         assert st["functions"]["big"]["state"] == "failed"
-        assert st["memory"] == {"limit_bytes": 1 << 30, "available_bytes": 300 << 20, "source": "configured"}
+        mem, dev = st["memory"], st["device"]
+        assert (mem["limit_bytes"], mem["available_bytes"], mem["source"]) == (1 << 30, 300 << 20, "configured")
+        # what the autoscaler places by: the KV budget not yet allocated is kept free; with every
+        # instance gone the cached weights and all KV would be free, the whole budget still kept
+        cached = sum(m["bytes"] for m in st["weights_cache"]["models"])
+        assert mem["load_room_bytes"] == (300 << 20) - (dev["kv_budget_bytes"] - dev["kv_bytes"])
+        assert mem["most_room_bytes"] == (300 << 20) + cached + dev["kv_bytes"] - dev["kv_budget_bytes"]
         assert complete(base, "base", "still serving").status_code == 200
         small = httpx.post(f"{base}/admin/instances?profile=false", json=spec_body("small", "random:qwen2-tiny?seed=3"),
                            headers=AUTH, timeout=60)

@@ -400,15 +400,16 @@ class Controller:
         """Learn the model's size from a pod that refused it for memory (the next plan places it
         where it fits, or makes room); why it cannot start, once no pod could hold it or refusals
         go on."""
-        weight = e.fields.get("weight_bytes")
-        if spec is not None and isinstance(weight, int) and weight > 0:
-            self.weight_hints[spec.checkpoint] = weight
+        # Its first load on a pod reads it from disk and needs the load's peak, not only the weights
+        needed = e.fields.get("needed_bytes", e.fields.get("weight_bytes"))
+        if spec is not None and isinstance(needed, int) and needed > 0:
+            self.weight_hints[spec.checkpoint] = needed
         n = self.memory_refusals[function] = self.memory_refusals.get(function, 0) + 1
-        largest = max((p.node.memory_bytes for p in self.pods.values()), default=node.memory_bytes)
+        largest = max((p.capacity_bytes for p in self.pods.values()), default=node.memory_bytes)
         gib = 1 << 30
-        if isinstance(weight, int) and weight > largest:
-            return (f"its model takes {weight / gib:.2f} GiB, more than any pod declares "
-                    f"(the largest: {largest / gib:.2f} GiB)")
+        if isinstance(needed, int) and needed > largest:
+            return (f"no pod could make room for it: loading it takes up to {needed / gib:.2f} GiB; the most "
+                    f"any pod could hold is {largest / gib:.2f} GiB")
         if n >= MAX_MEMORY_REFUSALS:
             return (f"pods refused it for lack of memory {n} times in a row (the last: {node.node_id}: "
                     f"{e.detail}); do pods declare more memory than they have?")

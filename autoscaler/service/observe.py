@@ -57,6 +57,15 @@ class PodStatus:
     kv_budget_bytes: int
     instances: tuple[PodInstance, ...]
     weight_bytes: Mapping[str, int]  # by model ref, from the pod's host weight cache
+    # what a load could take there now, and at most (every instance gone); None: not reported
+    load_room_bytes: int | None = None
+    most_room_bytes: int | None = None
+
+    @property
+    def capacity_bytes(self) -> int:
+        """What the pod can hold: its declared memory, or less where it reports less."""
+        declared = self.node.memory_bytes
+        return declared if self.most_room_bytes is None else min(declared, self.most_room_bytes)
 
 
 def instance_id(function: str, node_id: str) -> InstanceId:
@@ -82,7 +91,10 @@ def parse_status(node: NodeSpec, data: Mapping[str, Any]) -> PodStatus:
     cache = data.get("weights_cache", {}).get("models", [])
     weights = {str(m["ref"]): int(m["bytes"]) for m in cache}
     budget = int(data.get("device", {}).get("kv_budget_bytes", 0))
-    return PodStatus(node, budget, tuple(out), weights)
+    mem = data.get("memory") or {}
+    room, most = mem.get("load_room_bytes"), mem.get("most_room_bytes")
+    return PodStatus(node, budget, tuple(out), weights, int(room) if room is not None else None,
+                     int(most) if most is not None else None)
 
 
 def known_weight_bytes(pods: Iterable[PodStatus]) -> dict[str, int]:
@@ -125,7 +137,13 @@ def snapshot(now_s: float, pods: Iterable[PodStatus], functions: Mapping[str, Fu
                 insts.append(InstanceView(instance_id(fn, node_id), FunctionId(fn), node_id, batch=0, demand=0.0,
                                           weight_bytes=weights.get(model, 0), kv_bytes=0, kv_reserved_bytes=0,
                                           idle_since_s=None, loading=True))
-        nodes.append(NodeView(p.node.node_id, p.node.kind, p.node.memory_bytes, p.kv_budget_bytes, tuple(insts)))
+        memory = p.node.memory_bytes
+        if p.load_room_bytes is not None:
+            # Placement counts weights + KV against the declared memory; the pod knows what it
+            # really has: free memory is never more than a load could take there now (the pod
+            # keeps its KV budget apart, so that is room for weights, as a load needs it).
+            memory = min(memory, sum(i.planned_bytes for i in insts) + p.load_room_bytes)
+        nodes.append(NodeView(p.node.node_id, p.node.kind, memory, p.kv_budget_bytes, tuple(insts)))
     rates = rates or {}
     fns = tuple(FunctionView(FunctionId(s.name), s.device, weights.get(s.checkpoint, 0), s.keep_alive_s, s.max_instances,
                              rates.get(FunctionId(s.name), 0.0))
