@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 MODEL ?= bundled:smollm2-135m-instruct
 
-.PHONY: venv constraints run serve test lint bench-engine bench-capacity bench-activator bench-retries bench-features bench-prefix-cache bench-dtype fetch-model clean simulate
+.PHONY: venv constraints run serve test lint bench-engine bench-capacity bench-activator bench-retries bench-features bench-prefix-cache bench-dtype bench-memory-guard fetch-model clean simulate
 
 venv: $(STAMP)
 
@@ -71,6 +71,10 @@ bench-prefix-cache: $(STAMP)
 
 bench-dtype: $(STAMP)
 	$(PY) bench/bench_dtype.py $(BENCH_ARGS)
+
+# Needs root and a writable /sys/fs/cgroup: pods under a real memory limit.
+bench-memory-guard: $(STAMP)
+	$(PY) bench/memory_guard.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
