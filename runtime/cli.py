@@ -61,6 +61,9 @@ def parse_serve(argv: list[str], env: dict[str, str] | None = None) -> ServeSett
                     help="memory this pod may use in all (MiB): a load that would not fit, with the KV budget "
                          "kept free, is refused (507) rather than risking an OOM kill (0: the cgroup's limit "
                          "and the host's free memory)")
+    ap.add_argument("--stall-timeout-s", type=float, default=PodConfig.stall_timeout_s,
+                    help="/healthz answers 503 once the device thread has made no progress this long, so a "
+                         "liveness probe restarts a stuck pod")
     ap.add_argument("--block-size", type=int, default=PodConfig.block_size,
                     help="tokens per KV block (also the unit of prefix caching: a shared prefix is reused in whole blocks)")
     ap.add_argument("--max-num-seqs", type=int, default=32, help="requests per batch")
@@ -102,6 +105,8 @@ def parse_serve(argv: list[str], env: dict[str, str] | None = None) -> ServeSett
     if not specs and not a.no_functions:
         specs.append(FunctionSpec(name="smollm2-135m-instruct", model="bundled:smollm2-135m-instruct",
                                   max_output_tokens=4095, max_context_tokens=4096, dtype=Dtype(a.dtype)))
+    if not a.stall_timeout_s > 0:
+        ap.error(f"--stall-timeout-s must be > 0, got {a.stall_timeout_s}")
     if a.memory_limit_mb < 0:
         ap.error(f"--memory-limit-mb must be >= 0, got {a.memory_limit_mb}")
     if not a.max_prefill_step_ms >= 0:
@@ -115,7 +120,8 @@ def parse_serve(argv: list[str], env: dict[str, str] | None = None) -> ServeSett
                     max_prefill_step_s=a.max_prefill_step_ms / 1000 if a.max_prefill_step_ms > 0 else math.inf,
                     displace=a.displace, newcomer_slack=a.newcomer_slack, shutdown_drain_s=a.shutdown_drain_s,
                     prefix_caching=a.prefix_caching,
-                    memory_limit_bytes=a.memory_limit_mb << 20 if a.memory_limit_mb > 0 else None)
+                    memory_limit_bytes=a.memory_limit_mb << 20 if a.memory_limit_mb > 0 else None,
+                    stall_timeout_s=a.stall_timeout_s)
     token = a.admin_token or secrets.token_urlsafe(24)
     if not a.max_request_mb >= 0:
         ap.error(f"--max-request-mb must be >= 0, got {a.max_request_mb}")

@@ -92,10 +92,14 @@ class AsyncDevice:
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
         self._error: BaseException | None = None
+        # When the thread last came round its loop (a step, a command, or an idle tick): a
+        # thread alive but stuck (a hung kernel, a deadlock) shows as time since this.
+        self._beat = time.monotonic()
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self._beat = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="device", daemon=True)
         self._thread.start()
 
@@ -107,6 +111,10 @@ class AsyncDevice:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def stalled_s(self, now: float) -> float:
+        """Seconds since the device thread last made progress (0 until it has started)."""
+        return max(0.0, now - self._beat) if self._thread is not None else 0.0
 
     # -- asyncio side -----------------------------------------------------------------------
     def new_id(self, prefix: str) -> RequestId:
@@ -223,6 +231,7 @@ class AsyncDevice:
         loop, dev = self._loop, self.device
         try:
             while True:
+                self._beat = time.monotonic()
                 cmd: _Add | _Abort | _Call | _Stop | None
                 if dev.has_work:
                     cmd = None
@@ -243,6 +252,7 @@ class AsyncDevice:
                     if isinstance(cmd, _Stop):
                         return
                     self._handle(cmd)
+                    self._beat = time.monotonic()
                     cmd = None
                 t0 = time.perf_counter()
                 grant, outs = dev.step() if dev.has_work else (None, [])

@@ -74,6 +74,9 @@ class PodConfig:
     shutdown_drain_s: float = 10.0
     # what the pod may use in all, where its cgroup or the host do not say (None: read them)
     memory_limit_bytes: int | None = None
+    # /healthz fails once the device thread has made no progress this long (a liveness probe then
+    # restarts the pod): longer than any step or load's profile, which hold the thread
+    stall_timeout_s: float = 60.0
 
 
 @dataclass

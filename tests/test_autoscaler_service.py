@@ -642,3 +642,27 @@ def test_cli_list_shows_why_a_function_cannot_load(monkeypatch: pytest.MonkeyPat
     assert lines["a"].endswith("none: cannot load (pod-0 could not load it: model '/m' not found)")
     assert lines["b"].endswith("none (scaled to zero)")
     run(h.client.aclose())
+
+
+def test_a_pod_silent_past_the_limit_is_taken_as_gone_and_back_when_it_answers() -> None:
+    async def go() -> None:
+        h = Harness([fn("a")])
+        h.pods.loaded["pod-0"] = {"a": "ready"}
+        assert await h.round() == []
+        h.pods.slow.add("pod-0")  # its device thread is stuck: every status times out
+        for t in (1.0, 30.0, 60.5):
+            h.now = t
+            assert await h.round() == []  # a load may hold it this long: its instances stand
+            assert [e.instance_id for e in h.ctl.table.endpoints_of("a")] == ["a@pod-0"]
+        h.now = 61.5  # silent for 60.5 s since the first timeout at 1.0
+        assert await h.round() == ["Load a@pod-1"]  # gone: a is re-placed, and no longer routed there
+        assert h.ctl.status()["lost"] == ["a"] and [e.instance_id for e in h.ctl.table.endpoints_of("a")] == []
+        h.now = 62.0
+        await h.round()
+        assert [e.instance_id for e in h.ctl.table.endpoints_of("a")] == ["a@pod-1"]
+        h.pods.slow.clear()  # it answers again: back in the snapshot, with what it holds
+        h.now = 63.0
+        await h.round()
+        assert {n["node"] for n in h.ctl.status()["nodes"] if n["up"]} == {"pod-0", "pod-1"}
+        await h.client.aclose()
+    run(go())

@@ -359,3 +359,27 @@ def test_a_load_that_would_not_fit_in_memory_is_refused_before_it_starts():
         r = httpx.post(f"{base}/admin/instances?profile=false", json=big, headers=AUTH, timeout=120)
         assert r.status_code == 201, r.text
         assert complete(base, "big", "hi", max_tokens=2).status_code == 200
+
+
+def test_healthz_fails_while_the_device_thread_makes_no_progress():
+    # A thread alive but stuck (here: a call that holds it 1.5 s) is what a liveness probe must
+    # catch; requests and status wait for it meanwhile, /healthz does not.
+    import asyncio
+    import dataclasses
+    import time
+
+    from runtime.pod import Pod
+    from runtime.server.app import create_app
+
+    pod = Pod(dataclasses.replace(TINY_POD, stall_timeout_s=0.5))
+    with serve_app(create_app(pod, admin_token=ADMIN_TOKEN, functions=[])) as base:
+        assert httpx.get(f"{base}/healthz").status_code == 200
+        loop = pod.device._loop
+        assert loop is not None
+        held = asyncio.run_coroutine_threadsafe(pod.device.call(lambda dev: time.sleep(1.5)), loop)
+        time.sleep(1.0)
+        r = httpx.get(f"{base}/healthz", timeout=5)
+        assert r.status_code == 503 and "no progress for 1 s" in r.json()["reason"], r.text
+        held.result(timeout=10)
+        time.sleep(0.1)
+        assert httpx.get(f"{base}/healthz").status_code == 200  # it came round again

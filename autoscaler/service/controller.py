@@ -77,6 +77,10 @@ class ControllerSettings:
     fresh_grace_s: float = 2.0  # a new instance is not unloaded for idleness this soon
     profile: bool = True  # profile a model on first load (its latency estimates); false is faster
     rate_window_s: float = DEFAULT_RATE_WINDOW_S  # functions' arrival rates (preemption spares busier ones)
+    # A pod whose status has timed out this long without a break is taken as gone (a stuck device
+    # thread; its /healthz fails too): its instances are re-placed. Shorter silences are a load
+    # profiling, which holds the device thread.
+    silent_pod_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,7 @@ class Controller:
             self.functions.update({s.name: s for s in load_function_dir(store_dir)})
         self.pods: dict[NodeId, PodStatus] = {}
         self.down: set[NodeId] = set()
+        self.silent_since: dict[NodeId, float] = {}  # pods whose status times out: since when
         self.terminating: set[NodeId] = set()  # pods shutting down (SIGTERM): out of the snapshot too
         self.idle_since: dict[InstanceId, float | None] = {}
         self.last_busy: dict[InstanceId, float] = {}  # when each instance was last seen with requests
@@ -221,12 +226,21 @@ class Controller:
             if isinstance(a, BaseException):
                 prev = self.pods.get(node.node_id)
                 if isinstance(a, httpx.TimeoutException) and prev is not None:
-                    # Slow, not gone: a load holds the pod's device thread while it profiles,
-                    # and status waits for it. Its last answer stands (nothing is lost).
-                    pods.append(prev)
+                    since = self.silent_since.setdefault(node.node_id, asked)
+                    if asked - since < self.settings.silent_pod_s:
+                        # Slow, not gone: a load holds the pod's device thread while it profiles,
+                        # and status waits for it. Its last answer stands (nothing is lost).
+                        pods.append(prev)
+                        continue
+                    if node.node_id not in self.down:
+                        log.warning("pod %s has not answered its status for %.0f s; taking it as gone",
+                                    node.node_id, asked - since)
+                    down.add(node.node_id)
                     continue
+                self.silent_since.pop(node.node_id, None)
                 down.add(node.node_id)
                 continue
+            self.silent_since.pop(node.node_id, None)
             if a.get("terminating"):
                 # Going away (its running requests drain, then move): treated as gone now, so its
                 # instances are re-placed on other pods while it drains, warm when the moved work

@@ -141,6 +141,10 @@ def create_app(pod: Pod, metrics: ServerMetrics | None = None, admin_token: str 
     async def healthz() -> JSONResponse:
         if not pod.device.alive:
             return JSONResponse({"status": "unhealthy", "reason": "device thread is not running"}, status_code=503)
+        stalled = pod.device.stalled_s(time.monotonic())
+        if stalled > pod.config.stall_timeout_s:
+            return JSONResponse({"status": "unhealthy", "reason": f"device thread has made no progress for "
+                                                                  f"{stalled:.0f} s"}, status_code=503)
         if pod.terminating:
             return JSONResponse({"status": "terminating", "reason": "the pod is shutting down"}, status_code=503)
         return JSONResponse({"status": "ok"})
