@@ -307,3 +307,39 @@ def test_smollm2_example_function_from_zero_through_the_openai_client() -> None:
             temperature=0, max_tokens=24, stream=True)
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert "Paris" in text
+
+
+def test_a_frozen_pod_fails_its_liveness_probes_and_is_restarted() -> None:
+    # SIGSTOP freezes a pod whole (as a hung device or a stuck runtime would leave it): its
+    # process lives, so only the probes can tell. The supervisor kills and restarts it.
+    import asyncio
+    import os
+    import signal
+
+    from autoscaler.service.local import LocalPods
+
+    async def go() -> None:
+        pods = LocalPods(1, TOKEN, PodResources(kv_budget_mb=32, threads=1))
+        pods.start()
+        try:
+            await pods.wait_ready()
+            child = pods.children[0]
+            assert child.proc is not None
+            frozen = child.proc.pid
+            supervisor = asyncio.create_task(pods.supervise(poll_s=0.05, probe_s=0.3, probe_timeout_s=0.5,
+                                                            failure_threshold=2))
+            await asyncio.sleep(1.0)
+            assert child.proc.pid == frozen and child.failed_probes == 0  # healthy: left alone
+            os.kill(frozen, signal.SIGSTOP)
+            deadline = time.monotonic() + 30
+            while child.proc.pid == frozen and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert child.proc.pid != frozen and child.restarts == 1
+            await pods.wait_ready()
+            async with httpx.AsyncClient() as c:
+                assert (await c.get(pods.url(0) + "/healthz")).status_code == 200
+            supervisor.cancel()
+        finally:
+            pods.stop()
+
+    asyncio.run(go())

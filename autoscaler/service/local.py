@@ -66,6 +66,7 @@ class _Child:
     proc: subprocess.Popen[bytes] | None = None
     log_file: IO[bytes] | None = None
     restarts: int = 0
+    failed_probes: int = 0  # liveness probes in a row that failed since it last answered healthy
 
 
 class LocalPods:
@@ -142,15 +143,45 @@ class LocalPods:
                                            f"(log: {self.log_dir})")
                     await asyncio.sleep(0.1)
 
-    async def supervise(self, poll_s: float = 0.2) -> None:
-        """Restart pods that exit, until cancelled."""
-        while True:
-            for c in self.children:
-                if not self._stopping and c.proc is not None and c.proc.poll() is not None:
-                    log.warning("pod-%d exited with %s; restarting it", c.index, c.proc.returncode)
-                    c.restarts += 1
-                    self._spawn(c)
-            await asyncio.sleep(poll_s)
+    async def supervise(self, poll_s: float = 0.2, probe_s: float = 10.0, probe_timeout_s: float = 5.0,
+                        failure_threshold: int = 3) -> None:
+        """Restart pods that exit, and, as a kubelet's liveness probe does (its defaults: every
+        10 s, 3 failures), kill and restart one whose /healthz fails or times out that many times
+        in a row: a stuck device thread, a frozen process. Until cancelled."""
+        next_probe = time.monotonic() + probe_s
+        async with httpx.AsyncClient() as client:
+            while True:
+                for c in self.children:
+                    if not self._stopping and c.proc is not None and c.proc.poll() is not None:
+                        log.warning("pod-%d exited with %s; restarting it", c.index, c.proc.returncode)
+                        c.restarts += 1
+                        c.failed_probes = 0
+                        self._spawn(c)
+                if time.monotonic() >= next_probe:
+                    next_probe = time.monotonic() + probe_s
+                    await asyncio.gather(*(self._probe(client, c, probe_timeout_s, failure_threshold)
+                                           for c in self.children))
+                await asyncio.sleep(poll_s)
+
+    async def _probe(self, client: httpx.AsyncClient, c: _Child, timeout_s: float, threshold: int) -> None:
+        if self._stopping or c.proc is None or c.proc.poll() is not None:
+            return
+        try:
+            r = await client.get(self.url(c.index) + "/healthz", timeout=timeout_s)
+        except httpx.ConnectError:
+            return  # not listening yet (starting): not a liveness failure
+        except httpx.HTTPError as e:
+            why = f"no answer ({type(e).__name__})"
+        else:
+            if r.status_code == 200 or "terminating" in r.text:  # (a pod shutting down exits by itself)
+                c.failed_probes = 0
+                return
+            why = r.text[:200]
+        c.failed_probes += 1
+        if c.failed_probes >= threshold and not self._stopping:
+            log.warning("pod-%d failed %d liveness probes in a row (%s); killing and restarting it",
+                        c.index, c.failed_probes, why)
+            c.proc.kill()  # the loop above restarts it
 
     def kill(self, index: int) -> int:
         """SIGKILL one pod (fault injection); the supervisor restarts it. Returns its old pid."""
