@@ -37,6 +37,7 @@ class FakePods:
         self.batch: dict[tuple[str, str], int] = {}
         self.down: set[str] = set()
         self.slow: set[str] = set()  # status times out (a long load holds the device thread)
+        self.frozen: set[str] = set()  # nothing answers (a frozen process): status and /healthz time out
         self.terminating: set[str] = set()  # shutting down (SIGTERM): draining, then gone
         self.calls: list[tuple[str, str, str]] = []
         # function, or (node, function) -> the pod's answer to loading it
@@ -64,8 +65,12 @@ class FakePods:
         node = request.url.host
         if node in self.down:
             raise httpx.ConnectError("down", request=request)
+        if node in self.frozen:
+            raise httpx.ReadTimeout("frozen", request=request)
         if node in self.slow and request.url.path == "/admin/status":
             raise httpx.ReadTimeout("busy", request=request)
+        if request.url.path == "/healthz":  # answered by the event loop, busy device thread or not
+            return httpx.Response(200, json={"status": "ok"})
         assert request.headers["authorization"] == f"Bearer {TOKEN}"
         path = request.url.path
         if request.method == "GET" and path == "/admin/status":
@@ -642,6 +647,20 @@ def test_cli_list_shows_why_a_function_cannot_load(monkeypatch: pytest.MonkeyPat
     assert lines["a"].endswith("none: cannot load (pod-0 could not load it: model '/m' not found)")
     assert lines["b"].endswith("none (scaled to zero)")
     run(h.client.aclose())
+
+
+def test_a_pod_that_answers_nothing_is_taken_as_gone_at_once() -> None:
+    async def go() -> None:
+        h = Harness([fn("a")])
+        h.pods.loaded["pod-0"] = {"a": "ready"}
+        assert await h.round() == []
+        h.pods.frozen.add("pod-0")  # status and /healthz time out: not a load holding the device
+        h.now = 1.0
+        assert await h.round() == ["Load a@pod-1"]
+        assert [n["node"] for n in h.ctl.status()["nodes"] if not n["up"]] == ["pod-0"]
+        assert [e.instance_id for e in h.ctl.table.endpoints_of("a")] == []  # no longer routed there
+        await h.client.aclose()
+    run(go())
 
 
 def test_a_pod_silent_past_the_limit_is_taken_as_gone_and_back_when_it_answers() -> None:

@@ -49,6 +49,15 @@ class AdminClient:
     async def status(self, node: NodeSpec) -> dict[str, Any]:
         return await self._call(node, "GET", "/admin/status", self.status_timeout_s)
 
+    async def answers(self, node: NodeSpec) -> bool:
+        """Whether the pod's HTTP server answers at all (/healthz never waits for the device thread,
+        so a pod busy loading answers it at once; a frozen one does not)."""
+        try:
+            await self.client.get(node.url + "/healthz", timeout=self.status_timeout_s)
+        except httpx.HTTPError:
+            return False
+        return True
+
     async def load(self, node: NodeSpec, spec: FunctionSpec) -> dict[str, Any]:
         return await self._call(node, "POST", "/admin/instances", self.load_timeout_s, json=spec.to_dict(),
                                 params={"profile": str(self.profile).lower()})

@@ -219,13 +219,17 @@ class Controller:
         nodes = self.node_source.nodes()
         asked = self.clock()
         answers = await asyncio.gather(*(self.admin.status(n) for n in nodes), return_exceptions=True)
+        # a status that timed out: a pod busy (a load holds its device thread), or frozen whole?
+        slow = [n for n, a in zip(nodes, answers, strict=True) if isinstance(a, httpx.TimeoutException)]
+        alive = dict(zip([n.node_id for n in slow], await asyncio.gather(*(self.admin.answers(n) for n in slow)),
+                         strict=True))
         pods: list[PodStatus] = []
         down: set[NodeId] = set()
         terminating: set[NodeId] = set()
         for node, a in zip(nodes, answers, strict=True):
             if isinstance(a, BaseException):
                 prev = self.pods.get(node.node_id)
-                if isinstance(a, httpx.TimeoutException) and prev is not None:
+                if isinstance(a, httpx.TimeoutException) and prev is not None and alive[node.node_id]:
                     since = self.silent_since.setdefault(node.node_id, asked)
                     if asked - since < self.settings.silent_pod_s:
                         # Slow, not gone: a load holds the pod's device thread while it profiles,
@@ -237,6 +241,8 @@ class Controller:
                                     node.node_id, asked - since)
                     down.add(node.node_id)
                     continue
+                if isinstance(a, httpx.TimeoutException) and node.node_id not in self.down:
+                    log.warning("pod %s answers neither its status nor /healthz; taking it as gone", node.node_id)
                 self.silent_since.pop(node.node_id, None)
                 down.add(node.node_id)
                 continue
