@@ -122,6 +122,12 @@ class Activator:
     @asynccontextmanager
     async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
         upstream = UpstreamClient()
+
+        def cut(url: str) -> None:
+            if n := upstream.cut(url):
+                log.warning("pod %s is gone: moving the %d requests in flight there", url, n)
+
+        self.routes.on_gone = cut
         async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0)) as client:
             self.client = client
             source = self._source or HTTPRouteSource(self.settings.autoscaler_url, self.settings.token, client)

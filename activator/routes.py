@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,6 +37,9 @@ class RouteTable:
     functions: Mapping[str, FunctionSpec] = field(default_factory=dict)
     endpoints: Mapping[str, tuple[Endpoint, ...]] = field(default_factory=dict)
     unavailable: Mapping[str, str] = field(default_factory=dict)  # function -> why it cannot start
+    # base URLs of pods the autoscaler took as gone (dead or frozen, not shutting down in order):
+    # what is in flight there will not finish, so the activator cuts it and moves it elsewhere
+    gone: tuple[str, ...] = ()
 
     def endpoints_of(self, name: str) -> tuple[Endpoint, ...]:
         return self.endpoints.get(name, ())
@@ -48,6 +51,7 @@ class RouteTable:
             "endpoints": {name: [{"instance_id": e.instance_id, "node_id": e.node_id, "url": e.url} for e in eps]
                           for name, eps in sorted(self.endpoints.items())},
             "unavailable": dict(sorted(self.unavailable.items())),
+            "gone": list(self.gone),
         }
 
     @staticmethod
@@ -56,7 +60,8 @@ class RouteTable:
         eps = {name: tuple(Endpoint(e["instance_id"], e["node_id"], e["url"]) for e in lst)
                for name, lst in dict(data.get("endpoints", {})).items()}
         unavailable = {str(k): str(v) for k, v in dict(data.get("unavailable", {})).items()}
-        return RouteTable(int(data["version"]), {s.name: s for s in specs}, eps, unavailable)
+        gone = tuple(str(u) for u in data.get("gone", []))
+        return RouteTable(int(data["version"]), {s.name: s for s in specs}, eps, unavailable, gone)
 
 
 class RouteSource(Protocol):
@@ -77,13 +82,17 @@ class RouteView:
     """The current table and a wake-up for whoever waits for a change. Owned by one task
     (``follow``); readers only read ``table`` and await ``changed()``."""
 
-    def __init__(self, table: RouteTable | None = None) -> None:
+    def __init__(self, table: RouteTable | None = None, on_gone: Callable[[str], None] | None = None) -> None:
         self.table = table or RouteTable()
         self._changed = asyncio.Event()
+        self.on_gone = on_gone  # called with each pod URL that newly appears in ``gone``
 
     def publish(self, table: RouteTable) -> None:
         if table.version == self.table.version and table == self.table:
             return
+        if self.on_gone is not None:
+            for url in sorted(set(table.gone) - set(self.table.gone)):
+                self.on_gone(url)
         self.table = table
         self._changed.set()
         self._changed = asyncio.Event()

@@ -36,6 +36,7 @@ class _Conn:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.cut = False  # closed by ``UpstreamClient.cut``: its pod is gone, so not worth a retry
         self.reset()
 
     def reset(self) -> None:
@@ -110,16 +111,38 @@ class UpstreamResponse:
             conn.reset()
             self._client.release(self._key, conn)
         else:
+            self._client._done(self._key, conn)
             conn.close()
 
 
 class UpstreamClient:
     def __init__(self, max_idle_per_host: int = 64, connect_timeout_s: float = 5.0) -> None:
         self._idle: dict[tuple[str, int], list[_Conn]] = {}
+        self._busy: dict[tuple[str, int], set[_Conn]] = {}  # carrying a request or its response
         self.max_idle_per_host = max_idle_per_host
         self.connect_timeout_s = connect_timeout_s
 
+    def cut(self, base_url: str) -> int:
+        """Close every connection to the pod at ``base_url`` (one taken as gone: a frozen pod
+        would hold its requests until the kernel gave up): each request reading from one fails
+        with ``UpstreamError`` at once, which moves it elsewhere. Returns how many carried one."""
+        parts = urlsplit(base_url)
+        key = (parts.hostname or "127.0.0.1", parts.port or 80)
+        for conn in self._idle.pop(key, []):
+            conn.close()
+        busy = self._busy.pop(key, set())
+        for conn in busy:
+            conn.cut = True
+            conn.close()
+        return len(busy)
+
+    def _done(self, key: tuple[str, int], conn: _Conn) -> None:
+        busy = self._busy.get(key)
+        if busy is not None:
+            busy.discard(conn)
+
     def release(self, key: tuple[str, int], conn: _Conn) -> None:
+        self._done(key, conn)
         idle = self._idle.setdefault(key, [])
         if len(idle) < self.max_idle_per_host:
             idle.append(conn)
@@ -147,10 +170,12 @@ class UpstreamClient:
         try:
             return await self._exchange(key, conn, request)
         except UpstreamError:
+            self._done(key, conn)
             conn.close()
-            if not reused:
+            if not reused or conn.cut:  # (a cut pod would only take the request again and hold it)
                 raise
         except BaseException:  # cancelled mid-exchange: the server sees the request end
+            self._done(key, conn)
             conn.close()
             raise
         # A pooled connection the server had closed meanwhile: once more on a fresh one.
@@ -158,10 +183,12 @@ class UpstreamClient:
         try:
             return await self._exchange(key, conn, request)
         except BaseException:
+            self._done(key, conn)
             conn.close()
             raise
 
     async def _exchange(self, key: tuple[str, int], conn: _Conn, request: bytes) -> UpstreamResponse:
+        self._busy.setdefault(key, set()).add(conn)
         try:
             conn.writer.write(request)
             await conn.writer.drain()

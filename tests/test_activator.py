@@ -1072,3 +1072,18 @@ def test_a_non_streaming_request_that_kills_every_pod_it_reaches_is_a_502_after_
         assert metric(url, "slinfer_activator_failovers_total", function="tiny") == 2
     assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_failed", r.text
     still_serving(setup.url)
+
+
+def test_a_pod_newly_gone_in_the_route_table_is_cut_once() -> None:
+    from activator.routes import RouteView
+
+    cut: list[str] = []
+    view = RouteView(on_gone=cut.append)
+    view.publish(RouteTable(1, gone=("http://a",)))
+    view.publish(RouteTable(2, gone=("http://a", "http://b")))  # only b is new
+    view.publish(RouteTable(3, gone=("http://b",)))  # a came back
+    view.publish(RouteTable(4, gone=("http://a", "http://b")))  # gone again: cut again
+    assert cut == ["http://a", "http://b", "http://a"]
+    table = RouteTable(5, gone=("http://a",))
+    assert RouteTable.from_json(table.to_json()) == table
+    assert RouteTable.from_json({"version": 1}).gone == ()  # an older autoscaler's table

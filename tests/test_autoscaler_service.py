@@ -278,6 +278,7 @@ def test_a_pod_shutting_down_has_its_instances_replaced_while_it_drains() -> Non
         node = next(n for n in h.ctl.status()["nodes"] if n["node"] == "pod-0")
         assert node["terminating"] is True and node["up"] is False
         assert ("DELETE", "pod-0", "/admin/instances/a") not in h.pods.calls  # it hands off by itself
+        assert h.ctl.table.gone == ()  # what runs there finishes or moves in order: not cut
         await h.client.aclose()
     run(go())
 
@@ -659,6 +660,11 @@ def test_a_pod_that_answers_nothing_is_taken_as_gone_at_once() -> None:
         assert await h.round() == ["Load a@pod-1"]
         assert [n["node"] for n in h.ctl.status()["nodes"] if not n["up"]] == ["pod-0"]
         assert [e.instance_id for e in h.ctl.table.endpoints_of("a")] == []  # no longer routed there
+        assert h.ctl.table.gone == ("http://pod-0",)  # the activator cuts what is in flight there
+        h.pods.frozen.clear()
+        h.now = 2.0
+        await h.round()
+        assert h.ctl.table.gone == ()
         await h.client.aclose()
     run(go())
 

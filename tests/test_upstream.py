@@ -124,3 +124,71 @@ def test_a_pooled_connection_that_died_is_replaced_and_a_dead_server_raises() ->
         pass
     else:
         raise AssertionError("posting to a stopped server must raise UpstreamError")
+
+
+def test_cutting_a_pod_fails_the_requests_waiting_on_it_at_once() -> None:
+    # A frozen pod: the kernel accepts the connection, nothing ever answers. Its requests wait
+    # until cut, then fail as a broken connection does (the activator moves them elsewhere);
+    # requests to other pods are untouched.
+    async def go() -> None:
+        async def frozen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await asyncio.sleep(3600)
+
+        server = await asyncio.start_server(frozen, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = UpstreamClient()
+        with serve_app(echo_app()) as other:
+            pending = [asyncio.create_task(client.post(f"http://127.0.0.1:{port}/v1/x", b"{}", {})) for _ in range(3)]
+            await asyncio.sleep(0.3)
+            assert not any(t.done() for t in pending)  # nothing answers
+            t0 = asyncio.get_running_loop().time()
+            assert client.cut(f"http://127.0.0.1:{port}") == 3
+            for t in pending:
+                try:
+                    await asyncio.wait_for(t, 2)
+                    raise AssertionError("a request to a cut pod did not fail")
+                except UpstreamError:
+                    pass
+            assert asyncio.get_running_loop().time() - t0 < 1.0
+            assert (await _post_json(client, f"{other}/echo", b"still"))["body"] == "still"
+            assert client.cut(other) == 0  # (its connection is back in the pool, idle: closed, not counted)
+        await client.aclose()
+        server.close()
+
+    asyncio.run(go())
+
+
+def test_a_request_on_a_pooled_connection_to_a_cut_pod_is_not_sent_there_again() -> None:
+    # A pooled connection that breaks is normally retried once on a fresh one (the server may
+    # have closed it idle); one broken by a cut must not be: the pod would hold it again.
+    async def go() -> None:
+        answered = 0
+
+        async def first_then_frozen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal answered
+            while await reader.readuntil(b"\r\n\r\n"):
+                await reader.readexactly(2)  # the body: {}
+                if answered:
+                    await asyncio.sleep(3600)  # frozen from now on, on every connection
+                answered += 1
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-type: application/json\r\n\r\n{}")
+                await writer.drain()
+
+        server = await asyncio.start_server(first_then_frozen, "127.0.0.1", 0)
+        base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        client = UpstreamClient()
+        r = await client.post(f"{base}/x", b"{}", {})
+        await r.aread()
+        await r.aclose()  # back in the pool
+        pending = asyncio.create_task(client.post(f"{base}/x", b"{}", {}))  # on the pooled connection
+        await asyncio.sleep(0.3)
+        assert client.cut(base) == 1
+        try:
+            await asyncio.wait_for(pending, 2)
+            raise AssertionError("answered by a frozen server?")
+        except UpstreamError:
+            pass
+        await client.aclose()
+        server.close()
+
+    asyncio.run(go())

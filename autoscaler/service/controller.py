@@ -445,14 +445,16 @@ class Controller:
 
     def _publish(self, pods: list[PodStatus]) -> None:
         table = routes(self.table.version, pods, self.functions, self.load_errors())
+        gone = tuple(sorted(n.url for n in self.node_source.nodes()
+                            if n.node_id in self.down and n.node_id not in self.terminating))
         if (table.functions != self.table.functions or table.endpoints != self.table.endpoints
-                or table.unavailable != self.table.unavailable):
+                or table.unavailable != self.table.unavailable or gone != self.table.gone):
             version = max(self.table.version + 1, int(time.time() * 1000))
             for fn, eps in table.endpoints.items():
                 if set(eps) - set(self.table.endpoints_of(fn)):
                     self.grew[fn] = version
                     self.demand.pop(fn, None)
-            self.table = RouteTable(version, table.functions, table.endpoints, table.unavailable)
+            self.table = RouteTable(version, table.functions, table.endpoints, table.unavailable, gone)
             self._changed.set()
             self._changed = asyncio.Event()
 
