@@ -38,6 +38,7 @@ class FakePods:
         self.down: set[str] = set()
         self.slow: set[str] = set()  # status times out (a long load holds the device thread)
         self.frozen: set[str] = set()  # nothing answers (a frozen process): status and /healthz time out
+        self.stuck: set[str] = set()  # status times out, /healthz says the device thread stalled
         self.terminating: set[str] = set()  # shutting down (SIGTERM): draining, then gone
         self.calls: list[tuple[str, str, str]] = []
         # function, or (node, function) -> the pod's answer to loading it
@@ -69,6 +70,11 @@ class FakePods:
             raise httpx.ReadTimeout("frozen", request=request)
         if node in self.slow and request.url.path == "/admin/status":
             raise httpx.ReadTimeout("busy", request=request)
+        if node in self.stuck:
+            if request.url.path == "/healthz":
+                return httpx.Response(503, json={"status": "unhealthy", "reason": "device thread has made no "
+                                                                                   "progress for 61 s"})
+            raise httpx.ReadTimeout("stuck", request=request)
         if request.url.path == "/healthz":  # answered by the event loop, busy device thread or not
             return httpx.Response(200, json={"status": "ok"})
         assert request.headers["authorization"] == f"Bearer {TOKEN}"
@@ -650,18 +656,22 @@ def test_cli_list_shows_why_a_function_cannot_load(monkeypatch: pytest.MonkeyPat
     run(h.client.aclose())
 
 
-def test_a_pod_that_answers_nothing_is_taken_as_gone_at_once() -> None:
+@pytest.mark.parametrize("how", ["frozen", "stuck"])
+def test_a_pod_frozen_or_stuck_is_taken_as_gone_at_once(how: str) -> None:
     async def go() -> None:
         h = Harness([fn("a")])
         h.pods.loaded["pod-0"] = {"a": "ready"}
         assert await h.round() == []
-        h.pods.frozen.add("pod-0")  # status and /healthz time out: not a load holding the device
+        # status times out, and /healthz either times out too (the process is frozen) or says the
+        # device thread stalled: not a load holding the device thread
+        (h.pods.frozen if how == "frozen" else h.pods.stuck).add("pod-0")
         h.now = 1.0
         assert await h.round() == ["Load a@pod-1"]
         assert [n["node"] for n in h.ctl.status()["nodes"] if not n["up"]] == ["pod-0"]
         assert [e.instance_id for e in h.ctl.table.endpoints_of("a")] == []  # no longer routed there
         assert h.ctl.table.gone == ("http://pod-0",)  # the activator cuts what is in flight there
         h.pods.frozen.clear()
+        h.pods.stuck.clear()
         h.now = 2.0
         await h.round()
         assert h.ctl.table.gone == ()

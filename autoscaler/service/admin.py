@@ -49,14 +49,15 @@ class AdminClient:
     async def status(self, node: NodeSpec) -> dict[str, Any]:
         return await self._call(node, "GET", "/admin/status", self.status_timeout_s)
 
-    async def answers(self, node: NodeSpec) -> bool:
-        """Whether the pod's HTTP server answers at all (/healthz never waits for the device thread,
-        so a pod busy loading answers it at once; a frozen one does not)."""
+    async def healthy(self, node: NodeSpec) -> bool:
+        """Whether the pod says it is healthy (/healthz never waits for the device thread, so a pod
+        busy loading says so at once; a frozen one does not answer, and one whose device thread
+        has died or stalled says it is not)."""
         try:
-            await self.client.get(node.url + "/healthz", timeout=self.status_timeout_s)
+            r = await self.client.get(node.url + "/healthz", timeout=self.status_timeout_s)
         except httpx.HTTPError:
             return False
-        return True
+        return r.status_code == 200 or "terminating" in r.text  # (shutting down: the status says so)
 
     async def load(self, node: NodeSpec, spec: FunctionSpec) -> dict[str, Any]:
         return await self._call(node, "POST", "/admin/instances", self.load_timeout_s, json=spec.to_dict(),

@@ -219,9 +219,9 @@ class Controller:
         nodes = self.node_source.nodes()
         asked = self.clock()
         answers = await asyncio.gather(*(self.admin.status(n) for n in nodes), return_exceptions=True)
-        # a status that timed out: a pod busy (a load holds its device thread), or frozen whole?
+        # a status that timed out: a pod busy (a load holds its device thread), or stuck or frozen?
         slow = [n for n, a in zip(nodes, answers, strict=True) if isinstance(a, httpx.TimeoutException)]
-        alive = dict(zip([n.node_id for n in slow], await asyncio.gather(*(self.admin.answers(n) for n in slow)),
+        alive = dict(zip([n.node_id for n in slow], await asyncio.gather(*(self.admin.healthy(n) for n in slow)),
                          strict=True))
         pods: list[PodStatus] = []
         down: set[NodeId] = set()
@@ -242,7 +242,8 @@ class Controller:
                     down.add(node.node_id)
                     continue
                 if isinstance(a, httpx.TimeoutException) and node.node_id not in self.down:
-                    log.warning("pod %s answers neither its status nor /healthz; taking it as gone", node.node_id)
+                    log.warning("pod %s does not answer its status and /healthz does not say it is healthy; "
+                                "taking it as gone", node.node_id)
                 self.silent_since.pop(node.node_id, None)
                 down.add(node.node_id)
                 continue
