@@ -5,7 +5,8 @@ First each (function, question) pair is asked once, one request at a time: the r
 and every answer must equal its reference: batching, the prefix cache, preemption and the moves
 that continue a request elsewhere must not change a single character. With --kill-every S a
 random runtime pod of this host is stopped every S seconds, SIGKILL and SIGTERM in turn (the
-mesh restarts it), so answers also cross pod deaths and hand-offs.
+mesh restarts it), so answers also cross pod deaths and hand-offs; --freeze adds SIGSTOP to the
+turn (a frozen pod: the mesh must notice it, move its requests and restart it).
 
 Prints one line per round, then the activator's continuation and failover counts, and as its
 LAST line one JSON object; exits 1 when any answer differed or failed.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -60,17 +62,19 @@ def pods() -> list[int]:
     return [int(p) for p in out.split()]
 
 
-async def chaos(every_s: float, log: list[str]) -> None:
-    sig = signal.SIGKILL
-    while True:
+async def chaos(every_s: float, log: list[str], freeze: bool = False) -> None:
+    """Every ``every_s``: SIGKILL, SIGTERM (and with ``freeze``, SIGSTOP: a frozen pod, which the
+    mesh must notice and restart) in turn, to a random running pod."""
+    signals = [signal.SIGKILL, signal.SIGTERM] + ([signal.SIGSTOP] if freeze else [])
+    for i in itertools.count():
         await asyncio.sleep(every_s)
         running = pods()
         if running:
             pid = random.choice(running)
+            sig = signals[i % len(signals)]
             with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
                 os.kill(pid, sig)
                 log.append(f"{sig.name} {pid}")
-        sig = signal.SIGTERM if sig is signal.SIGKILL else signal.SIGKILL
 
 
 def counter(url: str, name: str) -> float:
@@ -78,12 +82,13 @@ def counter(url: str, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M))
 
 
-async def run(url: str, rounds: int, per_round: int, kill_every: float | None, seed: int) -> dict[str, Any]:
+async def run(url: str, rounds: int, per_round: int, kill_every: float | None, seed: int,
+              freeze: bool = False) -> dict[str, Any]:
     rng = random.Random(seed)
     async with httpx.AsyncClient(timeout=180) as c:
         reference = {(fn, q): (await ask(c, url, fn, q, n, False))[1] for fn, n in FUNCTIONS for q in QUESTIONS}
         kills: list[str] = []
-        killer = asyncio.ensure_future(chaos(kill_every, kills)) if kill_every else None
+        killer = asyncio.ensure_future(chaos(kill_every, kills, freeze)) if kill_every else None
         same, differ = 0, Counter[str]()
         try:
             for k in range(rounds):
@@ -112,11 +117,13 @@ def main() -> int:
     ap.add_argument("--per-round", type=int, default=24)
     ap.add_argument("--kill-every", type=float, default=None, metavar="S",
                     help="stop a random runtime pod of this host every S seconds (SIGKILL, SIGTERM in turn)")
+    ap.add_argument("--freeze", action="store_true",
+                    help="with --kill-every, SIGSTOP in turn too: a frozen pod the mesh must notice and restart")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     if not mesh_is_up(a.url, "consistency"):
         return 2
-    result = asyncio.run(run(a.url, a.rounds, a.per_round, a.kill_every, a.seed))
+    result = asyncio.run(run(a.url, a.rounds, a.per_round, a.kill_every, a.seed, a.freeze))
     for what, n in result["differ"].items():
         print(f"differs x{n}: {what}", file=sys.stderr)
     print(json.dumps(result))
