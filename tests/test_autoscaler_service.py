@@ -701,3 +701,19 @@ def test_a_pod_silent_past_the_limit_is_taken_as_gone_and_back_when_it_answers()
         assert {n["node"] for n in h.ctl.status()["nodes"] if n["up"]} == {"pod-0", "pod-1"}
         await h.client.aclose()
     run(go())
+
+
+def test_a_pod_declaring_more_memory_than_it_has_is_warned_about_once(caplog: pytest.LogCaptureFixture) -> None:
+    async def go() -> None:
+        h = Harness([fn("a")])
+        h.pods.memory["pod-0"] = {"load_room_bytes": 500 << 20, "most_room_bytes": 700 << 20}  # 1 GiB declared
+        h.pods.memory["pod-1"] = {"load_room_bytes": 900 << 20, "most_room_bytes": 1000 << 20}  # + 64 MiB KV: enough
+        for t in (0.0, 1.0):
+            h.now = t
+            await h.round()
+        await h.client.aclose()
+    with caplog.at_level("WARNING", logger="slinfer.autoscaler"):
+        run(go())
+    warned = [r.getMessage() for r in caplog.records if "declares" in r.getMessage()]
+    assert warned == ["pod pod-0 declares 1024 MiB for weights and KV, but could hold 764 MiB (700 MiB of weights "
+                      "beside its KV budget): placement counts the smaller"]

@@ -107,6 +107,7 @@ class Controller:
         self.pods: dict[NodeId, PodStatus] = {}
         self.down: set[NodeId] = set()
         self.silent_since: dict[NodeId, float] = {}  # pods whose status times out: since when
+        self.overdeclared: set[NodeId] = set()  # pods warned about: they declare more memory than they have
         self.terminating: set[NodeId] = set()  # pods shutting down (SIGTERM): out of the snapshot too
         self.idle_since: dict[InstanceId, float | None] = {}
         self.last_busy: dict[InstanceId, float] = {}  # when each instance was last seen with requests
@@ -257,8 +258,17 @@ class Controller:
                 down.add(node.node_id)
                 terminating.add(node.node_id)
                 continue
-            pods.append(parse_status(node, a))
+            p = parse_status(node, a)
+            pods.append(p)
             self.status_asked[node.node_id] = asked
+            if (p.most_room_bytes is not None and p.most_room_bytes + p.kv_budget_bytes < node.memory_bytes
+                    and node.node_id not in self.overdeclared):
+                self.overdeclared.add(node.node_id)
+                mib = 1 << 20
+                log.warning("pod %s declares %d MiB for weights and KV, but could hold %d MiB (%d MiB of weights "
+                            "beside its KV budget): placement counts the smaller", node.node_id,
+                            node.memory_bytes // mib, (p.most_room_bytes + p.kv_budget_bytes) // mib,
+                            p.most_room_bytes // mib)
         self.down = down
         self.terminating = terminating
         self.pods = {p.node.node_id: p for p in pods}
