@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,18 +209,13 @@ def estimate_load(ref: str, dtype: Dtype = Dtype.FLOAT32) -> LoadEstimate:
         stored = {}
         for f in sorted(folder.glob("*.safetensors")):
             with safe_open(str(f), framework="pt") as h:
-                for k in h.keys():  # noqa: SIM118 (safe_open is not iterable)  # noqa: SIM118 (safe_open is not iterable)
+                for k in h.keys():  # noqa: SIM118 (safe_open is not iterable)
                     sl = h.get_slice(k)
                     stored[k] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32))
     c = ModelConfig.from_hf(hf_config)
     compute = TORCH_DTYPES[dtype]
-    size = torch.empty((), dtype=compute).element_size()
-
-    def numel(shape: tuple[int, ...]) -> int:
-        n = 1
-        for d in shape:
-            n *= d
-        return n
+    size = compute.itemsize
+    numel = math.prod
 
     taken = weight_shapes(hf_config)  # what the model keeps, fused or not
     rope = 2 * c.max_position * c.head_dim * size
@@ -236,7 +232,7 @@ def estimate_load(ref: str, dtype: Dtype = Dtype.FLOAT32) -> LoadEstimate:
     p = "model.layers.0."
     fused = max(numel(taken[p + n]) for n in ("mlp.gate_proj.weight", "self_attn.q_proj.weight")) * 2 * size \
         if c.num_layers else 0  # a cat copy (q/k/v or gate/up) held beside its parts
-    raw = max((numel(s) * torch.empty((), dtype=d).element_size() for s, d in stored.values()), default=0)
+    raw = max((numel(s) * d.itemsize for s, d in stored.values()), default=0)
     peak = int((max(weight, state_dict) + fused + raw) * _PEAK_FACTOR) + _PEAK_SLACK_BYTES
     return LoadEstimate(weight, peak)
 
@@ -253,7 +249,7 @@ def _unconverted_gguf_estimate(path: Path, dtype: Dtype) -> LoadEstimate:
     from gguf import GGUFReader
 
     params = sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
-    weight = params * torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
+    weight = params * TORCH_DTYPES[dtype].itemsize
     conversion = int(params * 4 * _GGUF_CONVERSION_FACTOR)
     load = int((weight + params * 4) * _PEAK_FACTOR)  # the float32 copy read while converting
     return LoadEstimate(weight, max(conversion, load) + _PEAK_SLACK_BYTES)
